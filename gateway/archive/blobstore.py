@@ -1,0 +1,182 @@
+"""Where instance bytes live: the ``BlobStore`` interface and its filesystem implementation.
+
+A blob is written once under a key built from validated UIDs and never changed.
+``put_file`` returns only when the bytes are durable (for files: written, fsynced,
+renamed into place, directory fsynced), so the index may then point at them.
+
+Callers see only this interface; an S3 implementation slots in beside ``FileStore``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from gateway.archive.errors import NotFound, StorageUnavailable
+
+_KEY_SAFE = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ._-/")
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the store (absolute, '..', odd characters)."""
+    parts = key.split("/")
+    if (
+        not key
+        or key.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or not set(key) <= _KEY_SAFE
+    ):
+        raise ValueError(f"unsafe blob key {key[:100]!r}")
+    return key
+
+
+class BlobStore(Protocol):
+    """Durable, immutable storage of blobs by key."""
+
+    def put_file(self, key: str, path: Path, *, move: bool) -> None:
+        """Store the file at ``path`` under ``key``; durable on return.
+
+        With ``move`` the store may take the file (rename) instead of copying it.
+        Raises StorageUnavailable when the backend cannot take it.
+        """
+
+    def open(self, key: str) -> BinaryIO:
+        """A readable binary stream of the blob (NotFound if absent)."""
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes from ``start``."""
+
+    def local_path(self, key: str) -> contextlib.AbstractContextManager[Path]:
+        """A context giving a local file path holding the blob (a temp copy if needed)."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]: ...
+
+    def check(self) -> None:
+        """Raise StorageUnavailable unless the store can be written now."""
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """Blobs as files below a root folder (the embedded default)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Directories known to exist and be durable in this process: saves a
+        # mkdir and a parent fsync per instance of a series.
+        self._known_dirs: set[Path] = set()
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        missing: list[Path] = []
+        probe = directory
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        # A new directory entry is durable only once its parent is fsynced.
+        for created in reversed(missing):
+            fsync_dir(created.parent)
+        self._known_dirs.add(directory)
+
+    def put_file(self, key: str, path: Path, *, move: bool) -> None:
+        target = self._path(key)
+        try:
+            self._ensure_dir(target.parent)
+            if move and os.stat(path).st_dev == os.stat(target.parent).st_dev:
+                staged = Path(path)
+            else:
+                staged = target.parent / f".{target.name}.{os.getpid()}.tmp"
+                shutil.copyfile(path, staged)
+            fd = os.open(staged, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(staged, target)
+            fsync_dir(target.parent)
+            if move and staged != Path(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        except OSError as exc:
+            self._known_dirs.discard(target.parent)
+            raise StorageUnavailable(_describe_os_error(exc, "write")) from exc
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError as exc:
+            raise NotFound(f"blob {key} is missing") from exc
+        except OSError as exc:
+            raise StorageUnavailable(_describe_os_error(exc, "read")) from exc
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with self.open(key) as fh:
+            fh.seek(start)
+            return fh.read(length)
+
+    @contextlib.contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        path = self._path(key)
+        if not path.exists():
+            raise NotFound(f"blob {key} is missing")
+        yield path
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError as exc:
+            raise NotFound(f"blob {key} is missing") from exc
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        base = self.root / prefix if prefix else self.root
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith("."):
+                    continue  # an interrupted copy, not a blob
+                yield str(Path(dirpath, name).relative_to(self.root))
+
+    def check(self) -> None:
+        probe = self.root / f".probe.{os.getpid()}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageUnavailable(_describe_os_error(exc, "write")) from exc
+
+
+def _describe_os_error(exc: OSError, action: str) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"blob store is full: cannot {action}"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"blob store is not writable: cannot {action}"
+    return f"blob store cannot {action}: {exc.strerror or exc.__class__.__name__}"

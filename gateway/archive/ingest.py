@@ -1,0 +1,569 @@
+"""The one way instances enter the archive: C-STORE, STOW-RS, imports and transfers.
+
+``Ingestor.ingest_file`` takes a file holding one instance (Part 10, or a bare data
+set from an old disc) and:
+
+1. reads its structure without decoding pixel data (``part10.read_layout``): a
+   truncated or malformed file, or sequences nested absurdly deep, are refused;
+2. parses the header attributes and validates them: SOP Class, SOP Instance,
+   Study and Series Instance UIDs present and well-formed, a storage SOP class,
+   file meta agreeing with the data set;
+3. hashes the data set bytes (everything after the file meta) with SHA-256;
+4. decides against what is already stored (see "Rules" below);
+5. writes the blob durably, then commits the index, and only then returns success.
+
+Rules (documented in docs/architecture.md):
+- same SOP Instance UID, same data set bytes: success, no second copy;
+- same SOP Instance UID in another transfer syntax: success, the first copy kept,
+  an ``alternate-syntax`` event recorded;
+- same SOP Instance UID, same transfer syntax, different bytes: refused with
+  ``InstanceConflict``; the new copy is kept under ``quarantine/`` and a
+  ``conflict`` event records it, so nothing is lost and nothing is overwritten;
+- a Study Instance UID already filed under another patient: refused with
+  ``PatientMismatch`` (quarantined and recorded), unless the instance is a copy
+  coming back with reconciled identifiers, i.e. its Other Patient IDs Sequence
+  names the study's patient: then it is filed with the study and a
+  ``reconciled-copy`` event records the identifiers it carried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom.sop_class import _STORAGE_CLASSES
+from sqlalchemy import Executable, Row, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from gateway.archive.attributes import extract, instance_attributes, other_patient_ids, text
+from gateway.archive.blobstore import BlobStore
+from gateway.archive.db import Database
+from gateway.archive.errors import (
+    IndexUnavailable,
+    InstanceConflict,
+    InvalidDataset,
+    MissingAttribute,
+    NotStorageSOPClass,
+    PatientMismatch,
+)
+from gateway.archive.models import IngestEvent, Instance, Patient, Series, Study, utcnow
+from gateway.archive.part10 import Layout, read_layout
+from gateway.archive.uids import check_uid
+
+log = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES = frozenset(str(uid) for uid in _STORAGE_CLASSES.values())
+_HASH_CHUNK = 1024 * 1024
+
+
+class Outcome(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    ALTERNATE_SYNTAX = "alternate-syntax"
+    RECONCILED_COPY = "reconciled-copy"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an instance came from: door, sender and the defaults that sender implies."""
+
+    door: str
+    ae_title: str = ""
+    host: str = ""
+    institution: str = ""
+    # Issuer of Patient ID for datasets that do not name one.
+    issuer: str = ""
+    transfer_id: int | None = None
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: Outcome
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    size: int
+
+
+@dataclass
+class _Placement:
+    """Index rows a new instance is filed under; None where they do not exist yet."""
+
+    patient_fk: int | None = None
+    patient_key: tuple[str, str] = ("", "")
+    study_fk: int | None = None
+    series_fk: int | None = None
+    series_study_uid: str | None = None
+
+
+_PLACEMENT_CACHE = 256
+
+
+@dataclass
+class _Candidate:
+    path: Path
+    owned: bool
+    layout: Layout
+    ds: Dataset
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    sha256: str
+    size: int
+
+
+class Ingestor:
+    def __init__(
+        self, db: Database, store: BlobStore, staging_dir: Path, default_issuer: str
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.staging_dir = staging_dir
+        self.default_issuer = default_issuer
+        # Series recently filed by this process: most instances of a series then need
+        # one INSERT only. Cleared whenever the index disagrees (integrity error).
+        self._places: dict[str, _Placement] = {}
+        staging_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- public -------------------------------------------------------------------
+    def ingest_file(self, path: Path, source: Source, *, owned: bool = False) -> IngestResult:
+        """Ingest the instance in ``path``.
+
+        With ``owned`` the file is ours to consume (moved into the store or deleted);
+        otherwise it is left untouched. Raises an ArchiveError subclass on refusal.
+        """
+        path = Path(path)
+        staged: Path | None = None
+        try:
+            cand = self._examine(path, owned)
+            if cand.layout.file_meta is None:
+                staged = self._wrap_bare_dataset(cand)
+                cand.path, cand.owned = staged, True
+            return self._decide_and_store(cand, source)
+        finally:
+            if owned:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            if staged is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    staged.unlink()
+
+    def ingest_dataset(self, ds: Dataset, source: Source) -> IngestResult:
+        """Ingest an in-memory dataset (written out once, then the file path)."""
+        fd, name = tempfile.mkstemp(dir=self.staging_dir, suffix=".dcm")
+        os.close(fd)
+        try:
+            ds.save_as(name, enforce_file_format=True)
+        except Exception as exc:
+            os.unlink(name)
+            raise InvalidDataset(f"cannot encode dataset: {exc}") from exc
+        return self.ingest_file(Path(name), source, owned=True)
+
+    # -- examination --------------------------------------------------------------
+    def _examine(self, path: Path, owned: bool) -> _Candidate:
+        try:
+            size = path.stat().st_size
+            fh = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise InvalidDataset(f"cannot read file: {exc.strerror}") from exc
+        with fh:
+            guessed_ts = ""
+            head = fh.read(132)
+            if len(head) < 132 or head[128:132] != b"DICM":
+                guessed_ts = _guess_bare_transfer_syntax(path)
+            layout = read_layout(fh, size, transfer_syntax=guessed_ts)
+            try:
+                fh.seek(0)
+                ds = pydicom.dcmread(fh, force=True, stop_before_pixels=True, defer_size=65536)
+                # Touch what we validate now so decoding errors surface here.
+                sop_class = ds.get("SOPClassUID")
+                sop_uid = ds.get("SOPInstanceUID")
+                study_uid = ds.get("StudyInstanceUID")
+                series_uid = ds.get("SeriesInstanceUID")
+            except RecursionError as exc:
+                raise InvalidDataset("data set nests too deeply to parse") from exc
+            except Exception as exc:
+                raise InvalidDataset(f"cannot parse data set: {exc}") from exc
+            if not _has_encoding_of(ds, layout.transfer_syntax) and not guessed_ts:
+                raise InvalidDataset(
+                    "data set is not encoded in its declared transfer syntax "
+                    f"{layout.transfer_syntax}"
+                )
+            for value, keyword in (
+                (sop_class, "SOPClassUID"),
+                (sop_uid, "SOPInstanceUID"),
+                (study_uid, "StudyInstanceUID"),
+                (series_uid, "SeriesInstanceUID"),
+            ):
+                if value is None or str(value).strip("\x00 ") == "":
+                    raise MissingAttribute(f"required attribute {keyword} is missing or empty")
+            sop_class = check_uid(str(sop_class), "SOP Class UID")
+            sop_uid = check_uid(str(sop_uid), "SOP Instance UID")
+            study_uid = check_uid(str(study_uid), "Study Instance UID")
+            series_uid = check_uid(str(series_uid), "Series Instance UID")
+            ts = check_uid(layout.transfer_syntax, "Transfer Syntax UID")
+            if sop_class not in STORAGE_SOP_CLASSES:
+                raise NotStorageSOPClass(f"SOP Class {sop_class} is not a storage SOP class")
+            meta = layout.file_meta
+            if meta is not None:
+                meta_sop = str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip("\x00 ")
+                if meta_sop and meta_sop != sop_uid:
+                    raise InvalidDataset(
+                        "file meta Media Storage SOP Instance UID differs from SOP Instance UID"
+                    )
+            digest = _hash_from(fh, layout.dataset_offset)
+        return _Candidate(
+            path=path,
+            owned=owned,
+            layout=layout,
+            ds=ds,
+            sop_class_uid=sop_class,
+            sop_uid=sop_uid,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            transfer_syntax=ts,
+            sha256=digest,
+            size=size - layout.dataset_offset,
+        )
+
+    def _wrap_bare_dataset(self, cand: _Candidate) -> Path:
+        """Give a data set without file meta (old discs) a Part 10 header."""
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = cand.sop_class_uid
+        meta.MediaStorageSOPInstanceUID = cand.sop_uid
+        meta.TransferSyntaxUID = cand.transfer_syntax
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        fd, name = tempfile.mkstemp(dir=self.staging_dir, suffix=".dcm")
+        with os.fdopen(fd, "wb") as out, open(cand.path, "rb") as src:
+            out.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]
+            offset = out.tell()
+            while chunk := src.read(_HASH_CHUNK):
+                out.write(chunk)
+        cand.layout.dataset_offset = offset
+        cand.layout.file_meta = meta
+        return Path(name)
+
+    # -- decision and storage -----------------------------------------------------
+    def _decide_and_store(self, cand: _Candidate, source: Source) -> IngestResult:
+        existing = self._existing_instance(cand.sop_uid)
+        if existing is not None:
+            return self._resolve_existing(cand, source, existing)
+
+        patient_id = text(cand.ds, "PatientID")
+        issuer = text(cand.ds, "IssuerOfPatientID") or source.issuer or self.default_issuer
+        outcome = Outcome.STORED
+        place = self._placement(cand.study_uid, cand.series_uid)
+        if place.series_study_uid is not None and place.series_study_uid != cand.study_uid:
+            self._quarantine(
+                cand,
+                source,
+                "series-mismatch",
+                f"series already filed under study {place.series_study_uid}",
+            )
+            raise InvalidDataset("Series Instance UID is already filed under another study")
+        if place.patient_fk is not None and place.patient_key != (patient_id, issuer):
+            others = other_patient_ids(cand.ds)
+            filed_id, filed_issuer = place.patient_key
+            if (filed_id, filed_issuer) in others or (filed_id, "") in others:
+                outcome = Outcome.RECONCILED_COPY
+            else:
+                self._quarantine(
+                    cand,
+                    source,
+                    "patient-mismatch",
+                    f"study already filed under another patient; this instance carries "
+                    f"Patient ID {patient_id!r} (issuer {issuer!r})",
+                )
+                raise PatientMismatch("Study Instance UID is already filed under another patient")
+
+        key = f"studies/{cand.study_uid}/{cand.series_uid}/{cand.sop_uid}.{cand.sha256[:16]}.dcm"
+        self.store.put_file(key, cand.path, move=cand.owned)
+        # The staged file may now be gone (moved): the blob is the only copy.
+        cand.owned = False
+        try:
+            with self.db.write_conn() as session:
+                if place.series_fk is None:
+                    place = self._file_series(session, cand, place, patient_id, issuer)
+                session.execute(
+                    insert(Instance).values(
+                        sop_uid=cand.sop_uid,
+                        series_fk=place.series_fk,
+                        sop_class_uid=cand.sop_class_uid,
+                        transfer_syntax_uid=cand.transfer_syntax,
+                        blob_key=key,
+                        dataset_offset=cand.layout.dataset_offset,
+                        size=cand.size,
+                        sha256=cand.sha256,
+                        received_at=utcnow(),
+                        door=source.door,
+                        source_ae=source.ae_title[:16],
+                        source_host=source.host[:64],
+                        source_institution=source.institution[:64],
+                        transfer_id=source.transfer_id,
+                        received_patient_id=patient_id,
+                        received_issuer=issuer,
+                        **instance_attributes(cand.ds),
+                    )
+                )
+                if outcome is Outcome.RECONCILED_COPY:
+                    session.execute(
+                        _event(
+                            cand,
+                            source,
+                            "reconciled-copy",
+                            f"carried Patient ID {patient_id!r} issuer {issuer!r}",
+                        )
+                    )
+        except IntegrityError:
+            self._places.clear()
+            # Another receiver stored the same SOP Instance UID a moment ago.
+            existing = self._existing_instance(cand.sop_uid)
+            if existing is None:
+                raise
+            if existing.blob_key != key:
+                return self._resolve_existing(cand, source, existing, stored_key=key)
+            return self._result(cand, Outcome.DUPLICATE)
+        except (OperationalError, DBAPIError) as exc:
+            self._places.clear()
+            # The blob is an orphan now; the sweep removes it. Nothing is indexed.
+            raise IndexUnavailable(f"index unavailable: {exc.__class__.__name__}") from exc
+        self._remember(cand.series_uid, place)
+        return self._result(cand, outcome)
+
+    def _file_series(
+        self, session: Any, cand: _Candidate, place: _Placement, patient_id: str, issuer: str
+    ) -> _Placement:
+        """Create (or find, when another receiver just did) patient, study and series rows."""
+        attrs = extract(cand.ds)
+        patient_fk = place.patient_fk
+        if patient_fk is None:
+            patient_fk = self._upsert_patient(
+                session, issuer, patient_id, cand.study_uid, attrs.patient
+            )
+            patient_key = (patient_id, issuer)
+        else:
+            patient_key = place.patient_key
+        study_fk = place.study_fk or self._upsert(
+            session, Study, "study_uid", cand.study_uid, {"patient_fk": patient_fk, **attrs.study}
+        )
+        series_fk = self._upsert(
+            session, Series, "series_uid", cand.series_uid, {"study_fk": study_fk, **attrs.series}
+        )
+        return _Placement(patient_fk, patient_key, study_fk, series_fk, cand.study_uid)
+
+    def _resolve_existing(
+        self, cand: _Candidate, source: Source, existing: Row[Any], stored_key: str | None = None
+    ) -> IngestResult:
+        if existing.sha256 == cand.sha256:
+            if stored_key:
+                self.store.delete(stored_key)
+            return self._result(cand, Outcome.DUPLICATE)
+        if existing.transfer_syntax_uid != cand.transfer_syntax:
+            if stored_key:
+                self.store.delete(stored_key)
+            self._record(
+                _event(
+                    cand,
+                    source,
+                    "alternate-syntax",
+                    f"received again in {cand.transfer_syntax}; stored copy in "
+                    f"{existing.transfer_syntax_uid} kept",
+                )
+            )
+            return self._result(cand, Outcome.ALTERNATE_SYNTAX)
+        self._quarantine(
+            cand,
+            source,
+            "conflict",
+            "same SOP Instance UID and transfer syntax with different content; stored copy kept",
+            already_stored=stored_key,
+        )
+        raise InstanceConflict(
+            "SOP Instance UID already stored with different content; stored copy kept"
+        )
+
+    def _quarantine(
+        self,
+        cand: _Candidate,
+        source: Source,
+        kind: str,
+        detail: str,
+        already_stored: str | None = None,
+    ) -> None:
+        key = already_stored or f"quarantine/{cand.sop_uid}.{cand.sha256[:16]}.dcm"
+        if already_stored is None:
+            self.store.put_file(key, cand.path, move=cand.owned)
+            cand.owned = False
+        self._record(_event(cand, source, kind, detail, blob_key=key))
+        log.warning("ingest %s: %s (sop %s, kept as %s)", kind, detail, cand.sop_uid, key)
+
+    def _record(self, event: Executable) -> None:
+        try:
+            with self.db.write_conn() as session:
+                session.execute(event)
+        except (OperationalError, DBAPIError) as exc:
+            raise IndexUnavailable(f"index unavailable: {exc.__class__.__name__}") from exc
+
+    # -- index helpers ------------------------------------------------------------
+    def _existing_instance(self, sop_uid: str) -> Row[Any] | None:
+        try:
+            with self.db.read_conn() as session:
+                return session.execute(
+                    select(Instance.sha256, Instance.transfer_syntax_uid, Instance.blob_key).where(
+                        Instance.sop_uid == sop_uid
+                    )
+                ).first()
+        except (OperationalError, DBAPIError) as exc:
+            raise IndexUnavailable(f"index unavailable: {exc.__class__.__name__}") from exc
+
+    def _placement(self, study_uid: str, series_uid: str) -> _Placement:
+        """Where the index already files this study and series (cached per series)."""
+        cached = self._places.get(series_uid)
+        if cached is not None and cached.series_study_uid == study_uid:
+            return cached
+        try:
+            with self.db.read_conn() as session:
+                series_row = session.execute(
+                    select(Series.id, Study.study_uid)
+                    .join(Study, Series.study_fk == Study.id)
+                    .where(Series.series_uid == series_uid)
+                ).first()
+                study_row = session.execute(
+                    select(Study.id, Patient.id, Patient.patient_id, Patient.issuer)
+                    .join(Patient, Study.patient_fk == Patient.id)
+                    .where(Study.study_uid == study_uid)
+                ).first()
+        except (OperationalError, DBAPIError) as exc:
+            raise IndexUnavailable(f"index unavailable: {exc.__class__.__name__}") from exc
+        place = _Placement()
+        if study_row is not None:
+            place.study_fk, place.patient_fk = study_row[0], study_row[1]
+            place.patient_key = (study_row[2], study_row[3])
+        if series_row is not None:
+            place.series_study_uid = series_row[1]
+            if series_row[1] == study_uid:
+                place.series_fk = series_row[0]
+        return place
+
+    def _remember(self, series_uid: str, place: _Placement) -> None:
+        if len(self._places) >= _PLACEMENT_CACHE:
+            self._places.pop(next(iter(self._places)))
+        self._places[series_uid] = place
+
+    def _insert(self, table: type, values: dict[str, object]):  # type: ignore[no-untyped-def]
+        builder = sqlite_insert if self.db.is_sqlite else pg_insert
+        return builder(table).values(**values).on_conflict_do_nothing()
+
+    def _upsert(
+        self, session: Any, model: Any, key_col: str, key: str, values: dict[str, Any]
+    ) -> int:
+        now = utcnow()
+        session.execute(self._insert(model, {key_col: key, "created_at": now, **values}))
+        return session.scalar(select(model.id).where(getattr(model, key_col) == key))
+
+    def _upsert_patient(
+        self, session: Any, issuer: str, patient_id: str, study_uid: str, values: dict[str, Any]
+    ) -> int:
+        unidentified = "" if patient_id else study_uid
+        session.execute(
+            self._insert(
+                Patient,
+                {
+                    "issuer": issuer,
+                    "patient_id": patient_id,
+                    "unidentified_study_uid": unidentified,
+                    "created_at": utcnow(),
+                    **values,
+                },
+            )
+        )
+        return session.scalar(
+            select(Patient.id).where(
+                Patient.issuer == issuer,
+                Patient.patient_id == patient_id,
+                Patient.unidentified_study_uid == unidentified,
+            )
+        )
+
+    @staticmethod
+    def _result(cand: _Candidate, outcome: Outcome) -> IngestResult:
+        return IngestResult(
+            outcome=outcome,
+            sop_class_uid=cand.sop_class_uid,
+            sop_uid=cand.sop_uid,
+            study_uid=cand.study_uid,
+            series_uid=cand.series_uid,
+            transfer_syntax=cand.transfer_syntax,
+            size=cand.size,
+        )
+
+
+def _event(
+    cand: _Candidate, source: Source, kind: str, detail: str, blob_key: str | None = None
+) -> Executable:
+    return insert(IngestEvent).values(
+        at=utcnow(),
+        kind=kind,
+        sop_uid=cand.sop_uid,
+        study_uid=cand.study_uid,
+        door=source.door,
+        source_ae=source.ae_title[:16],
+        detail=detail,
+        blob_key=blob_key,
+    )
+
+
+def _hash_from(fh, offset: int) -> str:  # type: ignore[no-untyped-def]
+    digest = hashlib.sha256()
+    fh.seek(offset)
+    while chunk := fh.read(_HASH_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _has_encoding_of(ds: Dataset, ts: str) -> bool:
+    """Whether pydicom read the data set with the encoding the transfer syntax implies."""
+    uid = pydicom.uid.UID(ts)
+    if not uid.is_transfer_syntax or uid.is_deflated:
+        return True
+    encoding = getattr(ds, "original_encoding", None)
+    if not encoding or encoding[0] is None:
+        return True
+    return tuple(encoding) == (uid.is_implicit_VR, uid.is_little_endian)
+
+
+def _guess_bare_transfer_syntax(path: Path) -> str:
+    """Transfer syntax of a data set stored without file meta, from its first bytes."""
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, defer_size=1024)
+        implicit, little = ds.original_encoding
+    except Exception as exc:
+        raise InvalidDataset(f"not a DICOM file: {exc}") from exc
+    if "SOPInstanceUID" not in ds:
+        raise InvalidDataset("not a DICOM file (no SOP Instance UID)")
+    if implicit:
+        return str(ImplicitVRLittleEndian)
+    return str(ExplicitVRLittleEndian if little else ExplicitVRBigEndian)

@@ -1,0 +1,241 @@
+"""Structure of a DICOM Part 10 file without decoding values.
+
+``read_layout`` finds where the data set starts (after preamble and file meta),
+checks that every element, item and sequence ends inside the file (a truncated
+transfer or copy is caught here), bounds how deeply sequences nest, and locates
+the pixel data: its value offset for native pixel data, or the offsets of the
+basic offset table and fragments for encapsulated pixel data, so frames can later
+be read by byte range. It seeks past values instead of reading them, so a 500 MB
+instance costs a few hundred small reads.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import UID
+
+from gateway.archive.errors import InvalidDataset
+
+UNDEFINED = 0xFFFFFFFF
+ITEM = 0xFFFEE000
+ITEM_DELIM = 0xFFFEE00D
+SEQ_DELIM = 0xFFFEE0DD
+PIXEL_DATA = 0x7FE00010
+FLOAT_PIXEL_DATA = 0x7FE00008
+DOUBLE_PIXEL_DATA = 0x7FE00009
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+
+DEFAULT_MAX_DEPTH = 32
+
+
+@dataclass
+class Layout:
+    """Where things are in a Part 10 file."""
+
+    size: int
+    dataset_offset: int
+    file_meta: FileMetaDataset | None
+    transfer_syntax: str
+    pixel_offset: int | None = None
+    pixel_length: int | None = None  # None when encapsulated (undefined length)
+    basic_offset_table: list[int] = field(default_factory=list)
+    fragments: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def encapsulated(self) -> bool:
+        return self.pixel_offset is not None and self.pixel_length is None
+
+
+def read_meta(fp: BinaryIO) -> tuple[FileMetaDataset | None, int]:
+    """File meta information (None if the file has no preamble) and the data set offset."""
+    fp.seek(0)
+    try:
+        preamble = read_preamble(fp, force=True)
+        if preamble is None:
+            fp.seek(0)
+            return None, 0
+        meta = _read_file_meta_info(fp)
+    except Exception as exc:  # pydicom raises several kinds for garbage
+        raise InvalidDataset(f"unreadable file meta information: {exc}") from exc
+    return meta, fp.tell()
+
+
+def read_layout(
+    fp: BinaryIO, size: int, *, max_depth: int = DEFAULT_MAX_DEPTH, transfer_syntax: str = ""
+) -> Layout:
+    meta, offset = read_meta(fp)
+    if meta is not None:
+        ts = str(meta.get("TransferSyntaxUID", "") or "").strip("\x00 ")
+        if not ts:
+            raise InvalidDataset("file meta information has no Transfer Syntax UID")
+    else:
+        ts = transfer_syntax
+        if not ts:
+            raise InvalidDataset("not a DICOM Part 10 file and no transfer syntax given")
+    layout = Layout(size=size, dataset_offset=offset, file_meta=meta, transfer_syntax=ts)
+    uid = UID(ts)
+    if uid.is_deflated:
+        return layout  # the data set is zlib-compressed: nothing to locate by offset
+    # A TS pydicom does not know is explicit VR little endian (all newer ones are).
+    little = uid.is_little_endian if uid.is_transfer_syntax else True
+    implicit = uid.is_implicit_VR if uid.is_transfer_syntax else False
+    _Walker(fp, size, little, implicit, max_depth, layout).walk_dataset(offset, size, 0)
+    return layout
+
+
+class _Walker:
+    def __init__(
+        self, fp: BinaryIO, size: int, little: bool, implicit: bool, max_depth: int, layout: Layout
+    ) -> None:
+        self.fp = fp
+        self.size = size
+        self.e = "<" if little else ">"
+        self.implicit = implicit
+        self.max_depth = max_depth
+        self.layout = layout
+
+    def _read(self, pos: int, n: int) -> bytes:
+        if pos + n > self.size:
+            raise InvalidDataset(f"data set truncated at byte {pos} (file has {self.size})")
+        self.fp.seek(pos)
+        data = self.fp.read(n)
+        if len(data) != n:
+            raise InvalidDataset(f"data set truncated at byte {pos}")
+        return data
+
+    def _tag(self, raw: bytes) -> int:
+        group, elem = struct.unpack(self.e + "HH", raw)
+        return (group << 16) | elem
+
+    def walk_dataset(self, pos: int, end: int, depth: int, *, implicit: bool | None = None) -> int:
+        """Walk elements from pos to end (or an item delimiter); return the position after."""
+        implicit = self.implicit if implicit is None else implicit
+        while pos < end:
+            if end - pos < 8 and depth == 0:
+                # Trailing bytes too short for an element header: tolerated padding.
+                if self._read(pos, end - pos).strip(b"\x00") == b"":
+                    return end
+                raise InvalidDataset(f"data set truncated at byte {pos}")
+            head = self._read(pos, 8)
+            tag = self._tag(head[:4])
+            if tag == ITEM_DELIM:
+                return pos + 8
+            if implicit:
+                vr = None
+                (length,) = struct.unpack(self.e + "L", head[4:8])
+                value_pos = pos + 8
+            else:
+                vr = head[4:6]
+                if not (vr.isalpha() and vr.isupper()):
+                    raise InvalidDataset(f"invalid VR at byte {pos}")
+                if vr in _LONG_VRS:
+                    (length,) = struct.unpack(self.e + "L", self._read(pos + 8, 4))
+                    value_pos = pos + 12
+                else:
+                    (length,) = struct.unpack(self.e + "H", head[6:8])
+                    value_pos = pos + 8
+            if tag == PIXEL_DATA and depth == 0:
+                pos = self._pixel_data(value_pos, length)
+                continue
+            if tag in (FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA) and depth == 0:
+                self.layout.pixel_offset, self.layout.pixel_length = value_pos, length
+            is_sq = vr == b"SQ" or (vr is None and _implicit_vr(tag) == "SQ")
+            if length == UNDEFINED:
+                if vr in (None, b"SQ", b"UN") or is_sq:
+                    # Undefined-length UN is a sequence encoded implicit VR little endian.
+                    item_implicit = True if vr == b"UN" else implicit
+                    pos = self._sequence(value_pos, None, depth + 1, item_implicit)
+                    continue
+                raise InvalidDataset(f"undefined length on a non-sequence at byte {pos}")
+            if value_pos + length > end:
+                raise InvalidDataset(
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end of "
+                    f"its container (data set truncated?)"
+                )
+            if is_sq and length:
+                self._sequence(value_pos, value_pos + length, depth + 1, implicit)
+            pos = value_pos + length
+        return pos
+
+    def _sequence(self, pos: int, end: int | None, depth: int, implicit: bool) -> int:
+        if depth > self.max_depth:
+            raise InvalidDataset(f"sequences nested deeper than {self.max_depth} levels")
+        limit = self.size if end is None else end
+        while pos < limit:
+            tag = self._tag(self._read(pos, 4))
+            (length,) = struct.unpack(self.e + "L", self._read(pos + 4, 4))
+            pos += 8
+            if tag == SEQ_DELIM:
+                return pos
+            if tag != ITEM:
+                raise InvalidDataset(f"expected a sequence item at byte {pos - 8}")
+            if length == UNDEFINED:
+                pos = self.walk_dataset(pos, self.size, depth, implicit=implicit)
+            else:
+                if pos + length > limit:
+                    raise InvalidDataset("sequence item runs past the end of its sequence")
+                self.walk_dataset(pos, pos + length, depth, implicit=implicit)
+                pos += length
+        if end is None:
+            raise InvalidDataset("sequence not terminated (data set truncated?)")
+        return pos
+
+    def _pixel_data(self, value_pos: int, length: int) -> int:
+        self.layout.pixel_offset = value_pos
+        if length != UNDEFINED:
+            if value_pos + length > self.size:
+                raise InvalidDataset(
+                    f"pixel data declares {length} bytes but the file ends after "
+                    f"{self.size - value_pos}"
+                )
+            self.layout.pixel_length = length
+            return value_pos + length
+        # Encapsulated: items, the first the basic offset table, then fragments.
+        pos = value_pos
+        first = True
+        while True:
+            tag = self._tag(self._read(pos, 4))
+            (item_len,) = struct.unpack(self.e + "L", self._read(pos + 4, 4))
+            pos += 8
+            if tag == SEQ_DELIM:
+                return pos
+            if tag != ITEM or item_len == UNDEFINED:
+                raise InvalidDataset("malformed encapsulated pixel data")
+            if pos + item_len > self.size:
+                raise InvalidDataset("encapsulated pixel data truncated")
+            if first:
+                if item_len:
+                    raw = self._read(pos, item_len)
+                    count = item_len // 4
+                    self.layout.basic_offset_table = list(struct.unpack(f"{self.e}{count}L", raw))
+                first = False
+            else:
+                self.layout.fragments.append((pos, item_len))
+            pos += item_len
+
+
+def _implicit_vr(tag: int) -> str | None:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return None

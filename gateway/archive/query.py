@@ -1,0 +1,512 @@
+"""The one query engine, for C-FIND and QIDO-RS alike.
+
+A door turns its request into a ``Query``: a level, match keys (keyword -> value in
+DICOM matching syntax, '' meaning "return this attribute"), and paging. The engine
+translates the keys into SQL following PS3.4 C.2.2.2:
+
+- single value matching (case-sensitive), with ``*`` and ``?`` wildcards;
+- UID list matching (values separated by backslash);
+- range matching of dates and times (``A-B``, ``A-``, ``-B``);
+- universal matching (empty value or ``*``);
+- person names: matched per component group (alphabetic, ideographic, phonetic)
+  on case- and accent-insensitive folded forms, which PS3.4 permits for PN; a value
+  without ``=`` matches if any group matches, so ``홍*`` finds ``Hong^Gildong=洪^吉洞=홍^길동``;
+- ModalitiesInStudy matches a study if any of its series has one of the modalities.
+
+Computed attributes (numbers of related series/instances, modalities and SOP
+classes in a study) are evaluated for the returned page only, in one grouped
+query each, never kept as counters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
+from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
+
+from gateway.archive.db import Database
+from gateway.archive.errors import InvalidQuery
+from gateway.archive.models import Instance, Patient, Series, Study
+from gateway.archive.text import fold, normalize_date, split_pn, time_key
+from gateway.archive.uids import is_valid_uid
+
+
+class Level(StrEnum):
+    PATIENT = "PATIENT"
+    STUDY = "STUDY"
+    SERIES = "SERIES"
+    IMAGE = "IMAGE"
+
+
+_DEPTH = {Level.PATIENT: 0, Level.STUDY: 1, Level.SERIES: 2, Level.IMAGE: 3}
+
+
+@dataclass(frozen=True)
+class Attr:
+    """How one DICOM attribute maps to the index."""
+
+    keyword: str
+    level: Level
+    kind: str  # uid, str, pn, pn-folded, date, time, int, computed
+    column: Any = None
+    match_column: Any = None  # e.g. the padded time key
+
+
+_ATTRS: dict[str, Attr] = {
+    a.keyword: a
+    for a in [
+        # Patient
+        Attr("PatientName", Level.PATIENT, "pn", Patient.patient_name),
+        Attr("PatientID", Level.PATIENT, "str", Patient.patient_id),
+        Attr("IssuerOfPatientID", Level.PATIENT, "str", Patient.issuer),
+        Attr("PatientBirthDate", Level.PATIENT, "date", Patient.birth_date),
+        Attr("PatientSex", Level.PATIENT, "str", Patient.sex),
+        Attr("NumberOfPatientRelatedStudies", Level.PATIENT, "computed"),
+        Attr("NumberOfPatientRelatedSeries", Level.PATIENT, "computed"),
+        Attr("NumberOfPatientRelatedInstances", Level.PATIENT, "computed"),
+        # Study
+        Attr("StudyInstanceUID", Level.STUDY, "uid", Study.study_uid),
+        Attr("StudyDate", Level.STUDY, "date", Study.study_date),
+        Attr("StudyTime", Level.STUDY, "time", Study.study_time, Study.study_time_key),
+        Attr("AccessionNumber", Level.STUDY, "str", Study.accession_number),
+        Attr("StudyID", Level.STUDY, "str", Study.study_id),
+        Attr("StudyDescription", Level.STUDY, "str", Study.study_description),
+        Attr(
+            "ReferringPhysicianName",
+            Level.STUDY,
+            "pn-folded",
+            Study.referring_physician_name,
+            Study.referring_physician_name_fold,
+        ),
+        Attr("InstitutionName", Level.STUDY, "str", Study.institution_name),
+        Attr("ModalitiesInStudy", Level.STUDY, "computed"),
+        Attr("SOPClassesInStudy", Level.STUDY, "computed"),
+        Attr("NumberOfStudyRelatedSeries", Level.STUDY, "computed"),
+        Attr("NumberOfStudyRelatedInstances", Level.STUDY, "computed"),
+        # Series
+        Attr("SeriesInstanceUID", Level.SERIES, "uid", Series.series_uid),
+        Attr("Modality", Level.SERIES, "str", Series.modality),
+        Attr("SeriesNumber", Level.SERIES, "int", Series.series_number),
+        Attr("SeriesDescription", Level.SERIES, "str", Series.series_description),
+        Attr("BodyPartExamined", Level.SERIES, "str", Series.body_part_examined),
+        Attr("SeriesDate", Level.SERIES, "date", Series.series_date),
+        Attr("SeriesTime", Level.SERIES, "time", Series.series_time),
+        Attr("PerformedProcedureStepStartDate", Level.SERIES, "date", Series.pps_start_date),
+        Attr("PerformedProcedureStepStartTime", Level.SERIES, "time", Series.pps_start_time),
+        Attr("NumberOfSeriesRelatedInstances", Level.SERIES, "computed"),
+        # Instance
+        Attr("SOPInstanceUID", Level.IMAGE, "uid", Instance.sop_uid),
+        Attr("SOPClassUID", Level.IMAGE, "uid", Instance.sop_class_uid),
+        Attr("InstanceNumber", Level.IMAGE, "int", Instance.instance_number),
+        Attr("Rows", Level.IMAGE, "int", Instance.rows),
+        Attr("Columns", Level.IMAGE, "int", Instance.columns),
+        Attr("BitsAllocated", Level.IMAGE, "int", Instance.bits_allocated),
+        Attr("NumberOfFrames", Level.IMAGE, "int", Instance.number_of_frames),
+        Attr("ContentDate", Level.IMAGE, "date", Instance.content_date),
+        Attr("ContentTime", Level.IMAGE, "time", Instance.content_time),
+        Attr("AvailableTransferSyntaxUID", Level.IMAGE, "uid", Instance.transfer_syntax_uid),
+    ]
+}
+
+# Unique key of each level, always returned.
+UNIQUE_KEYS = {
+    Level.PATIENT: "PatientID",
+    Level.STUDY: "StudyInstanceUID",
+    Level.SERIES: "SeriesInstanceUID",
+    Level.IMAGE: "SOPInstanceUID",
+}
+
+_DATE_RE = re.compile(r"^\d{8}$")
+_TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+
+
+def supported_keywords() -> list[str]:
+    return list(_ATTRS)
+
+
+def attribute_level(keyword: str) -> Level | None:
+    attr = _ATTRS.get(keyword)
+    return attr.level if attr else None
+
+
+@dataclass
+class Query:
+    level: Level
+    keys: dict[str, str] = field(default_factory=dict)
+    # Patient Root puts a PATIENT level above studies; Study Root does not.
+    patient_root: bool = False
+    limit: int | None = None
+    offset: int = 0
+    # Keys below the query level: refuse (QIDO) or ignore (C-FIND, PS3.4 C.4.1.2.1).
+    strict_levels: bool = True
+    # Extra attributes to return (keywords), beyond the keys.
+    include: Sequence[str] = ()
+    # A SQL condition on Study rows limiting what this query may see (access control).
+    study_scope: Callable[[], ColumnElement[bool]] | None = None
+
+
+@dataclass
+class QueryResult:
+    datasets: list[Dataset]
+    # More matches exist beyond this page (the door warns the client).
+    truncated: bool = False
+
+
+def run_query(db: Database, query: Query) -> QueryResult:
+    level = query.level
+    keys = dict(query.keys)
+    for extra in query.include:
+        keys.setdefault(extra, "")
+    match_keys: dict[str, str] = {}
+    return_keys: list[str] = []
+    for keyword, value in keys.items():
+        attr = _ATTRS.get(keyword)
+        if attr is None:
+            return_keys.append(keyword)  # unknown optional key: returned empty
+            if value not in ("", "*") and query.strict_levels:
+                raise InvalidQuery(f"matching on {keyword} is not supported")
+            continue
+        if _DEPTH[attr.level] > _DEPTH[level]:
+            if query.strict_levels and value not in ("", "*"):
+                raise InvalidQuery(f"{keyword} is not an attribute of the {level} level or above")
+            continue
+        if not query.patient_root and attr.level is Level.PATIENT and level is Level.PATIENT:
+            raise InvalidQuery("PATIENT level needs the Patient Root model")
+        return_keys.append(keyword)
+        if value not in ("",):
+            match_keys[keyword] = value
+
+    for higher in _levels_up_to(level, query.patient_root):
+        if UNIQUE_KEYS[higher] not in return_keys:
+            return_keys.append(UNIQUE_KEYS[higher])
+    if level is not Level.PATIENT and "PatientID" not in return_keys and query.patient_root:
+        return_keys.append("PatientID")
+
+    stmt = _base_select(level)
+    conditions = [_condition(_ATTRS[k], v) for k, v in match_keys.items()]
+    conditions = [c for c in conditions if c is not None]
+    if query.study_scope is not None:
+        if level is Level.PATIENT:
+            conditions.append(exists().where(Study.patient_fk == Patient.id, query.study_scope()))
+        else:
+            conditions.append(query.study_scope())
+    if conditions:
+        stmt = stmt.where(and_(*conditions))
+    order_col = _id_column(level)
+    stmt = stmt.order_by(order_col).offset(query.offset)
+    if query.limit is not None:
+        stmt = stmt.limit(query.limit + 1)
+
+    with db.reading() as session:
+        rows = session.execute(stmt).all()
+        truncated = query.limit is not None and len(rows) > query.limit
+        if truncated:
+            rows = rows[: query.limit]
+        computed = _computed(session, level, rows, return_keys)
+
+    datasets = []
+    for row in rows:
+        ds = Dataset()
+        for keyword in return_keys:
+            _set(ds, keyword, _value_of(keyword, row, computed))
+        ds.QueryRetrieveLevel = level.value
+        datasets.append(ds)
+    return QueryResult(datasets=datasets, truncated=truncated)
+
+
+# -- SQL construction ----------------------------------------------------------------
+def _levels_up_to(level: Level, patient_root: bool) -> list[Level]:
+    order = [Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE]
+    chosen = order[: _DEPTH[level] + 1]
+    if not patient_root and Level.PATIENT in chosen and level is not Level.PATIENT:
+        chosen.remove(Level.PATIENT)
+    return chosen
+
+
+def _id_column(level: Level) -> Any:
+    return {
+        Level.PATIENT: Patient.id,
+        Level.STUDY: Study.id,
+        Level.SERIES: Series.id,
+        Level.IMAGE: Instance.id,
+    }[level]
+
+
+def _base_select(level: Level) -> Select[Any]:
+    columns: list[Any] = [Patient]
+    if _DEPTH[level] >= 1:
+        columns.append(Study)
+    if _DEPTH[level] >= 2:
+        columns.append(Series)
+    if _DEPTH[level] >= 3:
+        columns.append(Instance)
+    stmt = select(*columns)
+    if _DEPTH[level] >= 1:
+        stmt = stmt.select_from(Study).join(Patient, Study.patient_fk == Patient.id)
+    if _DEPTH[level] >= 2:
+        stmt = stmt.join(Series, Series.study_fk == Study.id)
+    if _DEPTH[level] >= 3:
+        stmt = stmt.join(Instance, Instance.series_fk == Series.id)
+    return stmt
+
+
+def _is_universal(value: str) -> bool:
+    return value == "" or value.strip("*") == ""
+
+
+def _like_pattern(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _string_match(column: Any, value: str) -> ColumnElement[bool]:
+    if "*" in value or "?" in value:
+        return column.like(_like_pattern(value), escape="\\")
+    return column == value
+
+
+def _condition(attr: Attr, value: str) -> ColumnElement[bool] | None:
+    if attr.kind != "uid" and _is_universal(value):
+        return None
+    if attr.kind == "uid":
+        uids = [u.strip() for u in value.split("\\") if u.strip()]
+        if not uids:
+            return None
+        bad = [u for u in uids if not is_valid_uid(u)]
+        if bad:
+            raise InvalidQuery(f"{attr.keyword} has an invalid UID: {bad[0][:70]!r}")
+        return attr.column.in_(uids) if len(uids) > 1 else attr.column == uids[0]
+    if attr.kind == "str":
+        values = value.split("\\") if "\\" in value else [value]
+        clauses = [_string_match(attr.column, v) for v in values]
+        return or_(*clauses) if len(clauses) > 1 else clauses[0]
+    if attr.kind == "int":
+        try:
+            return attr.column == int(value)
+        except ValueError as exc:
+            raise InvalidQuery(f"{attr.keyword} must be an integer, not {value[:40]!r}") from exc
+    if attr.kind == "date":
+        return _range(attr, value, _DATE_RE, normalize_date, "YYYYMMDD")
+    if attr.kind == "time":
+        if attr.match_column is not None:
+            return _range(attr, value, _TIME_RE, time_key, "HHMMSS.FFFFFF", attr.match_column)
+        return _range(attr, value, _TIME_RE, str.strip, "HHMMSS.FFFFFF")
+    if attr.kind == "pn":
+        return _pn_condition(value)
+    if attr.kind == "pn-folded":
+        return _string_match(attr.match_column, fold(value.rstrip("^")))
+    if attr.kind == "computed":
+        if attr.keyword == "ModalitiesInStudy":
+            modalities = [m for m in value.split("\\") if m]
+            clauses = [_string_match(Series.modality, m) for m in modalities]
+            return exists().where(Series.study_fk == Study.id, or_(*clauses))
+        raise InvalidQuery(f"matching on {attr.keyword} is not supported")
+    raise AssertionError(attr.kind)
+
+
+def _range(
+    attr: Attr,
+    value: str,
+    pattern: re.Pattern[str],
+    normalize: Callable[[str], str],
+    shape: str,
+    column: Any = None,
+) -> ColumnElement[bool]:
+    column = attr.column if column is None else column
+    raw = value.replace(":", "") if attr.kind == "time" else normalize_date(value)
+    if "-" in raw:
+        low, _, high = raw.partition("-")
+        if "-" in high:
+            raise InvalidQuery(f"{attr.keyword} range has more than one '-'")
+        for part in (low, high):
+            if part and not pattern.match(part):
+                raise InvalidQuery(f"{attr.keyword} range bound {part[:20]!r} is not {shape}")
+        if not low and not high:
+            raise InvalidQuery(f"{attr.keyword} range has no bounds")
+        if low and high and normalize(low) > normalize(high):
+            raise InvalidQuery(f"{attr.keyword} range starts after it ends")
+        clauses = [column != ""]
+        if low:
+            clauses.append(column >= normalize(low))
+        if high:
+            upper = normalize(high)
+            if attr.kind == "time" and column is not attr.column:
+                # '13' as an upper bound includes everything up to 13:59:59.999999.
+                upper = _time_upper(high)
+            clauses.append(column <= upper)
+        return and_(*clauses)
+    if not pattern.match(raw):
+        raise InvalidQuery(f"{attr.keyword} value {value[:20]!r} is not {shape}")
+    return column == normalize(raw)
+
+
+def _time_upper(value: str) -> str:
+    whole, _, frac = value.partition(".")
+    fill = {2: "5959", 4: "59"}.get(len(whole), "")
+    whole = whole + fill
+    frac = (frac + "999999")[:6] if frac else "999999"
+    return f"{whole}.{frac}"
+
+
+_PN_GROUPS = (
+    (Patient.pn_alphabetic_fold, 0),
+    (Patient.pn_ideographic_fold, 1),
+    (Patient.pn_phonetic_fold, 2),
+)
+
+
+def _pn_condition(value: str) -> ColumnElement[bool] | None:
+    if "=" in value:
+        groups = split_pn(value)
+        clauses = [
+            _string_match(column, fold(groups[i]))
+            for column, i in _PN_GROUPS
+            if groups[i] and not _is_universal(groups[i])
+        ]
+        return and_(*clauses) if clauses else None
+    folded = fold(value.strip().rstrip("^"))
+    if _is_universal(folded):
+        return None
+    return or_(*[_string_match(column, folded) for column, _ in _PN_GROUPS])
+
+
+# -- results ---------------------------------------------------------------------------
+def _computed(session: Any, level: Level, rows: Sequence[Any], keys: Iterable[str]) -> dict:
+    wanted = [k for k in keys if k in _ATTRS and _ATTRS[k].kind == "computed"]
+    out: dict[str, dict[int, Any]] = {}
+    if not rows or not wanted:
+        return out
+    if level is Level.PATIENT:
+        ids = [r.Patient.id for r in rows]
+        if "NumberOfPatientRelatedStudies" in wanted:
+            out["NumberOfPatientRelatedStudies"] = dict(
+                session.execute(
+                    select(Study.patient_fk, func.count(Study.id))
+                    .where(Study.patient_fk.in_(ids))
+                    .group_by(Study.patient_fk)
+                ).all()
+            )
+        if "NumberOfPatientRelatedSeries" in wanted:
+            out["NumberOfPatientRelatedSeries"] = dict(
+                session.execute(
+                    select(Study.patient_fk, func.count(Series.id))
+                    .join(Series, Series.study_fk == Study.id)
+                    .where(Study.patient_fk.in_(ids))
+                    .group_by(Study.patient_fk)
+                ).all()
+            )
+        if "NumberOfPatientRelatedInstances" in wanted:
+            out["NumberOfPatientRelatedInstances"] = dict(
+                session.execute(
+                    select(Study.patient_fk, func.count(Instance.id))
+                    .join(Series, Series.study_fk == Study.id)
+                    .join(Instance, Instance.series_fk == Series.id)
+                    .where(Study.patient_fk.in_(ids))
+                    .group_by(Study.patient_fk)
+                ).all()
+            )
+    if level is Level.STUDY:
+        ids = [r.Study.id for r in rows]
+        if "NumberOfStudyRelatedSeries" in wanted:
+            out["NumberOfStudyRelatedSeries"] = dict(
+                session.execute(
+                    select(Series.study_fk, func.count(Series.id))
+                    .where(Series.study_fk.in_(ids))
+                    .group_by(Series.study_fk)
+                ).all()
+            )
+        if "NumberOfStudyRelatedInstances" in wanted:
+            out["NumberOfStudyRelatedInstances"] = dict(
+                session.execute(
+                    select(Series.study_fk, func.count(Instance.id))
+                    .join(Instance, Instance.series_fk == Series.id)
+                    .where(Series.study_fk.in_(ids))
+                    .group_by(Series.study_fk)
+                ).all()
+            )
+        if "ModalitiesInStudy" in wanted:
+            mods: dict[int, list[str]] = {}
+            for study_fk, modality in session.execute(
+                select(Series.study_fk, Series.modality)
+                .where(Series.study_fk.in_(ids), Series.modality != "")
+                .distinct()
+                .order_by(Series.study_fk, Series.modality)
+            ):
+                mods.setdefault(study_fk, []).append(modality)
+            out["ModalitiesInStudy"] = mods
+        if "SOPClassesInStudy" in wanted:
+            classes: dict[int, list[str]] = {}
+            for study_fk, sop_class in session.execute(
+                select(Series.study_fk, Instance.sop_class_uid)
+                .join(Instance, Instance.series_fk == Series.id)
+                .where(Series.study_fk.in_(ids))
+                .distinct()
+                .order_by(Series.study_fk, Instance.sop_class_uid)
+            ):
+                classes.setdefault(study_fk, []).append(sop_class)
+            out["SOPClassesInStudy"] = classes
+    if level is Level.SERIES and "NumberOfSeriesRelatedInstances" in wanted:
+        ids = [r.Series.id for r in rows]
+        out["NumberOfSeriesRelatedInstances"] = dict(
+            session.execute(
+                select(Instance.series_fk, func.count(Instance.id))
+                .where(Instance.series_fk.in_(ids))
+                .group_by(Instance.series_fk)
+            ).all()
+        )
+    return out
+
+
+def _value_of(keyword: str, row: Any, computed: dict[str, dict[int, Any]]) -> Any:
+    attr = _ATTRS.get(keyword)
+    if attr is None:
+        return None
+    if attr.kind == "computed":
+        owner = {
+            Level.PATIENT: lambda: row.Patient.id,
+            Level.STUDY: lambda: row.Study.id,
+            Level.SERIES: lambda: row.Series.id,
+        }[attr.level]()
+        value = computed.get(keyword, {}).get(owner)
+        if keyword.startswith("NumberOf"):
+            return value or 0
+        return value or None
+    entity = {
+        Level.PATIENT: "Patient",
+        Level.STUDY: "Study",
+        Level.SERIES: "Series",
+        Level.IMAGE: "Instance",
+    }[attr.level]
+    obj = getattr(row, entity)
+    value = getattr(obj, attr.column.key)
+    if value == "":
+        return None
+    return value
+
+
+def _set(ds: Dataset, keyword: str, value: Any) -> None:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        return
+    vr = dictionary_VR(tag)
+    if value is None:
+        ds.add_new(tag, vr, None)
+        return
+    if isinstance(value, list):
+        value = [str(v) for v in value]
+    elif vr in ("IS", "US", "UL", "SS", "SL"):
+        value = int(value)
+    ds.add_new(tag, vr, value)
+
+
+def keyword_from_tag_text(text: str) -> str | None:
+    """'00100020' or 'PatientID' -> 'PatientID' (None if unknown)."""
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", text):
+        return keyword_for_tag(int(text, 16)) or None
+    return text if tag_for_keyword(text) is not None else None

@@ -1,0 +1,143 @@
+"""The one settings object of studybridge.
+
+Values come, highest priority first, from keyword arguments (the CLI), environment
+variables prefixed ``STUDYBRIDGE_`` (``STUDYBRIDGE_DIMSE_PORT=11113``), an optional
+TOML file (``STUDYBRIDGE_CONFIG=/etc/studybridge.toml`` or ``--config``), and the
+embedded defaults: a ``./var`` data folder holding a filesystem blob store and a
+SQLite index, DIMSE on 11112 as ``STUDYBRIDGE``, HTTP on 8080.
+
+No other module reads the environment; everything receives a ``Settings``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    """Configuration of one studybridge installation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STUDYBRIDGE_", extra="forbid", validate_default=True
+    )
+
+    # Where the embedded defaults keep their files.
+    data_dir: Path = Path("./var")
+    # SQLAlchemy URL of the index; empty means SQLite in data_dir.
+    database_url: str = ""
+    # Blob store: "file" keeps instances below blob_dir (default data_dir/blobs).
+    blob_store: Literal["file"] = "file"
+    blob_dir: Path | None = None
+
+    # DICOM node.
+    ae_title: str = "STUDYBRIDGE"
+    dimse_host: str = "0.0.0.0"  # noqa: S104 - a DICOM node must be reachable by PACS
+    dimse_port: int = 11112
+    # Receiving processes sharing the DIMSE port (0 = one per CPU core, at least 2).
+    dimse_workers: int = 0
+    # Associations one receiving process serves at once; more are refused (transient).
+    max_associations: int = 32
+    # Largest P-DATA PDU we accept (bytes); 0 would be unlimited, which lets a peer
+    # make us hold a whole dataset in one PDU in memory.
+    max_pdu_size: int = 4 * 1024 * 1024
+    # Seconds: waiting for A-ASSOCIATE/A-RELEASE (ARTIM), for a DIMSE message,
+    # and for any network activity on an established association (idle).
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    # Refuse unknown calling AE titles unless true (the demo profile sets it).
+    accept_unknown_peers: bool = False
+    # Issuer of Patient ID used when neither the dataset nor the peer names one.
+    default_issuer: str = "STUDYBRIDGE"
+
+    # HTTP (DICOMweb and pages).
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+
+    # Profile: "production" refuses demo shortcuts; "demo" accepts any AE and says so.
+    profile: Literal["default", "demo", "production"] = "default"
+
+    log_level: str = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        value = value.strip()
+        if not value or len(value) > 16 or "\\" in value or not value.isprintable():
+            raise ValueError("AE title must be 1-16 printable characters without backslash")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml = _config_file_from_env()
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    # Derived locations -------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return (self.blob_dir or self.data_dir / "blobs").resolve()
+
+    @property
+    def staging_dir(self) -> Path:
+        """Where incoming data is spooled before it becomes a blob.
+
+        It sits inside the data folder so that, with the filesystem store, a received
+        file becomes a blob by a rename instead of a copy.
+        """
+        return (self.data_dir / "staging").resolve()
+
+    @property
+    def effective_accept_unknown_peers(self) -> bool:
+        if self.profile == "production":
+            return False
+        return self.accept_unknown_peers or self.profile == "demo"
+
+    @property
+    def effective_dimse_workers(self) -> int:
+        if self.dimse_workers > 0:
+            return self.dimse_workers
+        return max(2, os.cpu_count() or 2)
+
+
+# The config file is located through the environment before the settings exist; this
+# is the one place besides Settings itself that looks there.
+_CONFIG_FILE_ENV = "STUDYBRIDGE_CONFIG"
+
+
+def _config_file_from_env() -> Path | None:
+    value = os.environ.get(_CONFIG_FILE_ENV)
+    return Path(value) if value else None
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings, optionally naming a TOML file and CLI overrides."""
+    if config_file is not None:
+        os.environ[_CONFIG_FILE_ENV] = str(config_file)
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**clean)
