@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    # Seconds a stopping process waits for running associations/requests to finish.
+    shutdown_grace: float = 10.0
     # Refuse unknown calling AE titles unless true (the demo profile sets it).
     accept_unknown_peers: bool = False
     # Issuer of Patient ID used when neither the dataset nor the peer names one.

@@ -1,0 +1,1 @@
+"""The HTTP door: DICOMweb services and operational endpoints (FastAPI)."""

@@ -1,0 +1,237 @@
+"""The ``studybridge`` command line (typer).
+
+Every command takes ``--data-dir`` and ``--config`` and otherwise reads the one
+settings object (``STUDYBRIDGE_*`` environment variables, TOML file, defaults).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+
+from gateway.archive import Archive
+from gateway.archive.db import migrate
+from gateway.archive.models import IngestEvent, Instance, Patient, Series, Study
+from gateway.config import Settings, load_settings
+from gateway.peers import PeerError, PeerRegistry
+
+app = typer.Typer(
+    help="studybridge: move medical images between hospitals without CDs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+peers_app = typer.Typer(help="Register the DICOM peers (PACS, modalities) we talk to.")
+db_app = typer.Typer(help="Index database maintenance.")
+app.add_typer(peers_app, name="peers")
+app.add_typer(db_app, name="db")
+
+console = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Data folder (default ./var).", show_default=False),
+]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML configuration file.", exists=True, dir_okay=False),
+]
+
+
+def _settings(data_dir: Path | None, config: Path | None, **overrides: object) -> Settings:
+    try:
+        return load_settings(config, data_dir=data_dir, **overrides)
+    except Exception as exc:  # pydantic's ValidationError, a bad TOML file
+        err.print(f"[red]invalid configuration:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _archive(settings: Settings) -> Archive:
+    return Archive.open(settings, migrate_schema=True)
+
+
+@app.command()
+def serve(
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    dimse_port: Annotated[int | None, typer.Option(help="DIMSE port (default 11112).")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port (default 8080).")] = None,
+    ae_title: Annotated[str | None, typer.Option(help="Our AE title.")] = None,
+    dimse_workers: Annotated[
+        int | None, typer.Option(help="Receiving processes (default: one per core, min 2).")
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Demo profile: accept any calling AE title.")
+    ] = False,
+) -> None:
+    """Run the DICOM node and the HTTP app on the configured (or embedded) backends."""
+    from gateway.serve import serve as run_serve
+
+    settings = _settings(
+        data_dir,
+        config,
+        dimse_port=dimse_port,
+        http_port=http_port,
+        ae_title=ae_title,
+        dimse_workers=dimse_workers,
+        profile="demo" if demo else None,
+    )
+    raise typer.Exit(run_serve(settings, say=console.print))
+
+
+@app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="A folder, a disc (DICOMDIR) or a .zip file.")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    issuer: Annotated[
+        str | None,
+        typer.Option(help="Issuer of Patient ID for instances that carry none."),
+    ] = None,
+    institution: Annotated[str, typer.Option(help="Institution the data comes from.")] = "",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Import a CD/DVD, folder or zip through the same ingest as C-STORE."""
+    from gateway.import_cli import run_import
+
+    settings = _settings(data_dir, config)
+    archive = _archive(settings)
+    try:
+        code = run_import(
+            archive,
+            path,
+            issuer=issuer,
+            institution=institution,
+            json_output=json_output,
+            console=console,
+        )
+    finally:
+        archive.close()
+    raise typer.Exit(code)
+
+
+@app.command()
+def stats(
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """What the archive holds: patients, studies, series, instances, bytes, events."""
+    settings = _settings(data_dir, config)
+    archive = _archive(settings)
+    try:
+        with archive.db.reading() as session:
+            figures: dict[str, object] = {
+                "patients": session.scalar(select(func.count(Patient.id))),
+                "studies": session.scalar(select(func.count(Study.id))),
+                "series": session.scalar(select(func.count(Series.id))),
+                "instances": session.scalar(select(func.count(Instance.id))),
+                "bytes": int(session.scalar(select(func.coalesce(func.sum(Instance.size), 0)))),
+                "last_received": (session.scalar(select(func.max(Instance.received_at))) or None),
+                "by_door": dict(
+                    session.execute(
+                        select(Instance.door, func.count(Instance.id)).group_by(Instance.door)
+                    ).all()
+                ),
+                "events": dict(
+                    session.execute(
+                        select(IngestEvent.kind, func.count(IngestEvent.id)).group_by(
+                            IngestEvent.kind
+                        )
+                    ).all()
+                ),
+            }
+    finally:
+        archive.close()
+    if figures["last_received"] is not None:
+        figures["last_received"] = figures["last_received"].isoformat()  # type: ignore[union-attr]
+    if json_output:
+        console.print_json(json.dumps(figures))
+        return
+    table = Table(title=f"studybridge archive ({settings.data_dir})", show_header=False)
+    for key, value in figures.items():
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+
+
+@peers_app.command("add")
+def peers_add(
+    ae_title: Annotated[str, typer.Argument(help="The peer's AE title.")],
+    host: Annotated[str, typer.Option(help="Host it calls from and listens on.")],
+    port: Annotated[int, typer.Option(help="Port it listens on (for C-MOVE, forwarding).")],
+    institution: Annotated[str, typer.Option(help="Institution name.")] = "",
+    issuer: Annotated[
+        str, typer.Option(help="Issuer of Patient ID for its data sets that name none.")
+    ] = "",
+    description: Annotated[str, typer.Option(help="Free text.")] = "",
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Register a peer; works before any server runs."""
+    archive = _archive(_settings(data_dir, config))
+    try:
+        peer = PeerRegistry(archive.db).add(
+            ae_title,
+            host,
+            port,
+            institution=institution,
+            issuer=issuer,
+            description=description,
+        )
+    except PeerError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        archive.close()
+    console.print(f"peer {peer.ae_title} at {peer.host}:{peer.port} registered")
+
+
+@peers_app.command("list")
+def peers_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """List registered peers."""
+    archive = _archive(_settings(data_dir, config))
+    try:
+        peers = PeerRegistry(archive.db).list()
+    finally:
+        archive.close()
+    table = Table("AE title", "host", "port", "institution", "issuer")
+    for p in peers:
+        table.add_row(p.ae_title, p.host, str(p.port), p.institution, p.issuer)
+    console.print(table)
+
+
+@peers_app.command("remove")
+def peers_remove(
+    ae_title: Annotated[str, typer.Argument(help="The peer's AE title.")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Forget a peer: it can no longer associate or receive C-MOVE results."""
+    archive = _archive(_settings(data_dir, config))
+    try:
+        removed = PeerRegistry(archive.db).remove(ae_title)
+    finally:
+        archive.close()
+    if not removed:
+        err.print(f"no peer {ae_title}")
+        raise typer.Exit(1)
+    console.print(f"peer {ae_title} removed")
+
+
+@db_app.command("upgrade")
+def db_upgrade(data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Apply the index schema migrations (Alembic) up to the newest."""
+    settings = _settings(data_dir, config)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(settings.resolved_database_url)
+    console.print("index schema is up to date")
+
+
+if __name__ == "__main__":
+    app()

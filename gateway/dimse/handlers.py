@@ -1,0 +1,245 @@
+"""DIMSE event handlers: each turns one protocol request into archive calls.
+
+- association requests: calling AE title must be a registered peer calling from its
+  registered host (unless the demo profile accepts everyone);
+- C-STORE: the data set pynetdicom streamed to a staging file goes to ``ingest`` as
+  it is (no decoding, no re-encoding); success only once stored and indexed;
+- C-FIND: the identifier becomes a ``Query`` for the one query engine; answers are
+  encoded in the requester's character set, or UTF-8 when a value does not fit;
+- C-MOVE / C-GET: the request becomes a ``RetrieveRequest``; instances are sent as
+  stored (see ``sending``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
+from pynetdicom import evt
+from pynetdicom.events import Event
+
+from gateway.archive import Archive, Level, Query, RetrieveRequest, Source
+from gateway.archive.charsets import response_character_set
+from gateway.archive.errors import ArchiveError, InvalidQuery
+from gateway.dimse import status
+from gateway.dimse.sending import StoredRef, contexts_for
+from gateway.peers import Peer, PeerRegistry
+
+log = logging.getLogger(__name__)
+
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+_PATIENT_ROOT = {PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET}
+
+# Identifier elements that steer the query rather than match.
+_CONTROL_KEYWORDS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
+
+
+class Handlers:
+    """Event handlers bound to one AE, sharing one archive and peer registry."""
+
+    def __init__(self, archive: Archive, peers: PeerRegistry) -> None:
+        self.archive = archive
+        self.peers = peers
+        self.settings = archive.settings
+
+    def bindings(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
+        ]
+
+    # -- association ---------------------------------------------------------------
+    def on_requested(self, event: Event) -> None:
+        # The requestor's AE title is filled in only after this event: read the request.
+        calling = str(event.assoc.requestor.primitive.calling_ae_title or "").strip()
+        address = event.assoc.requestor.address
+        peer = self.peers.get(calling)
+        if peer is None:
+            if self.settings.effective_accept_unknown_peers:
+                return
+            log.warning("refused association from unregistered AE %r at %s", calling, address)
+            self._reject(event)
+            return
+        if not self.peers.host_matches(peer, address):
+            log.warning(
+                "refused association: AE %r registered for host %s, called from %s",
+                calling,
+                peer.host,
+                address,
+            )
+            self._reject(event)
+
+    @staticmethod
+    def _reject(event: Event) -> None:
+        # Rejected permanent, by the service user, calling AE title not recognised.
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        event.assoc.kill()
+
+    def _peer(self, event: Event) -> Peer | None:
+        return self.peers.get((event.assoc.requestor.ae_title or "").strip())
+
+    def _source(self, event: Event) -> Source:
+        peer = self._peer(event)
+        return Source(
+            door="dimse",
+            ae_title=(event.assoc.requestor.ae_title or "").strip(),
+            host=str(event.assoc.requestor.address),
+            institution=peer.institution if peer else "",
+            issuer=peer.issuer if peer else "",
+        )
+
+    # -- verification --------------------------------------------------------------
+    @staticmethod
+    def on_echo(event: Event) -> int:
+        return status.SUCCESS
+
+    # -- storage -------------------------------------------------------------------
+    def on_store(self, event: Event) -> Dataset | int:
+        try:
+            path = event.dataset_path
+        except AttributeError:
+            return status.status_dataset(status.STORE_PROCESSING_FAILURE, "no data set received")
+        try:
+            self.archive.ingest_file(path, self._source(event), owned=True)
+        except ArchiveError as exc:
+            log.info("C-STORE refused (%s): %s", exc.reason, exc)
+            return status.store_failure(exc)
+        except Exception as exc:
+            log.exception("C-STORE failed unexpectedly")
+            return status.store_failure(exc)
+        return status.SUCCESS
+
+    # -- query ---------------------------------------------------------------------
+    def on_find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:
+        try:
+            identifier = event.identifier
+            query = self._query_from(identifier, event.request.AffectedSOPClassUID)
+            requested = identifier.get("SpecificCharacterSet")
+            result = self.archive.query(query)
+        except ArchiveError as exc:
+            yield status.query_failure(exc).Status, None
+            return
+        except Exception as exc:
+            log.exception("C-FIND failed")
+            yield status.query_failure(exc).Status, None
+            return
+        for ds in result.datasets:
+            if event.is_cancelled:
+                yield status.CANCEL, None
+                return
+            ds.SpecificCharacterSet = response_character_set(ds, requested)
+            ds.RetrieveAETitle = self.settings.ae_title
+            yield status.PENDING, ds
+        yield status.SUCCESS, None
+
+    def _query_from(self, identifier: Dataset, sop_class: Any) -> Query:
+        level_text = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+        try:
+            level = Level(level_text)
+        except ValueError as exc:
+            raise _invalid(f"Query/Retrieve Level {level_text[:16]!r} is not valid") from exc
+        keys: dict[str, str] = {}
+        for elem in identifier:
+            keyword = elem.keyword
+            if not keyword or keyword in _CONTROL_KEYWORDS or elem.tag.group == 0x0002:
+                continue
+            keys[keyword] = _match_text(elem.value, elem.VR)
+        return Query(
+            level=level,
+            keys=keys,
+            patient_root=str(sop_class) in _PATIENT_ROOT,
+            strict_levels=False,
+        )
+
+    # -- retrieve ------------------------------------------------------------------
+    def _retrieve_request(self, identifier: Dataset, sop_class: Any) -> RetrieveRequest:
+        level_text = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+        try:
+            level = Level(level_text)
+        except ValueError as exc:
+            raise _invalid(f"Query/Retrieve Level {level_text[:16]!r} is not valid") from exc
+        if level is Level.PATIENT and str(sop_class) not in _PATIENT_ROOT:
+            raise _invalid("PATIENT level retrieve needs the Patient Root model")
+        return RetrieveRequest(
+            level=level,
+            patient_ids=_uid_list(identifier, "PatientID"),
+            issuer=str(identifier.get("IssuerOfPatientID", "") or "") or None,
+            study_uids=_uid_list(identifier, "StudyInstanceUID"),
+            series_uids=_uid_list(identifier, "SeriesInstanceUID"),
+            sop_uids=_uid_list(identifier, "SOPInstanceUID"),
+        )
+
+    def on_move(self, event: Event) -> Iterator[Any]:
+        destination = (event.move_destination or "").strip()
+        peer = self.peers.get(destination)
+        if peer is None:
+            log.warning("C-MOVE to unknown destination %r refused", destination)
+            yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
+            return
+        try:
+            request = self._retrieve_request(event.identifier, event.request.AffectedSOPClassUID)
+            instances = self.archive.find_instances(request)
+        except ArchiveError as exc:
+            yield peer.host, peer.port
+            yield status.query_failure(exc).Status, None
+            return
+        yield peer.host, peer.port, {"contexts": contexts_for(instances)}
+        yield len(instances)
+        yield from self._send_each(event, instances)
+
+    def on_get(self, event: Event) -> Iterator[Any]:
+        try:
+            request = self._retrieve_request(event.identifier, event.request.AffectedSOPClassUID)
+            instances = self.archive.find_instances(request)
+        except ArchiveError as exc:
+            yield 0
+            yield status.query_failure(exc).Status, None
+            return
+        yield len(instances)
+        yield from self._send_each(event, instances)
+
+    def _send_each(self, event: Event, instances: list[Any]) -> Iterator[Any]:
+        store = self.archive.store
+        for inst in instances:
+            if event.is_cancelled:
+                yield status.CANCEL, None
+                return
+            with store.local_path(inst.blob_key) as path:
+                yield status.PENDING, StoredRef(path, inst)
+
+
+def _invalid(message: str) -> ArchiveError:
+    return InvalidQuery(message)
+
+
+def _match_text(value: Any, vr: str) -> str:
+    """An identifier value as the matching string the query engine expects."""
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(_match_text(v, vr) for v in value)
+    if isinstance(value, PersonName):
+        return str(value)
+    if vr == "SQ":
+        return ""  # sequence matching is not supported: treated as a return key
+    return str(value).strip()
+
+
+def _uid_list(identifier: Dataset, keyword: str) -> list[str]:
+    value = identifier.get(keyword)
+    if value is None:
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v).strip() for v in value if str(v).strip()]
+    text = str(value).strip()
+    return [u for u in text.split("\\") if u] if text else []

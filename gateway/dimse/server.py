@@ -1,0 +1,140 @@
+"""One receiving process of the DICOM node.
+
+pynetdicom serves each association in a Python thread under one GIL, so
+``studybridge serve`` starts several of these processes on the same port: each
+binds with ``SO_REUSEPORT`` and the kernel spreads new connections across them.
+Incoming data sets stream to a staging file (pynetdicom's chunked receive), never
+into memory, and that file becomes the blob by a rename.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import tempfile
+import threading
+import time
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
+from pynetdicom.sop_class import (
+    _STORAGE_CLASSES,
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from gateway.archive import Archive
+from gateway.config import Settings
+from gateway.dimse import negotiation
+from gateway.dimse.handlers import Handlers
+from gateway.peers import PeerRegistry
+
+log = logging.getLogger(__name__)
+
+_QR_MODELS = [
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+]
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings for a receiving process."""
+    # Stream incoming data sets to files instead of memory.
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom's standard handlers format every PDU for the log: costly, and the
+    # identifiers they log would put patient data in our logs.
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    negotiation.install()
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """An association server whose port several processes can bind at once."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().server_bind()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Small C-STORE responses must not wait for Nagle's algorithm.
+        try:
+            sock = request if isinstance(request, socket.socket) else None
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        super().process_request(request, client_address)
+
+
+def build_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_size
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    ae.require_called_aet = False
+    ae.add_supported_context(Verification)
+    for uid in _STORAGE_CLASSES.values():
+        # Accept either role the requestor proposes: SCU when it stores to us, SCP
+        # when it receives C-GET results over its own association.
+        ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    for model in _QR_MODELS:
+        ae.add_supported_context(model)
+    return ae
+
+
+def make_server(settings: Settings, archive: Archive) -> ReusePortServer:
+    ae = build_ae(settings)
+    handlers = Handlers(archive, PeerRegistry(archive.db))
+    server = ae.make_server(
+        (settings.dimse_host, settings.dimse_port),
+        evt_handlers=handlers.bindings(),
+        server_class=ReusePortServer,
+    )
+    return server  # type: ignore[return-value]
+
+
+def run_worker(settings: Settings, index: int, ready: Any = None) -> None:
+    """Entry point of one receiving process: serve until SIGTERM, then drain."""
+    configure_pynetdicom()
+    settings.staging_dir.mkdir(parents=True, exist_ok=True)
+    # pynetdicom's chunked receive writes to tempfile's folder: keep it beside the
+    # blobs so that storing is a rename on the same filesystem.
+    tempfile.tempdir = str(settings.staging_dir)
+    archive = Archive.open(settings)
+    server = make_server(settings, archive)
+    stop = threading.Event()
+
+    def _on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    thread = threading.Thread(target=server.serve_forever, name="dimse-accept", daemon=True)
+    thread.start()
+    log.info("DIMSE worker %d listening on %s:%d", index, settings.dimse_host, settings.dimse_port)
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    # Stop accepting, then let running associations finish (bounded).
+    server.shutdown()
+    deadline = time.monotonic() + settings.shutdown_grace
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for assoc in server.active_associations:
+        assoc.abort()
+    archive.close()

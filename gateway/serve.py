@@ -1,0 +1,197 @@
+"""``studybridge serve``: one command that runs the DICOM node and the HTTP app.
+
+The parent process migrates the schema once, clears the staging folder, checks
+that the ports are free, then starts and supervises its children: several DIMSE
+receiving processes sharing the DIMSE port, and one HTTP process. On SIGTERM or
+SIGINT it asks every child to finish (they drain running associations/requests),
+waits, and kills whatever is left, so no child outlives it. Children also ask the
+kernel to terminate them if the parent dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway.archive.db import migrate
+from gateway.config import Settings
+
+log = logging.getLogger("studybridge.serve")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _dimse_child(settings: Settings, index: int, ready: Any) -> None:
+    _die_with_parent()
+    setup_logging(settings.log_level)
+    from gateway.dimse.server import run_worker
+
+    run_worker(settings, index, ready)
+
+
+def _http_child(settings: Settings, ready: Any) -> None:
+    _die_with_parent()
+    setup_logging(settings.log_level)
+    import uvicorn
+
+    from dicomweb.app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+    )
+    server = uvicorn.Server(config)
+    threading.Thread(target=_signal_when_started, args=(server, ready), daemon=True).start()
+    server.run()
+
+
+def _signal_when_started(server: Any, ready: Any) -> None:
+    while not server.started and not server.should_exit:
+        time.sleep(0.05)
+    ready.set()
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from exc
+
+
+def clear_staging(settings: Settings) -> None:
+    """Remove leftovers of interrupted receives (nothing else is running yet)."""
+    staging = settings.staging_dir
+    if staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True, exist_ok=True)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, say: Callable[[str], None] = print) -> None:
+        self.settings = settings
+        self.say = say
+        self.ctx = mp.get_context("spawn")
+        self.children: dict[str, Any] = {}
+        self.stopping = threading.Event()
+
+    def _start(self, name: str) -> Any:
+        ready = self.ctx.Event()
+        if name == "http":
+            proc = self.ctx.Process(
+                target=_http_child, args=(self.settings, ready), name="http", daemon=False
+            )
+        else:
+            index = int(name.split("-")[1])
+            proc = self.ctx.Process(
+                target=_dimse_child,
+                args=(self.settings, index, ready),
+                name=name,
+                daemon=False,
+            )
+        proc.start()
+        self.children[name] = (proc, ready)
+        return ready
+
+    def run(self) -> int:
+        settings = self.settings
+        check_port_free(settings.dimse_host, settings.dimse_port, "DIMSE")
+        check_port_free(settings.http_host, settings.http_port, "HTTP")
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        migrate(settings.resolved_database_url)
+        clear_staging(settings)
+
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        names = [f"dimse-{i}" for i in range(settings.effective_dimse_workers)] + ["http"]
+        readies = [self._start(name) for name in names]
+        deadline = time.monotonic() + 60
+        for ready in readies:
+            while not ready.wait(0.2):
+                if self.stopping.is_set() or time.monotonic() > deadline:
+                    break
+                if any(not p.is_alive() for p, _ in self.children.values()):
+                    self.say("a child process failed to start; stopping")
+                    self._stop_children()
+                    return 1
+        if not self.stopping.is_set():
+            self.say(
+                f"studybridge ready: DICOM {settings.ae_title}@{settings.dimse_host}:"
+                f"{settings.dimse_port} ({settings.effective_dimse_workers} receiving processes), "
+                f"HTTP http://{settings.http_host}:{settings.http_port}/, "
+                f"data in {settings.data_dir.resolve()}"
+            )
+        restarts: list[float] = []
+        while not self.stopping.is_set():
+            self.stopping.wait(0.5)
+            for name, (proc, _ready) in list(self.children.items()):
+                if self.stopping.is_set() or proc.is_alive():
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60] + [now]
+                if len(restarts) > 5:
+                    self.say(f"{name} keeps exiting (code {proc.exitcode}); stopping")
+                    self._stop_children()
+                    return 1
+                log.warning("%s exited with code %s; restarting", name, proc.exitcode)
+                self._start(name)
+        self._stop_children()
+        return 0
+
+    def _on_signal(self, _signum: int, _frame: Any) -> None:
+        self.stopping.set()
+
+    def _stop_children(self) -> None:
+        for proc, _ready in self.children.values():
+            if proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace + 5
+        for proc, _ready in self.children.values():
+            proc.join(max(0.1, deadline - time.monotonic()))
+        for proc, _ready in self.children.values():
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
+def serve(settings: Settings, say: Callable[[str], None] = print) -> int:
+    setup_logging(settings.log_level)
+    if settings.effective_accept_unknown_peers:
+        say(
+            "WARNING: accepting associations from any calling AE title "
+            f"(profile={settings.profile}); register peers for real use"
+        )
+    return Supervisor(settings, say).run()

@@ -1,0 +1,200 @@
+"""Starting real servers for integration tests: studybridge itself and dcmtk peers.
+
+Everything listens on 127.0.0.1 only and is stopped by the fixture that started it.
+dcmtk tools are called by absolute path (/usr/bin/...) because pynetdicom installs
+console scripts with the same names on PATH.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+DCMTK = Path("/usr/bin")
+
+
+def require_tool(name: str) -> str:
+    """Absolute path of a dcmtk tool; a missing tool skips locally and fails in CI."""
+    path = DCMTK / name
+    if not path.exists():
+        message = f"dcmtk's {name} is not installed (apt-get install dcmtk)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def dcmtk_env() -> dict[str, str]:
+    # Debian's dcmtk leaves Nagle's algorithm on unless told otherwise.
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def run_tool(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, env=dcmtk_env(), check=False
+    )
+
+
+@dataclass
+class Gateway:
+    """A running ``studybridge serve`` in a subprocess."""
+
+    data_dir: Path
+    dimse_port: int
+    http_port: int
+    ae_title: str = "STUDYBRIDGE"
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", *args, "--data-dir", str(self.data_dir)],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=120,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"studybridge {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def start(self, *extra: str) -> None:
+        assert self.log_path is not None
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept for the process lifetime
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--dimse-port",
+                str(self.dimse_port),
+                "--http-port",
+                str(self.http_port),
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
+        wait_port(self.dimse_port, 60, self.proc)
+        wait_port(self.http_port, 60, self.proc)
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+                raise
+        return int(self.proc.returncode)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+
+def process_group_alive(pgid: int, wait: float = 5.0) -> bool:
+    """Whether any process of the group still runs after up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def running_gateway(tmp: Path, env_extra: dict[str, str] | None = None) -> Iterator[Gateway]:
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("STUDYBRIDGE_CONFIG", None)
+    gw = Gateway(
+        data_dir=tmp / "var",
+        dimse_port=free_port(),
+        http_port=free_port(),
+        env=env,
+        log_path=tmp / "serve.log",
+    )
+    yield gw
+    if gw.proc is not None and gw.proc.poll() is None:
+        gw.stop()
+    if gw.proc is not None and process_group_alive(gw.proc.pid):
+        os.killpg(gw.proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def storescp(tmp: Path, ae_title: str = "DEST") -> Iterator[tuple[int, Path]]:
+    """dcmtk's storescp accepting every transfer syntax, writing into a folder."""
+    exe = require_tool("storescp")
+    port = free_port()
+    out = tmp / f"storescp-{ae_title}"
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [exe, "-aet", ae_title, "+xa", "-od", str(out), "--fork", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dcmtk_env(),
+        start_new_session=True,
+    )
+    try:
+        wait_port(port, 20, proc)
+        yield port, out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes after the file meta information of a Part 10 file."""
+    from gateway.archive.part10 import read_meta
+
+    with open(path, "rb") as fh:
+        _meta, offset = read_meta(fh)
+        fh.seek(offset)
+        return fh.read()
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name)
