@@ -105,6 +105,8 @@ def make_server(settings: Settings, archive: Archive) -> ReusePortServer:
         evt_handlers=handlers.bindings(),
         server_class=ReusePortServer,
     )
+    # AE.start_server registers its servers; make_server does not, but shutdown expects it.
+    ae._servers.append(server)
     return server  # type: ignore[return-value]
 
 
