@@ -61,7 +61,7 @@ def pg_url() -> Iterator[str]:
     admin.dispose()
 
 
-def _truncate_pg(url: str) -> None:
+def truncate_pg(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
         tables = [
@@ -88,7 +88,7 @@ def settings(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Se
     """Settings on a temporary data folder with the parametrized index backend."""
     if backend == "postgres":
         url = request.getfixturevalue("pg_url")
-        _truncate_pg(url)
+        truncate_pg(url)
         request.node.add_marker(pytest.mark.postgres)
         return Settings(data_dir=tmp_path / "var", database_url=url)
     return Settings(data_dir=tmp_path / "var")

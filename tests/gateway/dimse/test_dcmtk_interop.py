@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from tests.conftest import truncate_pg
 from tests.factories import ct_series, uid
 from tests.servers import (
     Gateway,
@@ -51,11 +52,21 @@ def dest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]
         yield value
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, dest: tuple[int, Path]) -> Iterator[Gateway]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def gateway(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    dest: tuple[int, Path],
+) -> Iterator[Gateway]:
+    """The node on the embedded SQLite index, then on PostgreSQL."""
     require_tool("storescu")
     tmp = tmp_path_factory.mktemp("gw")
-    with running_gateway(tmp) as gw:
+    env = {}
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+        truncate_pg(url)
+        env["STUDYBRIDGE_DATABASE_URL"] = url
+    with running_gateway(tmp, env) as gw:
         for aet in ("ECHOSCU", "STORESCU", "FINDSCU", "MOVESCU", "GETSCU", "PYSCU"):
             gw.cli("peers", "add", aet, "--host", "127.0.0.1", "--port", "104")
         gw.cli("peers", "add", "DEST", "--host", "127.0.0.1", "--port", str(dest[0]))
