@@ -94,20 +94,25 @@ def extract(ds: Dataset) -> IndexedAttributes:
         "referring_physician_name_fold": fold(referring)[:324],
         "institution_name": text(ds, "InstitutionName"),
     }
+    series_time = text(ds, "SeriesTime", 16)
+    pps_time = text(ds, "PerformedProcedureStepStartTime", 16)
     series = {
         "modality": text(ds, "Modality", 16),
         "series_number": integer(ds, "SeriesNumber"),
         "series_description": text(ds, "SeriesDescription"),
         "body_part_examined": text(ds, "BodyPartExamined", 16),
         "series_date": normalize_date(text(ds, "SeriesDate", 10))[:8],
-        "series_time": text(ds, "SeriesTime", 16),
+        "series_time": series_time,
+        "series_time_key": time_key(series_time)[:16],
         "pps_start_date": normalize_date(text(ds, "PerformedProcedureStepStartDate", 10))[:8],
-        "pps_start_time": text(ds, "PerformedProcedureStepStartTime", 16),
+        "pps_start_time": pps_time,
+        "pps_start_time_key": time_key(pps_time)[:16],
     }
     return IndexedAttributes(patient, study, series, instance_attributes(ds))
 
 
 def instance_attributes(ds: Dataset) -> dict[str, Any]:
+    content_time = text(ds, "ContentTime", 16)
     return {
         "instance_number": integer(ds, "InstanceNumber"),
         "rows": integer(ds, "Rows"),
@@ -115,7 +120,8 @@ def instance_attributes(ds: Dataset) -> dict[str, Any]:
         "bits_allocated": integer(ds, "BitsAllocated"),
         "number_of_frames": integer(ds, "NumberOfFrames"),
         "content_date": normalize_date(text(ds, "ContentDate", 10))[:8],
-        "content_time": text(ds, "ContentTime", 16),
+        "content_time": content_time,
+        "content_time_key": time_key(content_time)[:16],
     }
 
 

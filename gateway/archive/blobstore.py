@@ -13,12 +13,14 @@ import contextlib
 import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from gateway.archive.errors import NotFound, StorageUnavailable
 
+_COPY_CHUNK = 1024 * 1024
 _KEY_SAFE = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ._-/")
 
 
@@ -79,7 +81,10 @@ class FileStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(_describe_os_error(exc, "create its folder")) from exc
         # Directories known to exist and be durable in this process: saves a
         # mkdir and a parent fsync per instance of a series.
         self._known_dirs: set[Path] = set()
@@ -103,25 +108,36 @@ class FileStore:
 
     def put_file(self, key: str, path: Path, *, move: bool) -> None:
         target = self._path(key)
+        staged: Path | None = None
         try:
             self._ensure_dir(target.parent)
             if move and os.stat(path).st_dev == os.stat(target.parent).st_dev:
-                staged = Path(path)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(path, target)
             else:
-                staged = target.parent / f".{target.name}.{os.getpid()}.tmp"
-                shutil.copyfile(path, staged)
-            fd = os.open(staged, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(staged, target)
+                # A unique temporary name: several threads of one process may store
+                # the same key at once (a sender retrying), and must not share a file.
+                fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+                staged = Path(name)
+                with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                    _copy(src, out)
+                    os.fsync(out.fileno())
+                os.replace(staged, target)
+                staged = None
+                if move:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
             fsync_dir(target.parent)
-            if move and staged != Path(path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
         except OSError as exc:
             self._known_dirs.discard(target.parent)
+            if staged is not None:
+                # A partial copy must not stay behind (and fill the disk further).
+                with contextlib.suppress(OSError):
+                    staged.unlink()
             raise StorageUnavailable(_describe_os_error(exc, "write")) from exc
 
     def open(self, key: str) -> BinaryIO:
@@ -174,8 +190,31 @@ class FileStore:
             raise StorageUnavailable(_describe_os_error(exc, "write")) from exc
 
 
+def _copy(src: BinaryIO, out: BinaryIO) -> None:
+    """Copy a whole file in the kernel where it can (sendfile), else through a buffer."""
+    try:
+        offset, size = 0, os.fstat(src.fileno()).st_size
+        while offset < size:
+            sent = os.sendfile(out.fileno(), src.fileno(), offset, size - offset)
+            if sent == 0:
+                break
+            offset += sent
+        if offset == size:
+            return
+        src.seek(offset)
+        out.seek(offset)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise
+        src.seek(0)
+        out.seek(0)
+        out.truncate()
+    shutil.copyfileobj(src, out, _COPY_CHUNK)
+    out.flush()
+
+
 def _describe_os_error(exc: OSError, action: str) -> str:
-    if exc.errno == errno.ENOSPC:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return f"blob store is full: cannot {action}"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"blob store is not writable: cannot {action}"

@@ -65,9 +65,7 @@ def dataset_encodes_in(ds: Dataset, terms: Sequence[str]) -> bool:
     encodings = [python_encoding[t] for t in terms]
     default_first = terms[0] in _DEFAULT_TERMS
     ascii_ok = terms[0] not in _NON_ASCII_G0
-    return all(
-        _encodes(piece, encodings, default_first, ascii_ok) for piece in _text_pieces(ds)
-    )
+    return all(_encodes(piece, encodings, default_first, ascii_ok) for piece in _text_pieces(ds))
 
 
 def _usable(terms: Sequence[str]) -> bool:

@@ -10,6 +10,9 @@ process of ``serve``, or by ``studybridge db upgrade``).
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +62,37 @@ def _configure_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN")
 
 
+class _WriterLock:
+    """Serialises SQLite writers of all processes, handing over without delay.
+
+    SQLite lets one writer in at a time and makes the others retry with sleeps that
+    grow to tens of milliseconds, so under concurrent ingest most time is spent
+    asleep. An exclusive ``flock`` (and a thread lock, since flock is per open file)
+    queues writers instead and wakes the next one as soon as the lock is released.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._thread_lock:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Database:
     """An engine plus session factories for reading and for writing."""
 
@@ -66,6 +100,12 @@ class Database:
         self.url = url
         self.engine = make_engine(url, pool_size=pool_size)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        database = make_url(url).database
+        self._writer_lock = (
+            _WriterLock(Path(database + ".writelock"))
+            if self.is_sqlite and database and database != ":memory:"
+            else None
+        )
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write_engine = self.engine.execution_options(sqlite_write=True)
         self._write = sessionmaker(self._write_engine, expire_on_commit=False)
@@ -76,9 +116,17 @@ class Database:
             yield session
 
     @contextmanager
+    def _writer(self) -> Iterator[None]:
+        if self._writer_lock is None:
+            yield
+        else:
+            with self._writer_lock.hold():
+                yield
+
+    @contextmanager
     def writing(self) -> Iterator[Session]:
         """A transaction that commits on success and rolls back on error."""
-        with self._write() as session, session.begin():
+        with self._writer(), self._write() as session, session.begin():
             yield session
 
     @contextmanager
@@ -90,11 +138,13 @@ class Database:
     @contextmanager
     def write_conn(self) -> Iterator[Connection]:
         """A Core connection in a write transaction, committed on success."""
-        with self._write_engine.begin() as conn:
+        with self._writer(), self._write_engine.begin() as conn:
             yield conn
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._writer_lock is not None:
+            self._writer_lock.close()
 
 
 def alembic_config(url: str) -> Config:

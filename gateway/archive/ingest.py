@@ -29,6 +29,7 @@ Rules (documented in docs/architecture.md):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -48,7 +49,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom.sop_class import _STORAGE_CLASSES
-from sqlalchemy import Executable, Row, insert, select
+from sqlalchemy import Connection, Row, bindparam, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -57,21 +58,46 @@ from gateway.archive.attributes import extract, instance_attributes, other_patie
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.db import Database
 from gateway.archive.errors import (
+    ArchiveError,
     IndexUnavailable,
     InstanceConflict,
     InvalidDataset,
     MissingAttribute,
     NotStorageSOPClass,
     PatientMismatch,
+    StorageUnavailable,
 )
 from gateway.archive.models import IngestEvent, Instance, Patient, Series, Study, utcnow
 from gateway.archive.part10 import Layout, read_layout
-from gateway.archive.uids import check_uid
+from gateway.archive.uids import check_uid, is_valid_uid
 
 log = logging.getLogger(__name__)
 
 STORAGE_SOP_CLASSES = frozenset(str(uid) for uid in _STORAGE_CLASSES.values())
 _HASH_CHUNK = 1024 * 1024
+
+# Statements of the hot path, built once: Core tables (not ORM entities) with bound
+# parameters, so that SQLAlchemy reuses their compiled form for every instance.
+_INSTANCES = Instance.__table__
+_SERIES = Series.__table__
+_STUDIES = Study.__table__
+_PATIENTS = Patient.__table__
+_EVENTS = IngestEvent.__table__
+_SELECT_EXISTING = select(
+    _INSTANCES.c.sha256, _INSTANCES.c.transfer_syntax_uid, _INSTANCES.c.blob_key
+).where(_INSTANCES.c.sop_uid == bindparam("sop_uid"))
+_SELECT_SERIES = (
+    select(_SERIES.c.id, _STUDIES.c.study_uid)
+    .join(_STUDIES, _SERIES.c.study_fk == _STUDIES.c.id)
+    .where(_SERIES.c.series_uid == bindparam("series_uid"))
+)
+_SELECT_STUDY = (
+    select(_STUDIES.c.id, _PATIENTS.c.id, _PATIENTS.c.patient_id, _PATIENTS.c.issuer)
+    .join(_PATIENTS, _STUDIES.c.patient_fk == _PATIENTS.c.id)
+    .where(_STUDIES.c.study_uid == bindparam("study_uid"))
+)
+_INSERT_INSTANCE = insert(_INSTANCES)
+_INSERT_EVENT = insert(_EVENTS)
 
 
 class Outcome(StrEnum):
@@ -172,10 +198,16 @@ class Ingestor:
 
     def ingest_dataset(self, ds: Dataset, source: Source) -> IngestResult:
         """Ingest an in-memory dataset (written out once, then the file path)."""
-        fd, name = tempfile.mkstemp(dir=self.staging_dir, suffix=".dcm")
-        os.close(fd)
+        try:
+            fd, name = tempfile.mkstemp(dir=self.staging_dir, suffix=".dcm")
+            os.close(fd)
+        except OSError as exc:
+            raise StorageUnavailable(f"staging folder is not writable: {exc.strerror}") from exc
         try:
             ds.save_as(name, enforce_file_format=True)
+        except OSError as exc:
+            os.unlink(name)
+            raise StorageUnavailable(f"cannot stage the data set: {exc.strerror}") from exc
         except Exception as exc:
             os.unlink(name)
             raise InvalidDataset(f"cannot encode dataset: {exc}") from exc
@@ -206,6 +238,13 @@ class Ingestor:
                 raise InvalidDataset("data set nests too deeply to parse") from exc
             except Exception as exc:
                 raise InvalidDataset(f"cannot parse data set: {exc}") from exc
+            meta = layout.file_meta
+            if meta is not None:
+                # A DICOMDIR (or any non-storage object) says what it is in its file meta,
+                # possibly without a SOP Class UID in the data set.
+                meta_class = str(meta.get("MediaStorageSOPClassUID", "") or "").strip("\x00 ")
+                if is_valid_uid(meta_class) and meta_class not in STORAGE_SOP_CLASSES:
+                    raise NotStorageSOPClass(f"SOP Class {meta_class} is not a storage SOP class")
             if not _has_encoding_of(ds, layout.transfer_syntax) and not guessed_ts:
                 raise InvalidDataset(
                     "data set is not encoded in its declared transfer syntax "
@@ -226,7 +265,6 @@ class Ingestor:
             ts = check_uid(layout.transfer_syntax, "Transfer Syntax UID")
             if sop_class not in STORAGE_SOP_CLASSES:
                 raise NotStorageSOPClass(f"SOP Class {sop_class} is not a storage SOP class")
-            meta = layout.file_meta
             if meta is not None:
                 meta_sop = str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip("\x00 ")
                 if meta_sop and meta_sop != sop_uid:
@@ -255,94 +293,104 @@ class Ingestor:
         meta.MediaStorageSOPInstanceUID = cand.sop_uid
         meta.TransferSyntaxUID = cand.transfer_syntax
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        fd, name = tempfile.mkstemp(dir=self.staging_dir, suffix=".dcm")
-        with os.fdopen(fd, "wb") as out, open(cand.path, "rb") as src:
-            out.write(b"\x00" * 128 + b"DICM")
-            write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]
-            offset = out.tell()
-            while chunk := src.read(_HASH_CHUNK):
-                out.write(chunk)
-        cand.layout.dataset_offset = offset
-        cand.layout.file_meta = meta
+        try:
+            fd, name = tempfile.mkstemp(dir=self.staging_dir, suffix=".dcm")
+        except OSError as exc:
+            raise StorageUnavailable(f"staging folder is not writable: {exc.strerror}") from exc
+        try:
+            with os.fdopen(fd, "wb") as out, open(cand.path, "rb") as src:
+                out.write(b"\x00" * 128 + b"DICM")
+                write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]
+                offset = out.tell()
+                while chunk := src.read(_HASH_CHUNK):
+                    out.write(chunk)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StorageUnavailable("staging folder is full") from exc
+            raise StorageUnavailable(f"cannot stage the data set: {exc.strerror}") from exc
+        layout = cand.layout
+        layout.dataset_offset = offset
+        layout.file_meta = meta
+        # Pixel data positions were found in the bare file: they move with the data set.
+        if layout.pixel_offset is not None:
+            layout.pixel_offset += offset
+        layout.fragments = [(pos + offset, length) for pos, length in layout.fragments]
         return Path(name)
 
     # -- decision and storage -----------------------------------------------------
     def _decide_and_store(self, cand: _Candidate, source: Source) -> IngestResult:
-        existing = self._existing_instance(cand.sop_uid)
+        existing, place = self._lookup(cand.sop_uid, cand.study_uid, cand.series_uid)
         if existing is not None:
             return self._resolve_existing(cand, source, existing)
 
         patient_id = text(cand.ds, "PatientID")
         issuer = text(cand.ds, "IssuerOfPatientID") or source.issuer or self.default_issuer
         outcome = Outcome.STORED
-        place = self._placement(cand.study_uid, cand.series_uid)
         if place.series_study_uid is not None and place.series_study_uid != cand.study_uid:
-            self._quarantine(
-                cand,
-                source,
-                "series-mismatch",
-                f"series already filed under study {place.series_study_uid}",
-            )
-            raise InvalidDataset("Series Instance UID is already filed under another study")
+            self._refuse_series_mismatch(cand, source, place.series_study_uid)
         if place.patient_fk is not None and place.patient_key != (patient_id, issuer):
-            others = other_patient_ids(cand.ds)
-            filed_id, filed_issuer = place.patient_key
-            if (filed_id, filed_issuer) in others or (filed_id, "") in others:
+            if self._names_patient(cand.ds, place.patient_key):
                 outcome = Outcome.RECONCILED_COPY
             else:
-                self._quarantine(
-                    cand,
-                    source,
-                    "patient-mismatch",
-                    f"study already filed under another patient; this instance carries "
-                    f"Patient ID {patient_id!r} (issuer {issuer!r})",
-                )
-                raise PatientMismatch("Study Instance UID is already filed under another patient")
+                self._refuse_patient_mismatch(cand, source, patient_id, issuer)
 
         key = f"studies/{cand.study_uid}/{cand.series_uid}/{cand.sop_uid}.{cand.sha256[:16]}.dcm"
         self.store.put_file(key, cand.path, move=cand.owned)
         # The staged file may now be gone (moved): the blob is the only copy.
         cand.owned = False
         try:
-            with self.db.write_conn() as session:
+            with self.db.write_conn() as conn:
                 if place.series_fk is None:
-                    place = self._file_series(session, cand, place, patient_id, issuer)
-                session.execute(
-                    insert(Instance).values(
-                        sop_uid=cand.sop_uid,
-                        series_fk=place.series_fk,
-                        sop_class_uid=cand.sop_class_uid,
-                        transfer_syntax_uid=cand.transfer_syntax,
-                        blob_key=key,
-                        dataset_offset=cand.layout.dataset_offset,
-                        size=cand.size,
-                        sha256=cand.sha256,
-                        received_at=utcnow(),
-                        door=source.door,
-                        source_ae=source.ae_title[:16],
-                        source_host=source.host[:64],
-                        source_institution=source.institution[:64],
-                        transfer_id=source.transfer_id,
-                        received_patient_id=patient_id,
-                        received_issuer=issuer,
+                    place = self._file_series(conn, cand, place, patient_id, issuer)
+                conn.execute(
+                    _INSERT_INSTANCE,
+                    {
+                        "sop_uid": cand.sop_uid,
+                        "series_fk": place.series_fk,
+                        "sop_class_uid": cand.sop_class_uid,
+                        "transfer_syntax_uid": cand.transfer_syntax,
+                        "blob_key": key,
+                        "dataset_offset": cand.layout.dataset_offset,
+                        "size": cand.size,
+                        "sha256": cand.sha256,
+                        "received_at": utcnow(),
+                        "door": source.door[:16],
+                        "source_ae": source.ae_title[:16],
+                        "source_host": source.host[:64],
+                        "source_institution": source.institution[:64],
+                        "transfer_id": source.transfer_id,
+                        "received_patient_id": patient_id,
+                        "received_issuer": issuer[:64],
+                        "frame_offsets": None,
                         **instance_attributes(cand.ds),
-                    )
+                    },
                 )
                 if outcome is Outcome.RECONCILED_COPY:
-                    session.execute(
+                    conn.execute(
+                        _INSERT_EVENT,
                         _event(
                             cand,
                             source,
                             "reconciled-copy",
                             f"carried Patient ID {patient_id!r} issuer {issuer!r}",
-                        )
+                        ),
                     )
-        except IntegrityError:
+        except _FiledElsewhere as race:
+            # Another receiver filed this study or series a moment ago, differently.
+            self._places.clear()
+            self._requarantine(key, cand)
+            if race.what == "series":
+                self._refuse_series_mismatch(cand, source, race.detail, already_moved=True)
+            self._refuse_patient_mismatch(cand, source, patient_id, issuer, already_moved=True)
+        except IntegrityError as exc:
             self._places.clear()
             # Another receiver stored the same SOP Instance UID a moment ago.
-            existing = self._existing_instance(cand.sop_uid)
+            existing, _place = self._lookup(cand.sop_uid, "", "")
             if existing is None:
-                raise
+                # Not our instance: the index changed under a cached placement.
+                raise IndexUnavailable("index changed during ingest; retry") from exc
             if existing.blob_key != key:
                 return self._resolve_existing(cand, source, existing, stored_key=key)
             return self._result(cand, Outcome.DUPLICATE)
@@ -353,25 +401,86 @@ class Ingestor:
         self._remember(cand.series_uid, place)
         return self._result(cand, outcome)
 
+    @staticmethod
+    def _names_patient(ds: Dataset, patient_key: tuple[str, str]) -> bool:
+        """Whether the Other Patient IDs Sequence names the patient the study is filed under."""
+        others = other_patient_ids(ds)
+        filed_id, filed_issuer = patient_key
+        return (filed_id, filed_issuer) in others or (filed_id, "") in others
+
+    def _refuse_series_mismatch(
+        self, cand: _Candidate, source: Source, filed_study: str, *, already_moved: bool = False
+    ) -> None:
+        self._quarantine(
+            cand,
+            source,
+            "series-mismatch",
+            f"series already filed under study {filed_study}",
+            already_moved=already_moved,
+        )
+        raise InvalidDataset("Series Instance UID is already filed under another study")
+
+    def _refuse_patient_mismatch(
+        self,
+        cand: _Candidate,
+        source: Source,
+        patient_id: str,
+        issuer: str,
+        *,
+        already_moved: bool = False,
+    ) -> None:
+        self._quarantine(
+            cand,
+            source,
+            "patient-mismatch",
+            f"study already filed under another patient; this instance carries "
+            f"Patient ID {patient_id!r} (issuer {issuer!r})",
+            already_moved=already_moved,
+        )
+        raise PatientMismatch("Study Instance UID is already filed under another patient")
+
+    def _requarantine(self, key: str, cand: _Candidate) -> None:
+        """Move a blob just stored under ``key`` to the quarantine key of ``cand``."""
+        target = _quarantine_key(cand)
+        with self.store.local_path(key) as local:
+            self.store.put_file(target, local, move=False)
+        self.store.delete(key)
+
     def _file_series(
-        self, session: Any, cand: _Candidate, place: _Placement, patient_id: str, issuer: str
+        self, conn: Connection, cand: _Candidate, place: _Placement, patient_id: str, issuer: str
     ) -> _Placement:
         """Create (or find, when another receiver just did) patient, study and series rows."""
         attrs = extract(cand.ds)
         patient_fk = place.patient_fk
         if patient_fk is None:
             patient_fk = self._upsert_patient(
-                session, issuer, patient_id, cand.study_uid, attrs.patient
+                conn, issuer, patient_id, cand.study_uid, attrs.patient
             )
             patient_key = (patient_id, issuer)
         else:
             patient_key = place.patient_key
-        study_fk = place.study_fk or self._upsert(
-            session, Study, "study_uid", cand.study_uid, {"patient_fk": patient_fk, **attrs.study}
+        study_fk = place.study_fk
+        if study_fk is None:
+            study_fk, filed_patient = self._upsert(
+                conn,
+                _STUDIES,
+                "study_uid",
+                cand.study_uid,
+                "patient_fk",
+                {"patient_fk": patient_fk, **attrs.study},
+            )
+            if filed_patient != patient_fk:
+                raise _FiledElsewhere("study", "")
+        series_fk, filed_study = self._upsert(
+            conn,
+            _SERIES,
+            "series_uid",
+            cand.series_uid,
+            "study_fk",
+            {"study_fk": study_fk, **attrs.series},
         )
-        series_fk = self._upsert(
-            session, Series, "series_uid", cand.series_uid, {"study_fk": study_fk, **attrs.series}
-        )
+        if filed_study != study_fk:
+            raise _FiledElsewhere("series", "another study")
         return _Placement(patient_fk, patient_key, study_fk, series_fk, cand.study_uid)
 
     def _resolve_existing(
@@ -394,12 +503,14 @@ class Ingestor:
                 )
             )
             return self._result(cand, Outcome.ALTERNATE_SYNTAX)
+        if stored_key:
+            self._requarantine(stored_key, cand)
         self._quarantine(
             cand,
             source,
             "conflict",
             "same SOP Instance UID and transfer syntax with different content; stored copy kept",
-            already_stored=stored_key,
+            already_moved=stored_key is not None,
         )
         raise InstanceConflict(
             "SOP Instance UID already stored with different content; stored copy kept"
@@ -411,51 +522,42 @@ class Ingestor:
         source: Source,
         kind: str,
         detail: str,
-        already_stored: str | None = None,
+        *,
+        already_moved: bool = False,
     ) -> None:
-        key = already_stored or f"quarantine/{cand.sop_uid}.{cand.sha256[:16]}.dcm"
-        if already_stored is None:
+        """Keep the refused copy under quarantine/ and record why."""
+        key = _quarantine_key(cand)
+        if not already_moved:
             self.store.put_file(key, cand.path, move=cand.owned)
             cand.owned = False
         self._record(_event(cand, source, kind, detail, blob_key=key))
         log.warning("ingest %s: %s (sop %s, kept as %s)", kind, detail, cand.sop_uid, key)
 
-    def _record(self, event: Executable) -> None:
+    def _record(self, event: dict[str, Any]) -> None:
         try:
-            with self.db.write_conn() as session:
-                session.execute(event)
+            with self.db.write_conn() as conn:
+                conn.execute(_INSERT_EVENT, event)
         except (OperationalError, DBAPIError) as exc:
             raise IndexUnavailable(f"index unavailable: {exc.__class__.__name__}") from exc
 
     # -- index helpers ------------------------------------------------------------
-    def _existing_instance(self, sop_uid: str) -> Row[Any] | None:
-        try:
-            with self.db.read_conn() as session:
-                return session.execute(
-                    select(Instance.sha256, Instance.transfer_syntax_uid, Instance.blob_key).where(
-                        Instance.sop_uid == sop_uid
-                    )
-                ).first()
-        except (OperationalError, DBAPIError) as exc:
-            raise IndexUnavailable(f"index unavailable: {exc.__class__.__name__}") from exc
-
-    def _placement(self, study_uid: str, series_uid: str) -> _Placement:
-        """Where the index already files this study and series (cached per series)."""
+    def _lookup(
+        self, sop_uid: str, study_uid: str, series_uid: str
+    ) -> tuple[Row[Any] | None, _Placement]:
+        """The stored instance of this SOP Instance UID, if any, else where the index
+        already files this study and series (cached per series). One connection."""
         cached = self._places.get(series_uid)
-        if cached is not None and cached.series_study_uid == study_uid:
-            return cached
+        if cached is not None and cached.series_study_uid != study_uid:
+            cached = None
         try:
-            with self.db.read_conn() as session:
-                series_row = session.execute(
-                    select(Series.id, Study.study_uid)
-                    .join(Study, Series.study_fk == Study.id)
-                    .where(Series.series_uid == series_uid)
-                ).first()
-                study_row = session.execute(
-                    select(Study.id, Patient.id, Patient.patient_id, Patient.issuer)
-                    .join(Patient, Study.patient_fk == Patient.id)
-                    .where(Study.study_uid == study_uid)
-                ).first()
+            with self.db.read_conn() as conn:
+                existing = conn.execute(_SELECT_EXISTING, {"sop_uid": sop_uid}).first()
+                if existing is not None or not series_uid:
+                    return existing, _Placement()
+                if cached is not None:
+                    return None, cached
+                series_row = conn.execute(_SELECT_SERIES, {"series_uid": series_uid}).first()
+                study_row = conn.execute(_SELECT_STUDY, {"study_uid": study_uid}).first()
         except (OperationalError, DBAPIError) as exc:
             raise IndexUnavailable(f"index unavailable: {exc.__class__.__name__}") from exc
         place = _Placement()
@@ -466,31 +568,40 @@ class Ingestor:
             place.series_study_uid = series_row[1]
             if series_row[1] == study_uid:
                 place.series_fk = series_row[0]
-        return place
+        return None, place
 
     def _remember(self, series_uid: str, place: _Placement) -> None:
         if len(self._places) >= _PLACEMENT_CACHE:
             self._places.pop(next(iter(self._places)))
         self._places[series_uid] = place
 
-    def _insert(self, table: type, values: dict[str, object]):  # type: ignore[no-untyped-def]
+    def _insert(self, table: Any, values: dict[str, object]):  # type: ignore[no-untyped-def]
         builder = sqlite_insert if self.db.is_sqlite else pg_insert
         return builder(table).values(**values).on_conflict_do_nothing()
 
     def _upsert(
-        self, session: Any, model: Any, key_col: str, key: str, values: dict[str, Any]
-    ) -> int:
-        now = utcnow()
-        session.execute(self._insert(model, {key_col: key, "created_at": now, **values}))
-        return session.scalar(select(model.id).where(getattr(model, key_col) == key))
+        self,
+        conn: Connection,
+        table: Any,
+        key_col: str,
+        key: str,
+        parent_col: str,
+        values: dict[str, Any],
+    ) -> tuple[int, int]:
+        """Insert a study or series row unless it exists; its id and parent's id."""
+        conn.execute(self._insert(table, {key_col: key, "created_at": utcnow(), **values}))
+        row = conn.execute(
+            select(table.c.id, table.c[parent_col]).where(table.c[key_col] == key)
+        ).one()
+        return row[0], row[1]
 
     def _upsert_patient(
-        self, session: Any, issuer: str, patient_id: str, study_uid: str, values: dict[str, Any]
+        self, conn: Connection, issuer: str, patient_id: str, study_uid: str, values: dict[str, Any]
     ) -> int:
         unidentified = "" if patient_id else study_uid
-        session.execute(
+        conn.execute(
             self._insert(
-                Patient,
+                _PATIENTS,
                 {
                     "issuer": issuer,
                     "patient_id": patient_id,
@@ -500,11 +611,11 @@ class Ingestor:
                 },
             )
         )
-        return session.scalar(
-            select(Patient.id).where(
-                Patient.issuer == issuer,
-                Patient.patient_id == patient_id,
-                Patient.unidentified_study_uid == unidentified,
+        return conn.scalar(
+            select(_PATIENTS.c.id).where(
+                _PATIENTS.c.issuer == issuer,
+                _PATIENTS.c.patient_id == patient_id,
+                _PATIENTS.c.unidentified_study_uid == unidentified,
             )
         )
 
@@ -521,19 +632,33 @@ class Ingestor:
         )
 
 
+class _FiledElsewhere(ArchiveError):
+    """Raised inside the index transaction when a concurrent receiver filed the study
+    under another patient, or the series under another study."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.detail = detail
+
+
+def _quarantine_key(cand: _Candidate) -> str:
+    return f"quarantine/{cand.sop_uid}.{cand.sha256[:16]}.dcm"
+
+
 def _event(
     cand: _Candidate, source: Source, kind: str, detail: str, blob_key: str | None = None
-) -> Executable:
-    return insert(IngestEvent).values(
-        at=utcnow(),
-        kind=kind,
-        sop_uid=cand.sop_uid,
-        study_uid=cand.study_uid,
-        door=source.door,
-        source_ae=source.ae_title[:16],
-        detail=detail,
-        blob_key=blob_key,
-    )
+) -> dict[str, Any]:
+    return {
+        "at": utcnow(),
+        "kind": kind,
+        "sop_uid": cand.sop_uid,
+        "study_uid": cand.study_uid,
+        "door": source.door[:16],
+        "source_ae": source.ae_title[:16],
+        "detail": detail,
+        "blob_key": blob_key,
+    }
 
 
 def _hash_from(fh, offset: int) -> str:  # type: ignore[no-untyped-def]

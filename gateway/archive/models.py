@@ -107,7 +107,8 @@ class Study(Base):
     patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id"), nullable=False, index=True)
     study_date: Mapped[str] = mapped_column(DA, nullable=False, default="", index=True)
     study_time: Mapped[str] = mapped_column(TM, nullable=False, default="")
-    # HHMMSS.FFFFFF padded, so range matching compares like with like.
+    # HHMMSS.FFFFFF padded, so range matching compares like with like (every TM
+    # column has such a *_time_key twin).
     study_time_key: Mapped[str] = mapped_column(TM, nullable=False, default="")
     accession_number: Mapped[str] = mapped_column(
         String(16), nullable=False, default="", index=True
@@ -135,8 +136,10 @@ class Series(Base):
     body_part_examined: Mapped[str] = mapped_column(SH, nullable=False, default="")
     series_date: Mapped[str] = mapped_column(DA, nullable=False, default="")
     series_time: Mapped[str] = mapped_column(TM, nullable=False, default="")
+    series_time_key: Mapped[str] = mapped_column(TM, nullable=False, default="")
     pps_start_date: Mapped[str] = mapped_column(DA, nullable=False, default="")
     pps_start_time: Mapped[str] = mapped_column(TM, nullable=False, default="")
+    pps_start_time_key: Mapped[str] = mapped_column(TM, nullable=False, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="series")
@@ -157,6 +160,7 @@ class Instance(Base):
     number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
     content_date: Mapped[str] = mapped_column(DA, nullable=False, default="")
     content_time: Mapped[str] = mapped_column(TM, nullable=False, default="")
+    content_time_key: Mapped[str] = mapped_column(TM, nullable=False, default="")
     transfer_syntax_uid: Mapped[str] = mapped_column(UID, nullable=False)
     # Storage: the blob holds a Part 10 file; the data set as received starts at
     # dataset_offset, and sha256 is the hash of those data set bytes.

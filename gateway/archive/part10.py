@@ -12,6 +12,8 @@ instance costs a few hundred small reads.
 from __future__ import annotations
 
 import struct
+import tempfile
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -21,6 +23,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID
 
 from gateway.archive.errors import InvalidDataset
+from gateway.archive.uids import check_uid
 
 UNDEFINED = 0xFFFFFFFF
 ITEM = 0xFFFEE000
@@ -46,6 +49,10 @@ _LONG_VRS = {
 }
 
 DEFAULT_MAX_DEPTH = 32
+# A deflated data set is inflated (to a spooled temporary file) to check its structure;
+# past this size it is refused as a likely decompression bomb.
+DEFAULT_MAX_INFLATED = 1024 * 1024 * 1024
+_INFLATE_CHUNK = 1024 * 1024
 
 
 @dataclass
@@ -81,7 +88,12 @@ def read_meta(fp: BinaryIO) -> tuple[FileMetaDataset | None, int]:
 
 
 def read_layout(
-    fp: BinaryIO, size: int, *, max_depth: int = DEFAULT_MAX_DEPTH, transfer_syntax: str = ""
+    fp: BinaryIO,
+    size: int,
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    transfer_syntax: str = "",
+    max_inflated: int = DEFAULT_MAX_INFLATED,
 ) -> Layout:
     meta, offset = read_meta(fp)
     if meta is not None:
@@ -92,10 +104,14 @@ def read_layout(
         ts = transfer_syntax
         if not ts:
             raise InvalidDataset("not a DICOM Part 10 file and no transfer syntax given")
+    ts = check_uid(ts, "Transfer Syntax UID")
     layout = Layout(size=size, dataset_offset=offset, file_meta=meta, transfer_syntax=ts)
     uid = UID(ts)
-    if uid.is_deflated:
-        return layout  # the data set is zlib-compressed: nothing to locate by offset
+    if uid.is_transfer_syntax and uid.is_deflated:
+        # The data set is zlib-compressed: nothing to locate by offset in the file, but
+        # its structure (truncation, nesting) is checked on the inflated bytes.
+        _check_deflated(fp, offset, max_depth, max_inflated)
+        return layout
     # A TS pydicom does not know is explicit VR little endian (all newer ones are).
     little = uid.is_little_endian if uid.is_transfer_syntax else True
     implicit = uid.is_implicit_VR if uid.is_transfer_syntax else False
@@ -139,6 +155,8 @@ class _Walker:
             head = self._read(pos, 8)
             tag = self._tag(head[:4])
             if tag == ITEM_DELIM:
+                if depth == 0:
+                    raise InvalidDataset(f"item delimiter outside a sequence item at byte {pos}")
                 return pos + 8
             if implicit:
                 vr = None
@@ -154,8 +172,10 @@ class _Walker:
                 else:
                     (length,) = struct.unpack(self.e + "H", head[6:8])
                     value_pos = pos + 8
-            if tag == PIXEL_DATA and depth == 0:
-                pos = self._pixel_data(value_pos, length)
+            if tag == PIXEL_DATA and (depth == 0 or length == UNDEFINED):
+                # Nested pixel data (an icon image) may be encapsulated too; only the
+                # top-level pixel data is located for frame reads.
+                pos = self._pixel_data(value_pos, length, record=depth == 0)
                 continue
             if tag in (FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA) and depth == 0:
                 self.layout.pixel_offset, self.layout.pixel_length = value_pos, length
@@ -200,15 +220,17 @@ class _Walker:
             raise InvalidDataset("sequence not terminated (data set truncated?)")
         return pos
 
-    def _pixel_data(self, value_pos: int, length: int) -> int:
-        self.layout.pixel_offset = value_pos
+    def _pixel_data(self, value_pos: int, length: int, *, record: bool = True) -> int:
+        if record:
+            self.layout.pixel_offset = value_pos
         if length != UNDEFINED:
             if value_pos + length > self.size:
                 raise InvalidDataset(
-                    f"pixel data declares {length} bytes but the file ends after "
-                    f"{self.size - value_pos}"
+                    f"data set truncated: pixel data declares {length} bytes but the file "
+                    f"ends after {self.size - value_pos}"
                 )
-            self.layout.pixel_length = length
+            if record:
+                self.layout.pixel_length = length
             return value_pos + length
         # Encapsulated: items, the first the basic offset table, then fragments.
         pos = value_pos
@@ -223,15 +245,45 @@ class _Walker:
                 raise InvalidDataset("malformed encapsulated pixel data")
             if pos + item_len > self.size:
                 raise InvalidDataset("encapsulated pixel data truncated")
-            if first:
-                if item_len:
-                    raw = self._read(pos, item_len)
-                    count = item_len // 4
-                    self.layout.basic_offset_table = list(struct.unpack(f"{self.e}{count}L", raw))
-                first = False
-            else:
+            if first and record and item_len:
+                if item_len % 4:
+                    raise InvalidDataset("basic offset table length is not a multiple of 4")
+                raw = self._read(pos, item_len)
+                count = item_len // 4
+                self.layout.basic_offset_table = list(struct.unpack(f"{self.e}{count}L", raw))
+            elif not first and record:
                 self.layout.fragments.append((pos, item_len))
+            first = False
             pos += item_len
+
+
+def _check_deflated(fp: BinaryIO, offset: int, max_depth: int, max_inflated: int) -> None:
+    """Inflate a deflated data set (bounded) and walk it: truncation and nesting checks."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with tempfile.SpooledTemporaryFile(max_size=16 * 1024 * 1024) as out:
+        fp.seek(offset)
+        pending = b""
+        try:
+            while not inflater.eof:
+                if not pending:
+                    pending = fp.read(_INFLATE_CHUNK)
+                    if not pending:
+                        break
+                data = inflater.decompress(pending, _INFLATE_CHUNK)
+                pending = inflater.unconsumed_tail
+                total += len(data)
+                if total > max_inflated:
+                    raise InvalidDataset(
+                        f"deflated data set inflates to more than {max_inflated} bytes"
+                    )
+                out.write(data)
+        except zlib.error as exc:
+            raise InvalidDataset(f"deflated data set is corrupt: {exc}") from exc
+        if not inflater.eof:
+            raise InvalidDataset("deflated data set truncated (no end of stream)")
+        scratch = Layout(size=total, dataset_offset=0, file_meta=None, transfer_syntax="")
+        _Walker(out, total, True, False, max_depth, scratch).walk_dataset(0, total, 0)  # type: ignore[arg-type]
 
 
 def _implicit_vr(tag: int) -> str | None:

@@ -29,6 +29,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
+from sqlalchemy.orm import aliased
 
 from gateway.archive.db import Database
 from gateway.archive.errors import InvalidQuery
@@ -96,9 +97,15 @@ _ATTRS: dict[str, Attr] = {
         Attr("SeriesDescription", Level.SERIES, "str", Series.series_description),
         Attr("BodyPartExamined", Level.SERIES, "str", Series.body_part_examined),
         Attr("SeriesDate", Level.SERIES, "date", Series.series_date),
-        Attr("SeriesTime", Level.SERIES, "time", Series.series_time),
+        Attr("SeriesTime", Level.SERIES, "time", Series.series_time, Series.series_time_key),
         Attr("PerformedProcedureStepStartDate", Level.SERIES, "date", Series.pps_start_date),
-        Attr("PerformedProcedureStepStartTime", Level.SERIES, "time", Series.pps_start_time),
+        Attr(
+            "PerformedProcedureStepStartTime",
+            Level.SERIES,
+            "time",
+            Series.pps_start_time,
+            Series.pps_start_time_key,
+        ),
         Attr("NumberOfSeriesRelatedInstances", Level.SERIES, "computed"),
         # Instance
         Attr("SOPInstanceUID", Level.IMAGE, "uid", Instance.sop_uid),
@@ -109,7 +116,7 @@ _ATTRS: dict[str, Attr] = {
         Attr("BitsAllocated", Level.IMAGE, "int", Instance.bits_allocated),
         Attr("NumberOfFrames", Level.IMAGE, "int", Instance.number_of_frames),
         Attr("ContentDate", Level.IMAGE, "date", Instance.content_date),
-        Attr("ContentTime", Level.IMAGE, "time", Instance.content_time),
+        Attr("ContentTime", Level.IMAGE, "time", Instance.content_time, Instance.content_time_key),
         Attr("AvailableTransferSyntaxUID", Level.IMAGE, "uid", Instance.transfer_syntax_uid),
     ]
 }
@@ -122,8 +129,9 @@ UNIQUE_KEYS = {
     Level.IMAGE: "SOPInstanceUID",
 }
 
-_DATE_RE = re.compile(r"^\d{8}$")
-_TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+# HH, HHMM, HHMMSS or HHMMSS.F{1,6}, with hours 00-23, minutes 00-59, seconds 00-60.
+_TIME_RE = re.compile(r"^([01]\d|2[0-3])([0-5]\d(([0-5]\d|60)(\.\d{1,6})?)?)?$")
+_DATE_RE = re.compile(r"^\d{4}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])$")
 
 
 def supported_keywords() -> list[str]:
@@ -160,6 +168,8 @@ class QueryResult:
 
 def run_query(db: Database, query: Query) -> QueryResult:
     level = query.level
+    if level is Level.PATIENT and not query.patient_root:
+        raise InvalidQuery("PATIENT level needs the Patient Root model")
     keys = dict(query.keys)
     for extra in query.include:
         keys.setdefault(extra, "")
@@ -176,8 +186,6 @@ def run_query(db: Database, query: Query) -> QueryResult:
             if query.strict_levels and value not in ("", "*"):
                 raise InvalidQuery(f"{keyword} is not an attribute of the {level} level or above")
             continue
-        if not query.patient_root and attr.level is Level.PATIENT and level is Level.PATIENT:
-            raise InvalidQuery("PATIENT level needs the Patient Root model")
         return_keys.append(keyword)
         if value not in ("",):
             match_keys[keyword] = value
@@ -208,7 +216,7 @@ def run_query(db: Database, query: Query) -> QueryResult:
         truncated = query.limit is not None and len(rows) > query.limit
         if truncated:
             rows = rows[: query.limit]
-        computed = _computed(session, level, rows, return_keys)
+        computed = _computed(session, rows, return_keys)
 
     datasets = []
     for row in rows:
@@ -275,6 +283,8 @@ def _condition(attr: Attr, value: str) -> ColumnElement[bool] | None:
     if attr.kind != "uid" and _is_universal(value):
         return None
     if attr.kind == "uid":
+        if value.strip() == "*":
+            return None  # "*" alone is universal matching (C.2.2.2.4)
         uids = [u.strip() for u in value.split("\\") if u.strip()]
         if not uids:
             return None
@@ -294,18 +304,21 @@ def _condition(attr: Attr, value: str) -> ColumnElement[bool] | None:
     if attr.kind == "date":
         return _range(attr, value, _DATE_RE, normalize_date, "YYYYMMDD")
     if attr.kind == "time":
-        if attr.match_column is not None:
-            return _range(attr, value, _TIME_RE, time_key, "HHMMSS.FFFFFF", attr.match_column)
-        return _range(attr, value, _TIME_RE, str.strip, "HHMMSS.FFFFFF")
+        return _range(attr, value, _TIME_RE, time_key, "HHMMSS.FFFFFF", attr.match_column)
     if attr.kind == "pn":
         return _pn_condition(value)
     if attr.kind == "pn-folded":
         return _string_match(attr.match_column, fold(value.rstrip("^")))
     if attr.kind == "computed":
         if attr.keyword == "ModalitiesInStudy":
-            modalities = [m for m in value.split("\\") if m]
-            clauses = [_string_match(Series.modality, m) for m in modalities]
-            return exists().where(Series.study_fk == Study.id, or_(*clauses))
+            modalities = [m.strip() for m in value.split("\\") if m.strip()]
+            if not modalities or any(_is_universal(m) for m in modalities):
+                return None
+            # An alias: at the SERIES and IMAGE levels the outer query has Series too,
+            # and the subquery must not correlate to the outer series row.
+            other = aliased(Series)
+            clauses = [_string_match(other.modality, m) for m in modalities]
+            return exists().where(other.study_fk == Study.id, or_(*clauses))
         raise InvalidQuery(f"matching on {attr.keyword} is not supported")
     raise AssertionError(attr.kind)
 
@@ -319,7 +332,7 @@ def _range(
     column: Any = None,
 ) -> ColumnElement[bool]:
     column = attr.column if column is None else column
-    raw = value.replace(":", "") if attr.kind == "time" else normalize_date(value)
+    raw = value.strip().replace(":", "") if attr.kind == "time" else normalize_date(value)
     if "-" in raw:
         low, _, high = raw.partition("-")
         if "-" in high:
@@ -329,16 +342,14 @@ def _range(
                 raise InvalidQuery(f"{attr.keyword} range bound {part[:20]!r} is not {shape}")
         if not low and not high:
             raise InvalidQuery(f"{attr.keyword} range has no bounds")
-        if low and high and normalize(low) > normalize(high):
+        # '13' as an upper time bound includes everything up to 13:59:59.999999.
+        upper = (_time_upper(high) if attr.kind == "time" else normalize(high)) if high else ""
+        if low and high and normalize(low) > upper:
             raise InvalidQuery(f"{attr.keyword} range starts after it ends")
         clauses = [column != ""]
         if low:
             clauses.append(column >= normalize(low))
         if high:
-            upper = normalize(high)
-            if attr.kind == "time" and column is not attr.column:
-                # '13' as an upper bound includes everything up to 13:59:59.999999.
-                upper = _time_upper(high)
             clauses.append(column <= upper)
         return and_(*clauses)
     if not pattern.match(raw):
@@ -377,90 +388,85 @@ def _pn_condition(value: str) -> ColumnElement[bool] | None:
 
 
 # -- results ---------------------------------------------------------------------------
-def _computed(session: Any, level: Level, rows: Sequence[Any], keys: Iterable[str]) -> dict:
+def _computed(session: Any, rows: Sequence[Any], keys: Iterable[str]) -> dict:
+    """Computed attributes of the returned rows, one grouped query per attribute.
+
+    A computed attribute belongs to a level (e.g. NumberOfStudyRelatedInstances to the
+    study): asked at a lower level, it is the count of the row's study, not zero.
+    """
     wanted = [k for k in keys if k in _ATTRS and _ATTRS[k].kind == "computed"]
     out: dict[str, dict[int, Any]] = {}
     if not rows or not wanted:
         return out
-    if level is Level.PATIENT:
-        ids = [r.Patient.id for r in rows]
-        if "NumberOfPatientRelatedStudies" in wanted:
-            out["NumberOfPatientRelatedStudies"] = dict(
-                session.execute(
-                    select(Study.patient_fk, func.count(Study.id))
-                    .where(Study.patient_fk.in_(ids))
-                    .group_by(Study.patient_fk)
-                ).all()
-            )
-        if "NumberOfPatientRelatedSeries" in wanted:
-            out["NumberOfPatientRelatedSeries"] = dict(
-                session.execute(
-                    select(Study.patient_fk, func.count(Series.id))
-                    .join(Series, Series.study_fk == Study.id)
-                    .where(Study.patient_fk.in_(ids))
-                    .group_by(Study.patient_fk)
-                ).all()
-            )
-        if "NumberOfPatientRelatedInstances" in wanted:
-            out["NumberOfPatientRelatedInstances"] = dict(
-                session.execute(
-                    select(Study.patient_fk, func.count(Instance.id))
-                    .join(Series, Series.study_fk == Study.id)
-                    .join(Instance, Instance.series_fk == Series.id)
-                    .where(Study.patient_fk.in_(ids))
-                    .group_by(Study.patient_fk)
-                ).all()
-            )
-    if level is Level.STUDY:
-        ids = [r.Study.id for r in rows]
-        if "NumberOfStudyRelatedSeries" in wanted:
-            out["NumberOfStudyRelatedSeries"] = dict(
-                session.execute(
-                    select(Series.study_fk, func.count(Series.id))
-                    .where(Series.study_fk.in_(ids))
-                    .group_by(Series.study_fk)
-                ).all()
-            )
-        if "NumberOfStudyRelatedInstances" in wanted:
-            out["NumberOfStudyRelatedInstances"] = dict(
-                session.execute(
-                    select(Series.study_fk, func.count(Instance.id))
-                    .join(Instance, Instance.series_fk == Series.id)
-                    .where(Series.study_fk.in_(ids))
-                    .group_by(Series.study_fk)
-                ).all()
-            )
-        if "ModalitiesInStudy" in wanted:
-            mods: dict[int, list[str]] = {}
-            for study_fk, modality in session.execute(
-                select(Series.study_fk, Series.modality)
-                .where(Series.study_fk.in_(ids), Series.modality != "")
-                .distinct()
-                .order_by(Series.study_fk, Series.modality)
-            ):
-                mods.setdefault(study_fk, []).append(modality)
-            out["ModalitiesInStudy"] = mods
-        if "SOPClassesInStudy" in wanted:
-            classes: dict[int, list[str]] = {}
-            for study_fk, sop_class in session.execute(
-                select(Series.study_fk, Instance.sop_class_uid)
-                .join(Instance, Instance.series_fk == Series.id)
-                .where(Series.study_fk.in_(ids))
-                .distinct()
-                .order_by(Series.study_fk, Instance.sop_class_uid)
-            ):
-                classes.setdefault(study_fk, []).append(sop_class)
-            out["SOPClassesInStudy"] = classes
-    if level is Level.SERIES and "NumberOfSeriesRelatedInstances" in wanted:
-        ids = [r.Series.id for r in rows]
-        out["NumberOfSeriesRelatedInstances"] = dict(
-            session.execute(
-                select(Instance.series_fk, func.count(Instance.id))
-                .where(Instance.series_fk.in_(ids))
-                .group_by(Instance.series_fk)
-            ).all()
-        )
+    entity = {Level.PATIENT: "Patient", Level.STUDY: "Study", Level.SERIES: "Series"}
+    for keyword in wanted:
+        owner = entity[_ATTRS[keyword].level]
+        ids = sorted({getattr(row, owner).id for row in rows})
+        values: dict[int, Any] = {}
+        # In chunks: an unpaged C-FIND may return more rows than SQLite takes variables.
+        for start in range(0, len(ids), _ID_CHUNK):
+            stmt = _COMPUTED[keyword](ids[start : start + _ID_CHUNK])
+            if keyword.startswith("NumberOf"):
+                values.update(session.execute(stmt).all())
+            else:
+                for owner_id, value in session.execute(stmt):
+                    values.setdefault(owner_id, []).append(value)
+        out[keyword] = values
     return out
+
+
+_ID_CHUNK = 1000
+
+
+_COMPUTED: dict[str, Callable[[list[int]], Select[Any]]] = {
+    "NumberOfPatientRelatedStudies": lambda ids: (
+        select(Study.patient_fk, func.count(Study.id))
+        .where(Study.patient_fk.in_(ids))
+        .group_by(Study.patient_fk)
+    ),
+    "NumberOfPatientRelatedSeries": lambda ids: (
+        select(Study.patient_fk, func.count(Series.id))
+        .join(Series, Series.study_fk == Study.id)
+        .where(Study.patient_fk.in_(ids))
+        .group_by(Study.patient_fk)
+    ),
+    "NumberOfPatientRelatedInstances": lambda ids: (
+        select(Study.patient_fk, func.count(Instance.id))
+        .join(Series, Series.study_fk == Study.id)
+        .join(Instance, Instance.series_fk == Series.id)
+        .where(Study.patient_fk.in_(ids))
+        .group_by(Study.patient_fk)
+    ),
+    "NumberOfStudyRelatedSeries": lambda ids: (
+        select(Series.study_fk, func.count(Series.id))
+        .where(Series.study_fk.in_(ids))
+        .group_by(Series.study_fk)
+    ),
+    "NumberOfStudyRelatedInstances": lambda ids: (
+        select(Series.study_fk, func.count(Instance.id))
+        .join(Instance, Instance.series_fk == Series.id)
+        .where(Series.study_fk.in_(ids))
+        .group_by(Series.study_fk)
+    ),
+    "ModalitiesInStudy": lambda ids: (
+        select(Series.study_fk, Series.modality)
+        .where(Series.study_fk.in_(ids), Series.modality != "")
+        .distinct()
+        .order_by(Series.study_fk, Series.modality)
+    ),
+    "SOPClassesInStudy": lambda ids: (
+        select(Series.study_fk, Instance.sop_class_uid)
+        .join(Instance, Instance.series_fk == Series.id)
+        .where(Series.study_fk.in_(ids))
+        .distinct()
+        .order_by(Series.study_fk, Instance.sop_class_uid)
+    ),
+    "NumberOfSeriesRelatedInstances": lambda ids: (
+        select(Instance.series_fk, func.count(Instance.id))
+        .where(Instance.series_fk.in_(ids))
+        .group_by(Instance.series_fk)
+    ),
+}
 
 
 def _value_of(keyword: str, row: Any, computed: dict[str, dict[int, Any]]) -> Any:

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any
 
+import pydicom.config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
 from pynetdicom.sop_class import (
     _STORAGE_CLASSES,
@@ -57,11 +58,31 @@ def configure_pynetdicom() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_REQUEST_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom validates every value it reads or sets (command sets, file meta):
+    # costly per message, and ingest validates what matters (UIDs) itself.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
     negotiation.install()
+
+
+class _NoCopy(list):  # type: ignore[type-arg]
+    """A list that ``copy.deepcopy`` returns as a plain shallow copy.
+
+    pynetdicom deep-copies the supported presentation contexts for each new
+    association; with every storage SOP class in every transfer syntax that costs
+    tens of milliseconds per association. Negotiation only reads them.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
 
 
 class ReusePortServer(ThreadedAssociationServer):
     """An association server whose port several processes can bind at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.contexts = _NoCopy(self.contexts)
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -129,8 +129,10 @@ def upgrade() -> None:
         sa.Column("body_part_examined", sa.String(length=16), nullable=False),
         sa.Column("series_date", sa.String(length=8), nullable=False),
         sa.Column("series_time", sa.String(length=16), nullable=False),
+        sa.Column("series_time_key", sa.String(length=16), nullable=False),
         sa.Column("pps_start_date", sa.String(length=8), nullable=False),
         sa.Column("pps_start_time", sa.String(length=16), nullable=False),
+        sa.Column("pps_start_time_key", sa.String(length=16), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["study_fk"], ["studies.id"], name=op.f("fk_series_study_fk_studies")
@@ -155,6 +157,7 @@ def upgrade() -> None:
         sa.Column("number_of_frames", sa.Integer(), nullable=True),
         sa.Column("content_date", sa.String(length=8), nullable=False),
         sa.Column("content_time", sa.String(length=16), nullable=False),
+        sa.Column("content_time_key", sa.String(length=16), nullable=False),
         sa.Column("transfer_syntax_uid", sa.String(length=64), nullable=False),
         sa.Column("blob_key", sa.String(length=300), nullable=False),
         sa.Column("dataset_offset", sa.Integer(), nullable=False),
