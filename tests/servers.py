@@ -171,7 +171,7 @@ def storescp(tmp: Path, ae_title: str = "DEST") -> Iterator[tuple[int, Path]]:
     out = tmp / f"storescp-{ae_title}"
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [exe, "-aet", ae_title, "+xa", "-od", str(out), "--fork", str(port)],
+        [exe, "-aet", ae_title, "+xa", "+uf", "-od", str(out), "--fork", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=dcmtk_env(),
