@@ -1,8 +1,9 @@
 """The FastAPI application served by ``studybridge serve``.
 
-For now it answers the operational endpoints: ``/healthz`` (the process is up)
-and ``/readyz`` (the index and the blob store answer). The DICOMweb services
-(QIDO-RS, WADO-RS, STOW-RS) mount here under ``/dicom-web``.
+Operational endpoints: ``/healthz`` (the process is up) and ``/readyz`` (the index
+and the blob store answer). The DICOMweb services (QIDO-RS, WADO-RS, STOW-RS,
+WADO-URI) are routers mounted under ``settings.dicomweb_prefix``; archive errors
+become HTTP statuses through the one table in ``dicomweb.errors``.
 """
 
 from __future__ import annotations
@@ -11,16 +12,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from dicomweb import qido, stow, wado
+from dicomweb.errors import HTTPError, archive_error_handler, http_error_handler
 from gateway import __version__
 from gateway.archive import Archive
 from gateway.archive.errors import ArchiveError
 from gateway.config import Settings
 
 
-def create_app(settings: Settings) -> FastAPI:
-    archive = Archive.open(settings)
+def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
+    archive = archive or Archive.open(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -29,6 +33,21 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="studybridge", version=__version__, lifespan=lifespan)
     app.state.archive = archive
+    app.state.settings = settings
+    app.add_exception_handler(ArchiveError, archive_error_handler)
+    app.add_exception_handler(HTTPError, http_error_handler)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Accept", "Content-Type", "If-None-Match"],
+        expose_headers=["Warning", "ETag", "Content-Location"],
+    )
+
+    prefix = settings.dicomweb_prefix.rstrip("/")
+    app.include_router(qido.router, prefix=prefix, tags=["QIDO-RS"])
+    app.include_router(wado.router, prefix=prefix, tags=["WADO-RS"])
+    app.include_router(stow.router, prefix=prefix, tags=["STOW-RS"])
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

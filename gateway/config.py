@@ -65,6 +65,15 @@ class Settings(BaseSettings):
     # HTTP (DICOMweb and pages).
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    # Where the DICOMweb services are mounted.
+    dicomweb_prefix: str = "/dicom-web"
+    # QIDO-RS: default and largest page size (a larger limit is capped, with a Warning).
+    qido_default_limit: int = 100
+    qido_max_limit: int = 1000
+    # STOW-RS: largest request body accepted (bytes); larger ones get 413.
+    stow_max_bytes: int = 4 * 1024 * 1024 * 1024
+    # Origins allowed to call the HTTP API from a browser ("*" for any).
+    cors_origins: list[str] = ["*"]
 
     # Profile: "production" refuses demo shortcuts; "demo" accepts any AE and says so.
     profile: Literal["default", "demo", "production"] = "default"

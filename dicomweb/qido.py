@@ -1,0 +1,7 @@
+"""QIDO-RS routes (being implemented)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
