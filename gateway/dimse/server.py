@@ -33,7 +33,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.archive import Archive
 from gateway.config import Settings
-from gateway.dimse import negotiation
+from gateway.dimse import fastpath, negotiation
 from gateway.dimse.handlers import Handlers
 from gateway.peers import PeerRegistry
 
@@ -63,6 +63,7 @@ def configure_pynetdicom() -> None:
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
     negotiation.install()
+    fastpath.install()
 
 
 class _NoCopy(list):  # type: ignore[type-arg]
