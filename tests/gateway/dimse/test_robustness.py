@@ -101,6 +101,17 @@ def _instances(node: Gateway) -> int:
     return int(json.loads(node.cli("stats", "--json").stdout)["instances"])
 
 
+def _nest(ds: Dataset, depth: int) -> None:
+    """Hang a chain of sequences ``depth`` levels deep off the data set."""
+    inner = Dataset()
+    inner.CodeValue = "X"
+    for _ in range(depth):
+        outer = Dataset()
+        outer.ContentSequence = [inner]
+        inner = outer
+    ds.ContentSequence = [inner]
+
+
 def test_valid_store_succeeds(node: Gateway) -> None:
     assert _store(node, ct_slice()).Status == 0x0000
 
@@ -113,8 +124,9 @@ def test_valid_store_succeeds(node: Gateway) -> None:
         (lambda ds: setattr(ds, "StudyInstanceUID", "1." + "2" * 70), 0xC002),
         (lambda ds: delattr(ds, "StudyInstanceUID"), 0xC001),
         (lambda ds: delattr(ds, "SeriesInstanceUID"), 0xC001),
+        (lambda ds: _nest(ds, 120), 0xC000),
     ],
-    ids=["empty-component", "path-traversal", "overlong", "no-study", "no-series"],
+    ids=["empty-component", "path-traversal", "overlong", "no-study", "no-series", "nested"],
 )
 def test_invalid_datasets_get_specific_failures(node: Gateway, mutate, status: int) -> None:
     before = _instances(node)
