@@ -297,3 +297,35 @@ def test_real_files_in_several_transfer_syntaxes_round_trip(
 
 def _inflate(data: bytes) -> bytes:
     return zlib.decompress(data, -zlib.MAX_WBITS)
+
+
+def test_parallel_associations_all_stored(gateway: Gateway, tmp_path: Path) -> None:
+    """Four storescu at once, spread over the receiving processes: nothing lost."""
+    import subprocess
+
+    from tests.servers import dcmtk_env
+
+    study = uid()
+    files = ct_series(tmp_path / "par", 40, study_uid=study, patient_id="PAR-1")
+    before = _stored_count(gateway)
+    procs = [
+        subprocess.Popen(
+            [require_tool("storescu"), "-aet", "STORESCU", *_addr(gateway), *map(str, files[i::4])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dcmtk_env(),
+        )
+        for i in range(4)
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+    assert _stored_count(gateway) == before + 40
+
+
+def test_serve_refuses_a_port_in_use(gateway: Gateway, tmp_path: Path) -> None:
+    result = gateway.cli(
+        "serve", "--dimse-port", str(gateway.dimse_port), "--http-port", "0", check=False
+    )
+    assert result.returncode != 0
+    assert "cannot listen for DIMSE" in result.stdout + result.stderr
