@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from dicomweb import qido, stow, wado
+from dicomweb import capabilities, qido, stow, wado
 from dicomweb.errors import HTTPError, archive_error_handler, http_error_handler
+from dicomweb.middleware import CatchAllErrors, JSONGZip, ResourcePolicy
 from gateway import __version__
 from gateway.archive import Archive
 from gateway.archive.errors import ArchiveError
@@ -36,6 +37,12 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_exception_handler(ArchiveError, archive_error_handler)
     app.add_exception_handler(HTTPError, http_error_handler)
+    prefix = settings.dicomweb_prefix.rstrip("/")
+    # Middleware added first runs innermost: errors become JSON responses inside CORS,
+    # so 4xx/5xx answers carry CORS headers too; gzip only touches JSON.
+    app.add_middleware(CatchAllErrors)
+    app.add_middleware(ResourcePolicy, prefix=prefix)
+    app.add_middleware(JSONGZip, minimum_size=1024)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -44,10 +51,18 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
         expose_headers=["Warning", "ETag", "Content-Location"],
     )
 
-    prefix = settings.dicomweb_prefix.rstrip("/")
     app.include_router(qido.router, prefix=prefix, tags=["QIDO-RS"])
     app.include_router(wado.router, prefix=prefix, tags=["WADO-RS"])
     app.include_router(stow.router, prefix=prefix, tags=["STOW-RS"])
+
+    services = {"QIDO-RS": qido, "WADO-RS": wado, "STOW-RS": stow}
+
+    @app.get(prefix + "/", tags=["DICOMweb"], summary="Capability description")
+    def capability_description(request: Request) -> JSONResponse:
+        return JSONResponse(capabilities.describe(app, request, settings, services))
+
+    if prefix:
+        app.add_api_route(prefix, capability_description, methods=["GET"], include_in_schema=False)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -67,6 +67,7 @@ from gateway.archive.errors import (
     PatientMismatch,
     StorageUnavailable,
 )
+from gateway.archive.frames import encode_ranges, frame_ranges
 from gateway.archive.models import IngestEvent, Instance, Patient, Series, Study, utcnow
 from gateway.archive.part10 import Layout, read_layout
 from gateway.archive.uids import check_uid, is_valid_uid
@@ -337,6 +338,7 @@ class Ingestor:
                 self._refuse_patient_mismatch(cand, source, patient_id, issuer)
 
         key = f"studies/{cand.study_uid}/{cand.series_uid}/{cand.sop_uid}.{cand.sha256[:16]}.dcm"
+        frame_offsets = _frame_offsets(cand)
         self.store.put_file(key, cand.path, move=cand.owned)
         # The staged file may now be gone (moved): the blob is the only copy.
         cand.owned = False
@@ -363,7 +365,7 @@ class Ingestor:
                         "transfer_id": source.transfer_id,
                         "received_patient_id": patient_id,
                         "received_issuer": issuer[:64],
-                        "frame_offsets": None,
+                        "frame_offsets": frame_offsets,
                         **instance_attributes(cand.ds),
                     },
                 )
@@ -659,6 +661,20 @@ def _event(
         "detail": detail,
         "blob_key": blob_key,
     }
+
+
+def _frame_offsets(cand: _Candidate) -> str | None:
+    """Byte ranges of the frames, recorded so WADO-RS reads a frame by one ranged read.
+
+    Cheap: from the layout already found, reading the file again only for encapsulated
+    frames split over several fragments without a Basic Offset Table. A failure here
+    never refuses an instance: the ranges are then computed when first needed.
+    """
+    try:
+        return encode_ranges(frame_ranges(None, cand.layout, cand.ds, path=cand.path))
+    except Exception as exc:  # odd image attributes: computed (or not) at read time
+        log.debug("frame offsets of %s not recorded: %s", cand.sop_uid, exc)
+        return None
 
 
 def _hash_from(fh, offset: int) -> str:  # type: ignore[no-untyped-def]

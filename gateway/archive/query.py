@@ -11,7 +11,10 @@ translates the keys into SQL following PS3.4 C.2.2.2:
 - person names: matched per component group (alphabetic, ideographic, phonetic)
   on case- and accent-insensitive folded forms, which PS3.4 permits for PN; a value
   without ``=`` matches if any group matches, so ``홍*`` finds ``Hong^Gildong=洪^吉洞=홍^길동``;
-- ModalitiesInStudy matches a study if any of its series has one of the modalities.
+- ModalitiesInStudy matches a study if any of its series has one of the modalities;
+- InstanceAvailability is ONLINE for everything the archive holds (a constant);
+- with ``empty_value_matching`` (QIDO-RS ``emptyvaluematching=true``) an entity whose
+  value is empty also matches a non-universal key.
 
 Computed attributes (numbers of related series/instances, modalities and SOP
 classes in a study) are evaluated for the returned page only, in one grouped
@@ -28,7 +31,7 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
-from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, exists, false, func, or_, select
 from sqlalchemy.orm import aliased
 
 from gateway.archive.db import Database
@@ -54,7 +57,7 @@ class Attr:
 
     keyword: str
     level: Level
-    kind: str  # uid, str, pn, pn-folded, date, time, int, computed
+    kind: str  # uid, str, pn, pn-folded, date, time, int, computed, constant
     column: Any = None
     match_column: Any = None  # e.g. the padded time key
 
@@ -71,6 +74,8 @@ _ATTRS: dict[str, Attr] = {
         Attr("NumberOfPatientRelatedStudies", Level.PATIENT, "computed"),
         Attr("NumberOfPatientRelatedSeries", Level.PATIENT, "computed"),
         Attr("NumberOfPatientRelatedInstances", Level.PATIENT, "computed"),
+        # Every stored instance is on line; a key of any level (PS3.4 C.6.1.1.x).
+        Attr("InstanceAvailability", Level.PATIENT, "constant"),
         # Study
         Attr("StudyInstanceUID", Level.STUDY, "uid", Study.study_uid),
         Attr("StudyDate", Level.STUDY, "date", Study.study_date),
@@ -130,12 +135,20 @@ UNIQUE_KEYS = {
 }
 
 # HH, HHMM, HHMMSS or HHMMSS.F{1,6}, with hours 00-23, minutes 00-59, seconds 00-60.
+# Values of the "constant" attributes.
+_CONSTANTS = {"InstanceAvailability": "ONLINE"}
+
 _TIME_RE = re.compile(r"^([01]\d|2[0-3])([0-5]\d(([0-5]\d|60)(\.\d{1,6})?)?)?$")
 _DATE_RE = re.compile(r"^\d{4}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])$")
 
 
 def supported_keywords() -> list[str]:
     return list(_ATTRS)
+
+
+def is_supported(keyword: str) -> bool:
+    """Whether the index can match on and return ``keyword``."""
+    return keyword in _ATTRS
 
 
 def attribute_level(keyword: str) -> Level | None:
@@ -157,6 +170,8 @@ class Query:
     include: Sequence[str] = ()
     # A SQL condition on Study rows limiting what this query may see (access control).
     study_scope: Callable[[], ColumnElement[bool]] | None = None
+    # Entities with an empty value also match a key (QIDO-RS emptyvaluematching=true).
+    empty_value_matching: bool = False
 
 
 @dataclass
@@ -197,7 +212,9 @@ def run_query(db: Database, query: Query) -> QueryResult:
         return_keys.append("PatientID")
 
     stmt = _base_select(level)
-    conditions = [_condition(_ATTRS[k], v) for k, v in match_keys.items()]
+    conditions = [
+        _condition(_ATTRS[k], v, query.empty_value_matching) for k, v in match_keys.items()
+    ]
     conditions = [c for c in conditions if c is not None]
     if query.study_scope is not None:
         if level is Level.PATIENT:
@@ -279,9 +296,34 @@ def _string_match(column: Any, value: str) -> ColumnElement[bool]:
     return column == value
 
 
-def _condition(attr: Attr, value: str) -> ColumnElement[bool] | None:
+def _condition(attr: Attr, value: str, empty_matches: bool = False) -> ColumnElement[bool] | None:
+    condition = _match_condition(attr, value)
+    if condition is None or not empty_matches:
+        return condition
+    empty = _empty_condition(attr)
+    return condition if empty is None else or_(condition, empty)
+
+
+def _empty_condition(attr: Attr) -> ColumnElement[bool] | None:
+    """Entities whose value of ``attr`` is empty (None: the attribute is never empty)."""
+    if attr.kind in ("str", "date", "time", "pn-folded"):
+        return attr.column == ""
+    if attr.kind == "pn":
+        return Patient.patient_name == ""
+    if attr.kind == "int":
+        return attr.column.is_(None)
+    return None
+
+
+def _match_condition(attr: Attr, value: str) -> ColumnElement[bool] | None:
     if attr.kind != "uid" and _is_universal(value):
         return None
+    if attr.kind == "constant":
+        constant = _CONSTANTS[attr.keyword]
+        values = value.split("\\")
+        if any(re.fullmatch(_wildcard_regex(v), constant) for v in values):
+            return None
+        return false()
     if attr.kind == "uid":
         if value.strip() == "*":
             return None  # "*" alone is universal matching (C.2.2.2.4)
@@ -321,6 +363,10 @@ def _condition(attr: Attr, value: str) -> ColumnElement[bool] | None:
             return exists().where(other.study_fk == Study.id, or_(*clauses))
         raise InvalidQuery(f"matching on {attr.keyword} is not supported")
     raise AssertionError(attr.kind)
+
+
+def _wildcard_regex(value: str) -> str:
+    return "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
 
 
 def _range(
@@ -473,6 +519,8 @@ def _value_of(keyword: str, row: Any, computed: dict[str, dict[int, Any]]) -> An
     attr = _ATTRS.get(keyword)
     if attr is None:
         return None
+    if attr.kind == "constant":
+        return _CONSTANTS[keyword]
     if attr.kind == "computed":
         owner = {
             Level.PATIENT: lambda: row.Patient.id,

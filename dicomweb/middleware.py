@@ -1,0 +1,147 @@
+"""ASGI middleware of the HTTP door: errors as JSON, browser headers, gzip for JSON.
+
+- ``CatchAllErrors`` turns an exception no handler took into a 500 JSON body *inside*
+  the CORS middleware, so a browser viewer sees the status (with CORS headers)
+  instead of an opaque network error. Starlette's own last-resort handler sits
+  outside every user middleware and answers without CORS headers.
+- ``ResourcePolicy`` adds ``Cross-Origin-Resource-Policy: cross-origin`` to DICOMweb
+  responses, so pages with cross-origin isolation (COEP, needed by OHIF's
+  SharedArrayBuffer decoders) may load them.
+- ``JSONGZip`` compresses JSON responses (``application/json``, ``*+json``) of at
+  least ``minimum_size`` bytes for clients that accept gzip. Pixel data, multipart,
+  DICOM and image responses pass through untouched: they are compressed already, or
+  large and streamed, and must keep their byte ranges.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import re
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dicomweb.dicomjson import dumps
+
+log = logging.getLogger(__name__)
+
+
+class CatchAllErrors:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            body = dumps({"error": "internal-error", "message": "internal server error"})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+
+class ResourcePolicy:
+    def __init__(self, app: ASGIApp, prefix: str) -> None:
+        self.app = app
+        self.prefix = prefix.rstrip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (
+            path == self.prefix or path.startswith(self.prefix + "/")
+        ):
+            await self.app(scope, receive, send)
+            return
+
+        async def with_policy(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("Cross-Origin-Resource-Policy", "cross-origin")
+            await send(message)
+
+        await self.app(scope, receive, with_policy)
+
+
+_JSON_TYPE = re.compile(r"^application/([a-z0-9.+-]+\+)?json$")
+_GZIP_REFUSED = re.compile(r"(^|,)\s*gzip\s*;\s*q=0(\.0*)?\s*(,|$)")
+
+
+def _accepts_gzip(value: str) -> bool:
+    value = value.lower()
+    return "gzip" in value and not _GZIP_REFUSED.search(value)
+
+
+class JSONGZip:
+    def __init__(self, app: ASGIApp, minimum_size: int = 1024, level: int = 6) -> None:
+        self.app = app
+        self.minimum_size = minimum_size
+        self.level = level
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _accepts_gzip(
+            Headers(scope=scope).get("accept-encoding", "")
+        ):
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+        passthrough = False
+
+        async def compressing_send(message: Message) -> None:
+            nonlocal start, passthrough
+            if passthrough:
+                await send(message)
+                return
+            if message["type"] == "http.response.start":
+                headers = Headers(raw=message.get("headers", []))
+                media = headers.get("content-type", "").partition(";")[0].strip().lower()
+                if (
+                    not _JSON_TYPE.match(media)
+                    or "content-encoding" in headers
+                    or message["status"] in (204, 206, 304)
+                ):
+                    passthrough = True
+                    await send(message)
+                    return
+                start = message
+                return
+            if message["type"] != "http.response.body" or start is None:
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(chunks)
+            headers = MutableHeaders(scope=start)
+            headers.add_vary_header("Accept-Encoding")
+            if len(body) >= self.minimum_size:
+                body = gzip.compress(body, compresslevel=self.level, mtime=0)
+                headers["Content-Encoding"] = "gzip"
+            headers["Content-Length"] = str(len(body))
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, compressing_send)

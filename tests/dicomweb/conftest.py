@@ -1,0 +1,150 @@
+"""A live DICOMweb server for HTTP tests, on SQLite and PostgreSQL.
+
+``live_server`` serves ``dicomweb.app.create_app(settings, archive)`` with uvicorn on
+a free 127.0.0.1 port in a background thread, over the ``archive`` fixture of
+``tests/conftest.py`` (so every test using it runs on both index backends). It
+yields a ``LiveServer``: ``url`` is the server root (``http://127.0.0.1:PORT``),
+``dicomweb_url`` the DICOMweb base (root + ``settings.dicomweb_prefix``); the
+``dicomweb_url`` fixture yields just that string.
+
+The app reads ``settings`` per request, so a test may change a setting (e.g.
+``settings.qido_max_limit = 3``) before or after the server starts.
+
+Put data in with ``ingest_study`` / ``ingest_datasets`` (synthetic data sets from
+``tests/factories.py`` through the archive's one ingest, ``Source(door="test")``).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from pydicom.dataset import Dataset
+
+from dicomweb.app import create_app
+from gateway.archive import Archive, IngestResult, Source
+from gateway.config import Settings
+from tests.factories import ct_slice, uid, write
+
+TEST_SOURCE = Source(door="test")
+
+
+@dataclass
+class LiveServer:
+    url: str
+    dicomweb_url: str
+    archive: Archive
+    settings: Settings
+    tmp_path: Path
+
+    def ingest(self, *datasets: Dataset) -> list[IngestResult]:
+        return ingest_datasets(self.archive, self.tmp_path, *datasets)
+
+
+@dataclass
+class StudyRefs:
+    """UIDs of a study made by ``ingest_study``."""
+
+    study_uid: str
+    series_uids: list[str] = field(default_factory=list)
+    sop_uids: dict[str, list[str]] = field(default_factory=dict)  # series UID -> SOPs
+
+    @property
+    def all_sops(self) -> list[str]:
+        return [sop for sops in self.sop_uids.values() for sop in sops]
+
+
+_counter = iter(range(1_000_000))
+
+
+def ingest_datasets(archive: Archive, folder: Path, *datasets: Dataset) -> list[IngestResult]:
+    """Write each data set as a Part 10 file below ``folder`` and ingest it."""
+    results = []
+    for ds in datasets:
+        path = write(ds, folder / "ingest" / f"{next(_counter):06d}.dcm")
+        results.append(archive.ingest_file(path, TEST_SOURCE))
+    return results
+
+
+def ingest_study(
+    archive: Archive,
+    folder: Path,
+    *,
+    series: int = 1,
+    instances: int = 2,
+    modalities: list[str] | None = None,
+    **slice_kw: Any,
+) -> StudyRefs:
+    """A synthetic CT study (``tests.factories.ct_slice``): ``series`` series of
+    ``instances`` instances each. ``modalities`` gives each series' modality;
+    other keywords (patient_id, patient_name, study_date, accession, ...) go to
+    ``ct_slice`` for every instance."""
+    refs = StudyRefs(study_uid=slice_kw.pop("study_uid", None) or uid())
+    for s in range(series):
+        series_uid = uid()
+        refs.series_uids.append(series_uid)
+        refs.sop_uids[series_uid] = []
+        kw = dict(slice_kw)
+        if modalities:
+            kw["modality"] = modalities[s]
+        for i in range(1, instances + 1):
+            ds = ct_slice(
+                study_uid=refs.study_uid,
+                series_uid=series_uid,
+                instance_number=i,
+                series_number=s + 1,
+                **kw,
+            )
+            refs.sop_uids[series_uid].append(ds.SOPInstanceUID)
+            ingest_datasets(archive, folder, ds)
+    return refs
+
+
+def _serve(app: Any) -> tuple[uvicorn.Server, threading.Thread, int]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test HTTP server did not start")
+        time.sleep(0.01)
+    return server, thread, port
+
+
+@pytest.fixture
+def live_server(settings: Settings, archive: Archive, tmp_path: Path) -> Iterator[LiveServer]:
+    """``create_app(settings, archive)`` served by uvicorn on 127.0.0.1 (both backends)."""
+    server, thread, port = _serve(create_app(settings, archive))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield LiveServer(
+            url=url,
+            dicomweb_url=url + settings.dicomweb_prefix.rstrip("/"),
+            archive=archive,
+            settings=settings,
+            tmp_path=tmp_path,
+        )
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+@pytest.fixture
+def dicomweb_url(live_server: LiveServer) -> str:
+    """The DICOMweb base URL of the live server, e.g. ``http://127.0.0.1:PORT/dicom-web``."""
+    return live_server.dicomweb_url
