@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 
 from dicomweb import qido
+from dicomweb.urls import service_url
 from gateway import __version__
 from gateway.config import Settings
 
@@ -47,7 +48,7 @@ def describe(
     return {
         "service": "studybridge DICOMweb",
         "version": __version__,
-        "base_url": qido.service_url(request, prefix),
+        "base_url": service_url(request),
         "standard": "DICOM PS3.18",
         "resources": resources,
         "services": services,

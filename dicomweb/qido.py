@@ -41,6 +41,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from dicomweb import dicomjson
 from dicomweb.deps import get_archive
 from dicomweb.errors import HTTPError
+from dicomweb.urls import service_url
 from gateway.archive import Archive, Level, Query
 from gateway.archive.errors import InvalidQuery
 from gateway.archive.query import attribute_level, is_supported, supported_keywords
@@ -103,7 +104,6 @@ CONTROL_PARAMETERS = (
 
 _RETRIEVE_URL = 0x00081190
 _TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
-_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
 _UINT_RE = re.compile(r"^\d{1,9}$")
 _BOOLEAN = {"true": True, "false": False}
 _MORE_RESULTS = (
@@ -204,7 +204,7 @@ def _search(
         empty_value_matching=search.empty_value_matching,
     )
     result = archive.query(query)
-    base = service_url(request, settings.dicomweb_prefix)
+    base = service_url(request, settings)
     headers = _warning_headers(base, search, result.truncated)
     if not result.datasets:
         response = Response(status_code=204)
@@ -393,19 +393,6 @@ def _negotiate(request: Request) -> str:
 
 
 # -- URLs and headers ------------------------------------------------------------------
-def service_url(request: Request, prefix: str) -> str:
-    """The DICOMweb base URL as the client sees it (behind a proxy, too)."""
-    scheme = request.url.scheme
-    host = request.headers.get("host") or request.url.netloc
-    forwarded = request.headers.get("x-forwarded-host")
-    if forwarded:
-        first = forwarded.split(",")[0].strip()
-        if _HOST_RE.match(first):
-            host = first
-    root = request.scope.get("root_path", "").rstrip("/")
-    return f"{scheme}://{host}{root}{prefix.rstrip('/')}"
-
-
 def retrieve_url(base: str, level: Level, ds: object) -> str:
     study = getattr(ds, "StudyInstanceUID", "")
     url = f"{base}/studies/{study}"

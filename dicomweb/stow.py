@@ -78,6 +78,7 @@ from dicomweb.multipart_parser import (
     check_boundary,
     parse_media_type,
 )
+from dicomweb.urls import service_url
 from gateway.archive import Archive, IngestResult, Outcome, Source
 from gateway.archive import errors as archive_errors
 from gateway.archive.uids import is_valid_uid
@@ -181,7 +182,7 @@ async def _store(request: Request, archive: Archive, target: str | None) -> Resp
         # The body was not read: do not let the client go on sending it.
         return _error(exc, close=True)
 
-    base = str(request.base_url).rstrip("/") + settings.dicomweb_prefix.rstrip("/")
+    base = service_url(request, settings)
     source = Source(door="stow", host=request.client.host if request.client else "")
     stow = _Transaction(archive, source, target, base)
     parser = MultipartParser(boundary)

@@ -41,6 +41,7 @@ from dicomweb import rendered
 from dicomweb.dicomjson import choose_json_type
 from dicomweb.errors import HTTPError
 from dicomweb.multipart import MultipartWriter, Part, parse_accept
+from dicomweb.urls import service_url
 from gateway.archive import Archive
 from gateway.archive import metadata as archive_metadata
 from gateway.archive.errors import InvalidDataset, NotFound
@@ -124,27 +125,6 @@ def _uid(value: str, what: str) -> str:
     if not is_valid_uid(value):
         raise HTTPError(400, f"{what} is not a valid UID: {value[:70]!r}", reason="invalid-uid")
     return value
-
-
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
-
-
-def base_url(request: Request) -> str:
-    """The DICOMweb base URL as the client sees it: scheme and host from
-    X-Forwarded-Proto/Host (first value) when present and well-formed."""
-    scheme = request.url.scheme
-    forwarded_proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
-    if forwarded_proto in ("http", "https"):
-        scheme = forwarded_proto
-    host = request.headers.get("host", "")
-    forwarded_host = request.headers.get("x-forwarded-host", "").split(",")[0].strip()
-    if forwarded_host and _HOST_RE.match(forwarded_host):
-        host = forwarded_host
-    if not _HOST_RE.match(host):
-        host = request.url.netloc
-    root = str(request.scope.get("root_path", "")).rstrip("/")
-    prefix = request.app.state.settings.dicomweb_prefix.rstrip("/")
-    return f"{scheme}://{host}{root}{prefix}"
 
 
 def _etag(inst: StoredInstance, variant: str = "") -> str:
@@ -307,7 +287,7 @@ def study_metadata(request: Request, study: str) -> Response:
             archive.db, archive.store, _scratch(request), study, series_uids=series
         )
     )
-    body = archive_metadata.bind_base(body, base_url(request))
+    body = archive_metadata.bind_base(body, service_url(request))
     return Response(body, media_type=media, headers={"Vary": "Accept"})
 
 
@@ -320,7 +300,7 @@ def series_metadata(request: Request, study: str, series: str) -> Response:
     body = archive_metadata.series_metadata(
         archive.db, archive.store, _scratch(request), study, series
     )
-    body = archive_metadata.bind_base(body, base_url(request))
+    body = archive_metadata.bind_base(body, service_url(request))
     return Response(body, media_type=media, headers={"Vary": "Accept"})
 
 
@@ -331,7 +311,7 @@ def series_metadata(request: Request, study: str, series: str) -> Response:
 def instance_metadata(request: Request, study: str, series: str, instance: str) -> Response:
     media = _json_type(request)
     inst = _instance(request, study, series, instance)
-    base = base_url(request)
+    base = service_url(request)
     etag = _etag(inst, f"metadata:{base}")  # the body names the base URL
     if _not_modified(request, etag):
         return _304(etag)

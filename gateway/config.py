@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     qido_max_limit: int = 1000
     # STOW-RS: largest request body accepted (bytes); larger ones get 413.
     stow_max_bytes: int = 4 * 1024 * 1024 * 1024
+    # Public base URL (e.g. "https://bridge.example.org") written into Retrieve URLs
+    # and BulkDataURIs; empty: taken from each request.
+    public_base_url: str = ""
+    # Honour X-Forwarded-Proto/Host (only behind a proxy that sets them).
+    trust_forwarded_headers: bool = False
     # Origins allowed to call the HTTP API from a browser ("*" for any).
     cors_origins: list[str] = ["*"]
 

@@ -70,6 +70,9 @@ def _http_child(settings: Settings, ready: Any) -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
+        # Client address and scheme from X-Forwarded-* only behind a trusted proxy.
+        proxy_headers=settings.trust_forwarded_headers,
+        forwarded_allow_ips="*" if settings.trust_forwarded_headers else None,
     )
     server = uvicorn.Server(config)
     threading.Thread(target=_signal_when_started, args=(server, ready), daemon=True).start()

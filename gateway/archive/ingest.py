@@ -34,6 +34,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -172,6 +173,7 @@ class Ingestor:
         # Series recently filed by this process: most instances of a series then need
         # one INSERT only. Cleared whenever the index disagrees (integrity error).
         self._places: dict[str, _Placement] = {}
+        self._places_lock = threading.Lock()
         staging_dir.mkdir(parents=True, exist_ok=True)
 
     # -- public -------------------------------------------------------------------
@@ -573,9 +575,11 @@ class Ingestor:
         return None, place
 
     def _remember(self, series_uid: str, place: _Placement) -> None:
-        if len(self._places) >= _PLACEMENT_CACHE:
-            self._places.pop(next(iter(self._places)))
-        self._places[series_uid] = place
+        # Several receiving threads share this cache: evict under a lock.
+        with self._places_lock:
+            if len(self._places) >= _PLACEMENT_CACHE:
+                self._places.pop(next(iter(self._places)), None)
+            self._places[series_uid] = place
 
     def _insert(self, table: Any, values: dict[str, object]):  # type: ignore[no-untyped-def]
         builder = sqlite_insert if self.db.is_sqlite else pg_insert

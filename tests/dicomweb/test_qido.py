@@ -536,6 +536,28 @@ def test_json_is_gzipped(live_server: LiveServer, world: World):
 
 def test_retrieve_url_behind_a_proxy(live_server: LiveServer, world: World):
     jane = world.uid("jane")
+    forged = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "attacker.example"}
+    # By default forwarded headers are not trusted: any client can send them.
+    response = get(live_server, "/studies", {"StudyInstanceUID": jane}, headers=forged)
+    assert value(response.json()[0], RETRIEVE_URL).startswith(live_server.dicomweb_url)
+    # A configured public base URL wins over everything.
+    live_server.settings.public_base_url = "https://bridge.example.org"
+    try:
+        response = get(live_server, "/studies", {"StudyInstanceUID": jane}, headers=forged)
+        prefix = live_server.settings.dicomweb_prefix
+        assert value(response.json()[0], RETRIEVE_URL) == (
+            f"https://bridge.example.org{prefix}/studies/{jane}"
+        )
+    finally:
+        live_server.settings.public_base_url = ""
+    live_server.settings.trust_forwarded_headers = True
+    try:
+        _forwarded_retrieve_urls(live_server, jane)
+    finally:
+        live_server.settings.trust_forwarded_headers = False
+
+
+def _forwarded_retrieve_urls(live_server: LiveServer, jane: str) -> None:
     response = get(
         live_server,
         "/studies",

@@ -316,10 +316,19 @@ def test_metadata_with_bulkdata_uris_that_resolve(
 def test_metadata_behind_a_proxy(live_server: LiveServer, world: World):
     item = world["native_multi"]
     url = f"{live_server.dicomweb_url}/studies/{item.study}/series/{item.series}/metadata"
-    response = httpx.get(
-        url,
-        headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "pacs.example.org:8443"},
-    )
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "pacs.example.org:8443"}
+    # Not trusted unless configured: the URIs keep pointing at this server.
+    untrusted = httpx.get(url, headers=forwarded).json()
+    assert untrusted[0]["7FE00010"]["BulkDataURI"].startswith(live_server.dicomweb_url)
+    live_server.settings.trust_forwarded_headers = True
+    try:
+        _check_forwarded_metadata(live_server, item, url, forwarded)
+    finally:
+        live_server.settings.trust_forwarded_headers = False
+
+
+def _check_forwarded_metadata(live_server: LiveServer, item, url: str, forwarded) -> None:
+    response = httpx.get(url, headers=forwarded)
     [meta] = response.json()
     uri = meta["7FE00010"]["BulkDataURI"]
     prefix = live_server.settings.dicomweb_prefix
