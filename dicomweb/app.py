@@ -14,9 +14,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicomweb import capabilities, qido, stow, wado
-from dicomweb.errors import HTTPError, archive_error_handler, http_error_handler
+from dicomweb.errors import (
+    HTTPError,
+    archive_error_handler,
+    http_error_handler,
+    index_error_handler,
+)
 from dicomweb.middleware import CatchAllErrors, JSONGZip, ResourcePolicy
 from gateway import __version__
 from gateway.archive import Archive
@@ -37,6 +43,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_exception_handler(ArchiveError, archive_error_handler)
     app.add_exception_handler(HTTPError, http_error_handler)
+    app.add_exception_handler(SQLAlchemyError, index_error_handler)
     prefix = settings.dicomweb_prefix.rstrip("/")
     # Middleware added first runs innermost: errors become JSON responses inside CORS,
     # so 4xx/5xx answers carry CORS headers too; gzip only touches JSON.

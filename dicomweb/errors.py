@@ -50,6 +50,15 @@ async def archive_error_handler(_request: Request, exc: Exception) -> JSONRespon
     return JSONResponse(error_body(exc.reason, str(exc)), status_code=status, headers=headers)
 
 
+async def index_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """A database error while answering: the index is unavailable, try again later."""
+    return JSONResponse(
+        error_body("index-unavailable", f"index unavailable: {exc.__class__.__name__}"),
+        status_code=503,
+        headers={"Retry-After": "30"},
+    )
+
+
 async def http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPError)
     return JSONResponse(error_body(exc.reason, str(exc)), status_code=exc.status)

@@ -255,9 +255,17 @@ def can_decode(transfer_syntax: str) -> bool:
     try:
         from pydicom.pixels import get_decoder
 
-        return bool(get_decoder(uid).is_available)
+        decoder = get_decoder(uid)
+        if uid == _JPEG_EXTENDED:
+            # JPEG Extended is mostly 12-bit, which Pillow cannot decode; without
+            # another plugin a "decodable" answer would break a response midway.
+            return bool(set(decoder.available_plugins) - {"pillow"})
+        return bool(decoder.is_available)
     except (NotImplementedError, ValueError, ImportError):
         return False
+
+
+_JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
 
 
 # Image Pixel module attributes a decoder needs, copied into a one-frame data set.
