@@ -10,3 +10,10 @@ from gateway.archive import Archive
 def get_archive(request: Request) -> Archive:
     archive: Archive = request.app.state.archive
     return archive
+
+
+def requested_accept(request: Request) -> str | None:
+    """The media types the client accepts: the ``accept`` query parameter, which
+    PS3.18 8.3.3.1 says takes precedence (viewers such as OHIF send it together with
+    a generic Accept header), else the Accept header."""
+    return request.query_params.get("accept") or request.headers.get("accept")

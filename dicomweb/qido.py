@@ -39,7 +39,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from dicomweb import dicomjson
-from dicomweb.deps import get_archive
+from dicomweb.deps import get_archive, requested_accept
 from dicomweb.errors import HTTPError
 from dicomweb.urls import service_url
 from gateway.archive import Archive, Level, Query
@@ -375,7 +375,7 @@ def _bad(message: str) -> HTTPError:
 # -- content negotiation ---------------------------------------------------------------
 def _negotiate(request: Request) -> str:
     """The response media type (``accept`` query parameter first, then Accept)."""
-    accept = request.query_params.get("accept") or request.headers.get("accept")
+    accept = requested_accept(request)
     media_type = dicomjson.choose_json_type(accept)
     if media_type is None:
         raise HTTPError(

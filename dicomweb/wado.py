@@ -38,6 +38,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from dicomweb import rendered
+from dicomweb.deps import requested_accept
 from dicomweb.dicomjson import choose_json_type
 from dicomweb.errors import HTTPError
 from dicomweb.multipart import MultipartWriter, Part, parse_accept
@@ -202,7 +203,7 @@ def _plan(instances: Sequence[StoredInstance], syntaxes: Sequence[str]) -> list[
 def _retrieve(request: Request, req: RetrieveRequest, *, single: bool = False) -> Response:
     archive = _archive(request)
     instances = find_instances(archive.db, req, require=True)
-    plan = _plan(instances, dicom_syntaxes(request.headers.get("accept")))
+    plan = _plan(instances, dicom_syntaxes(requested_accept(request)))
     etag = None
     if single:
         inst, syntax = plan[0]
@@ -264,7 +265,7 @@ def _instance(request: Request, study: str, series: str, instance: str) -> Store
 
 # -- metadata --------------------------------------------------------------------------
 def _json_type(request: Request) -> str:
-    media = choose_json_type(request.headers.get("accept"))
+    media = choose_json_type(requested_accept(request))
     if media is None:
         raise HTTPError(
             406, "metadata is available as application/dicom+json", reason="not-acceptable"
@@ -387,7 +388,7 @@ def _pixel_bulkdata(request: Request, reader: FrameReader, tag: int) -> Response
     if count == 0:
         raise NotFound("the instance's pixel data could not be located")
     numbers = list(range(1, count + 1))
-    choice = frame_choice(request.headers.get("accept"), inst.transfer_syntax_uid)
+    choice = frame_choice(requested_accept(request), inst.transfer_syntax_uid)
     etag = _etag(inst, f"pixels:{choice.mode}")
     if _not_modified(request, etag):
         return _304(etag)
@@ -508,7 +509,7 @@ def retrieve_frames(
     inst = _instance(request, study, series, instance)
     reader = FrameReader(_archive(request).store, inst)
     reader.check_frames(numbers)
-    choice = frame_choice(request.headers.get("accept"), inst.transfer_syntax_uid)
+    choice = frame_choice(requested_accept(request), inst.transfer_syntax_uid)
     etag = _etag(inst, f"frames:{frames}:{choice.mode}")
     if _not_modified(request, etag):
         return _304(etag)
@@ -520,7 +521,7 @@ def _render_options(
     request: Request, window: str | None, viewport: str | None, quality: str | None
 ) -> rendered.RenderOptions:
     return rendered.RenderOptions(
-        media_type=rendered.choose_media_type(request.headers.get("accept")),
+        media_type=rendered.choose_media_type(requested_accept(request)),
         window=rendered.parse_window(window),
         viewport=rendered.parse_viewport(viewport),
         quality=rendered.parse_quality(quality),
@@ -609,7 +610,7 @@ def rendered_frame(
 def _thumbnail_options(request: Request, viewport: str | None) -> rendered.RenderOptions:
     size = rendered.THUMBNAIL_SIZE
     return rendered.RenderOptions(
-        media_type=rendered.choose_media_type(request.headers.get("accept")),
+        media_type=rendered.choose_media_type(requested_accept(request)),
         viewport=rendered.parse_viewport(viewport) or rendered.Viewport(size, size),
         quality=rendered.DEFAULT_QUALITY,
     )

@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
-# Install everything the test suite needs (Debian and Python packages), then run it.
+# Install everything the test suite needs (Debian, Python and npm packages), then run it.
 # Usage: scripts/test.sh [pytest args...]   e.g. scripts/test.sh -m fast
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages: dcmtk (real DICOM peers), chromium and CJK fonts (browser tests).
 need_apt=()
-for tool in storescu findscu movescu getscu storescp echoscu; do
-  [ -x "/usr/bin/$tool" ] || { need_apt+=(dcmtk); break; }
-done
+[ -x /usr/bin/storescu ] && [ -x /usr/bin/movescu ] && [ -x /usr/bin/storescp ] || need_apt+=(dcmtk)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+dpkg -s fonts-noto-cjk >/dev/null 2>&1 || need_apt+=(fonts-noto-cjk)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-  else
-    sudo apt-get update -qq
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-  fi
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# OHIF's prebuilt viewer (npm package tarball) for the browser tests.
+bash scripts/ohif.sh >/dev/null
+
 ruff check gateway dicomweb tests bench
 ruff format --check gateway dicomweb tests bench
 python3 -m pytest "$@"

@@ -224,6 +224,11 @@ def run_query(db: Database, query: Query) -> QueryResult:
     if conditions:
         stmt = stmt.where(and_(*conditions))
     order_col = _id_column(level)
+    # Newest patients and studies first, so a viewer's first page shows recent
+    # arrivals; series and instances in the order they arrived. The row id keeps
+    # paging stable either way.
+    if level in (Level.PATIENT, Level.STUDY):
+        order_col = order_col.desc()
     stmt = stmt.order_by(order_col).offset(query.offset)
     if query.limit is not None:
         stmt = stmt.limit(query.limit + 1)

@@ -393,7 +393,7 @@ def test_includefield(live_server: LiveServer, world: World, client: DICOMwebCli
 def test_limit_offset_and_warning(live_server: LiveServer, world: World, client: DICOMwebClient):
     live_server.settings.qido_default_limit = 2
     live_server.settings.qido_max_limit = 3
-    order = [world.uid(n) for n in STUDIES]  # in ingest order
+    order = [world.uid(n) for n in reversed(STUDIES)]  # newest arrival first
 
     def page(**params: str) -> httpx.Response:
         return get(live_server, "/studies", params)

@@ -512,6 +512,17 @@ def test_rendered_window_and_monochrome1(live_server: LiveServer, world: World):
     assert httpx.get(url, headers={"Accept": "image/webp"}).status_code == 406
 
 
+def test_accept_query_parameter_wins_over_the_header(live_server: LiveServer, world: World):
+    """PS3.18 8.3.3.1: OHIF asks ...?accept=image/jpeg with a multipart Accept header."""
+    url = f"{_instance_url(live_server, world['ct'])}/thumbnail?accept=image%2Fjpeg"
+    header = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    response = httpx.get(url, headers=header)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/jpeg"
+    png = httpx.get(url.replace("image%2Fjpeg", "image%2Fpng"), headers=header)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+
+
 def test_thumbnails(live_server: LiveServer, world: World):
     base = live_server.dicomweb_url
     ct = world["ct"]
