@@ -249,3 +249,30 @@ class RssWatch:
             hwm_growth_mb=hwm_growth * 1024 / MB,
             sampled_growth_mb=self._peak_growth * 1024 / MB,
         )
+
+
+# --- figures and machine -----------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile (``pct`` 0-100) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * pct // 100))  # ceil without floats' surprises
+    return ordered[int(rank) - 1]
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (others may be using the machine)."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (0.0, 0.0, 0.0)
+
+
+def apt_install(packages: Sequence[str]) -> None:
+    """``apt-get install -y`` the packages, running ``apt-get update`` once if needed."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "-q", *packages]
+    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
