@@ -81,7 +81,7 @@ class Patient(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     issuer: Mapped[str] = mapped_column(LO, nullable=False)
-    patient_id: Mapped[str] = mapped_column(LO, nullable=False)
+    patient_id: Mapped[str] = mapped_column(LO, nullable=False, index=True)
     # A dataset without a Patient ID is filed under a patient of its own study, so
     # unidentified patients are never merged together. '' for identified patients.
     unidentified_study_uid: Mapped[str] = mapped_column(UID, nullable=False, default="")

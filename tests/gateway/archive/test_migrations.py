@@ -1,0 +1,18 @@
+"""The Alembic migrations build exactly the schema the models describe."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from gateway.archive import Archive
+from gateway.archive.models import Base
+
+pytestmark = pytest.mark.fast
+
+
+def test_migrated_schema_matches_the_models(archive: Archive) -> None:
+    with archive.db.engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert differences == []
