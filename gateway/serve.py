@@ -26,6 +26,7 @@ from typing import Any
 
 from gateway.archive.db import migrate
 from gateway.config import Settings
+from gateway.runtime import configure_serving_process
 
 log = logging.getLogger("studybridge.serve")
 
@@ -59,6 +60,7 @@ def _dimse_child(settings: Settings, index: int, ready: Any) -> None:
 def _http_child(settings: Settings, ready: Any) -> None:
     _die_with_parent()
     setup_logging(settings.log_level)
+    configure_serving_process()
     import uvicorn
 
     from dicomweb.app import create_app

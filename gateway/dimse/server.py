@@ -17,7 +17,6 @@ import threading
 import time
 from typing import Any
 
-import pydicom.config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
 from pynetdicom.sop_class import (
     _STORAGE_CLASSES,
@@ -36,6 +35,7 @@ from gateway.config import Settings
 from gateway.dimse import fastpath, negotiation
 from gateway.dimse.handlers import Handlers
 from gateway.peers import PeerRegistry
+from gateway.runtime import configure_serving_process
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,7 @@ def configure_pynetdicom() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_REQUEST_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # pydicom validates every value it reads or sets (command sets, file meta):
-    # costly per message, and ingest validates what matters (UIDs) itself.
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    configure_serving_process()
     negotiation.install()
     fastpath.install()
 
