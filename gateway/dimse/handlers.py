@@ -143,11 +143,7 @@ class Handlers:
         yield status.SUCCESS, None
 
     def _query_from(self, identifier: Dataset, sop_class: Any) -> Query:
-        level_text = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
-        try:
-            level = Level(level_text)
-        except ValueError as exc:
-            raise _invalid(f"Query/Retrieve Level {level_text[:16]!r} is not valid") from exc
+        level = _level(identifier)
         keys: dict[str, str] = {}
         for elem in identifier:
             keyword = elem.keyword
@@ -163,11 +159,7 @@ class Handlers:
 
     # -- retrieve ------------------------------------------------------------------
     def _retrieve_request(self, identifier: Dataset, sop_class: Any) -> RetrieveRequest:
-        level_text = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
-        try:
-            level = Level(level_text)
-        except ValueError as exc:
-            raise _invalid(f"Query/Retrieve Level {level_text[:16]!r} is not valid") from exc
+        level = _level(identifier)
         if level is Level.PATIENT and str(sop_class) not in _PATIENT_ROOT:
             raise _invalid("PATIENT level retrieve needs the Patient Root model")
         return RetrieveRequest(
@@ -220,6 +212,15 @@ class Handlers:
 
 def _invalid(message: str) -> ArchiveError:
     return InvalidQuery(message)
+
+
+def _level(identifier: Dataset) -> Level:
+    """The identifier's Query/Retrieve Level, or InvalidQuery."""
+    text = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    try:
+        return Level(text)
+    except ValueError as exc:
+        raise _invalid(f"Query/Retrieve Level {text[:16]!r} is not valid") from exc
 
 
 def _match_text(value: Any, vr: str) -> str:
