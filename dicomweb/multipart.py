@@ -116,12 +116,19 @@ class MultipartWriter:
         return f'multipart/related; type="{self.part_type}"; boundary={self.boundary}'
 
     def iter_body(self, parts: Iterable[Part]) -> Iterator[bytes]:
+        # Each yielded item costs a trip through the server's thread pool and an HTTP
+        # chunk, so the small framing pieces ride along with the part's first chunk.
+        pending = b""
         for part in parts:
             head = [f"--{self.boundary}", f"Content-Type: {part.content_type}"]
             head.extend(f"{name}: {value}" for name, value in part.headers.items())
-            yield ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+            pending += ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
             for chunk in part.body:
-                if chunk:
-                    yield chunk
-            yield b"\r\n"
-        yield f"--{self.boundary}--\r\n".encode("latin-1")
+                if not chunk:
+                    continue
+                if pending:
+                    chunk = pending + chunk
+                    pending = b""
+                yield chunk
+            pending += b"\r\n"
+        yield pending + f"--{self.boundary}--\r\n".encode("latin-1")
