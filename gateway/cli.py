@@ -11,14 +11,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
-from gateway.archive import Archive
 from gateway.archive.db import migrate
 from gateway.archive.models import IngestEvent, Instance, Patient, Series, Study
-from gateway.config import Settings, load_settings
+from gateway.cli_common import (
+    ConfigFile,
+    DataDir,
+    console,
+    err,
+    open_archive,
+    settings_from,
+)
 from gateway.peers import PeerError, PeerRegistry
 
 app = typer.Typer(
@@ -31,29 +36,8 @@ db_app = typer.Typer(help="Index database maintenance.")
 app.add_typer(peers_app, name="peers")
 app.add_typer(db_app, name="db")
 
-console = Console()
-err = Console(stderr=True)
-
-DataDir = Annotated[
-    Path | None,
-    typer.Option("--data-dir", help="Data folder (default ./var).", show_default=False),
-]
-ConfigFile = Annotated[
-    Path | None,
-    typer.Option("--config", help="TOML configuration file.", exists=True, dir_okay=False),
-]
-
-
-def _settings(data_dir: Path | None, config: Path | None, **overrides: object) -> Settings:
-    try:
-        return load_settings(config, data_dir=data_dir, **overrides)
-    except Exception as exc:  # pydantic's ValidationError, a bad TOML file
-        err.print(f"[red]invalid configuration:[/red] {exc}")
-        raise typer.Exit(2) from exc
-
-
-def _archive(settings: Settings) -> Archive:
-    return Archive.open(settings, migrate_schema=True)
+_settings = settings_from
+_archive = open_archive
 
 
 @app.command()
@@ -96,13 +80,27 @@ def import_(
     ] = None,
     institution: Annotated[str, typer.Option(help="Institution the data comes from.")] = "",
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    transfer: Annotated[
+        int | None,
+        typer.Option(help="Closure transfer the files belong to (its issuer and institution)."),
+    ] = None,
 ) -> None:
     """Import a CD/DVD, folder or zip through the same ingest as C-STORE."""
     from gateway.import_cli import run_import
+    from gateway.transfers.records import TransferError, accepting_transfer, mark_receiving
 
     settings = _settings(data_dir, config)
     archive = _archive(settings)
     try:
+        if transfer is not None:
+            try:
+                bound = accepting_transfer(archive.db, transfer)
+            except TransferError as exc:
+                err.print(f"[red]{exc}[/red]")
+                raise typer.Exit(2) from exc
+            # The transfer's one issuer and institution apply to every file.
+            issuer, institution = bound.issuer, institution or bound.institution
+            mark_receiving(archive.db, transfer)
         code = run_import(
             archive,
             path,
@@ -110,6 +108,7 @@ def import_(
             institution=institution,
             json_output=json_output,
             console=console,
+            transfer_id=transfer,
         )
     finally:
         archive.close()
@@ -232,6 +231,11 @@ def db_upgrade(data_dir: DataDir = None, config: ConfigFile = None) -> None:
     migrate(settings.resolved_database_url)
     console.print("index schema is up to date")
 
+
+# Command groups kept in modules of their own (they use the helpers above).
+from gateway.transfer_cli import transfer_app  # noqa: E402 - needs nothing above
+
+app.add_typer(transfer_app, name="transfer")
 
 if __name__ == "__main__":
     app()

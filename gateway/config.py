@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     # Origins allowed to call the HTTP API from a browser ("*" for any).
     cors_origins: list[str] = ["*"]
 
+    # Closure transfers.
+    # Ed25519 private key (PEM) signing transfer receipts; created on first use. Point
+    # every gateway of one installation at the same file so all sign with one key.
+    # Empty: data_dir/keys/receipt-ed25519.pem.
+    receipt_key_file: Path | None = None
+    # A census splits a C-FIND date range in halves while the source PACS answers at
+    # least this many studies (PACS cap their C-FIND results).
+    census_max_results: int = 500
+
     # Profile: "production" refuses demo shortcuts; "demo" accepts any AE and says so.
     profile: Literal["default", "demo", "production"] = "default"
 
@@ -127,6 +136,10 @@ class Settings(BaseSettings):
         file becomes a blob by a rename instead of a copy.
         """
         return (self.data_dir / "staging").resolve()
+
+    @property
+    def resolved_receipt_key_file(self) -> Path:
+        return (self.receipt_key_file or self.data_dir / "keys" / "receipt-ed25519.pem").resolve()
 
     @property
     def effective_accept_unknown_peers(self) -> bool:

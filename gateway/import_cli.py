@@ -57,6 +57,7 @@ def run_import(
     institution: str,
     json_output: bool,
     console: Console,
+    transfer_id: int | None = None,
 ) -> int:
     """Import ``path`` with a progress bar on ``console``; return the exit code."""
     path = Path(path).expanduser()
@@ -67,7 +68,9 @@ def run_import(
     try:
         if json_output:
             # Nothing but the JSON document goes to the console.
-            report = import_path(archive, path, issuer=issuer, institution=institution)
+            report = import_path(
+                archive, path, issuer=issuer, institution=institution, transfer_id=transfer_id
+            )
         else:
             with console.status(f"Scanning {escape(str(path))} ..."):
                 plan = plan_import(archive, path)
@@ -98,6 +101,7 @@ def run_import(
                     path,
                     issuer=issuer,
                     institution=institution,
+                    transfer_id=transfer_id,
                     progress=advance,
                     plan=plan,
                 )

@@ -198,3 +198,43 @@ def dataset_bytes(path: Path) -> bytes:
 
 def which(name: str) -> str | None:
     return shutil.which(name)
+
+
+@contextlib.contextmanager
+def dcmqrscp(
+    tmp: Path, ae_title: str = "CLINIC", move_destinations: dict[str, int] | None = None
+) -> Iterator[tuple[int, Path]]:
+    """dcmtk's dcmqrscp: a small PACS (C-STORE into it, C-FIND, C-MOVE out of it).
+
+    ``move_destinations`` maps AE titles on 127.0.0.1 to their ports (C-MOVE targets).
+    Runs in its default fork mode: single-process mode crashes after a release.
+    """
+    exe = require_tool("dcmqrscp")
+    port = free_port()
+    store = tmp / f"dcmqrscp-{ae_title}"
+    store.mkdir(parents=True, exist_ok=True)
+    hosts = "\n".join(
+        f"dest{i} = ({ae}, 127.0.0.1, {p})"
+        for i, (ae, p) in enumerate((move_destinations or {}).items())
+    )
+    cfg = tmp / f"dcmqrscp-{ae_title}.cfg"
+    cfg.write_text(
+        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+        f"HostTable BEGIN\n{hosts}\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+        f"AETable BEGIN\n{ae_title} {store} RW (1000, 1024mb) ANY\nAETable END\n"
+    )
+    proc = subprocess.Popen(
+        [exe, "-c", str(cfg), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dcmtk_env(),
+        start_new_session=True,
+        cwd=tmp,
+    )
+    try:
+        wait_port(port, 20, proc)
+        yield port, store
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)

@@ -24,6 +24,10 @@ Rules (documented in docs/architecture.md):
   coming back with reconciled identifiers, i.e. its Other Patient IDs Sequence
   names the study's patient: then it is filed with the study and a
   ``reconciled-copy`` event records the identifiers it carried.
+
+When the ``Source`` names a closure transfer, every arrival (held or refused, with
+the reason) is also logged in ``transfer_arrivals`` for the transfer's
+reconciliation report; a stored instance's line commits with the instance.
 """
 
 from __future__ import annotations
@@ -69,7 +73,15 @@ from gateway.archive.errors import (
     StorageUnavailable,
 )
 from gateway.archive.frames import encode_ranges, frame_ranges
-from gateway.archive.models import IngestEvent, Instance, Patient, Series, Study, utcnow
+from gateway.archive.models import (
+    IngestEvent,
+    Instance,
+    Patient,
+    Series,
+    Study,
+    TransferArrival,
+    utcnow,
+)
 from gateway.archive.part10 import Layout, read_layout
 from gateway.archive.uids import check_uid, is_valid_uid
 
@@ -100,6 +112,7 @@ _SELECT_STUDY = (
 )
 _INSERT_INSTANCE = insert(_INSTANCES)
 _INSERT_EVENT = insert(_EVENTS)
+_INSERT_ARRIVAL = insert(TransferArrival.__table__)
 
 
 class Outcome(StrEnum):
@@ -185,12 +198,21 @@ class Ingestor:
         """
         path = Path(path)
         staged: Path | None = None
+        cand: _Candidate | None = None
         try:
             cand = self._examine(path, owned)
             if cand.layout.file_meta is None:
                 staged = self._wrap_bare_dataset(cand)
                 cand.path, cand.owned = staged, True
-            return self._decide_and_store(cand, source)
+            result = self._decide_and_store(cand, source)
+            if source.transfer_id is not None and result.outcome is not Outcome.STORED:
+                # Stored arrivals were logged with the instance, in its transaction.
+                self._log_arrival(source, cand, result.outcome.value, "")
+            return result
+        except ArchiveError as exc:
+            if source.transfer_id is not None:
+                self._log_arrival(source, cand, "rejected", f"{exc.reason}: {exc}")
+            raise
         finally:
             if owned:
                 with contextlib.suppress(FileNotFoundError):
@@ -371,6 +393,8 @@ class Ingestor:
                         **instance_attributes(cand.ds),
                     },
                 )
+                if source.transfer_id is not None:
+                    conn.execute(_INSERT_ARRIVAL, _arrival(source, cand, outcome.value, ""))
                 if outcome is Outcome.RECONCILED_COPY:
                     conn.execute(
                         _INSERT_EVENT,
@@ -537,6 +561,20 @@ class Ingestor:
         self._record(_event(cand, source, kind, detail, blob_key=key))
         log.warning("ingest %s: %s (sop %s, kept as %s)", kind, detail, cand.sop_uid, key)
 
+    def _log_arrival(
+        self, source: Source, cand: _Candidate | None, outcome: str, reason: str
+    ) -> None:
+        """Note an arrival under a transfer that was not stored as a new instance."""
+        try:
+            with self.db.write_conn() as conn:
+                conn.execute(_INSERT_ARRIVAL, _arrival(source, cand, outcome, reason))
+        except (OperationalError, DBAPIError) as exc:
+            if outcome == "rejected":
+                # The sender hears of the refusal anyway; the log only loses a line.
+                log.warning("transfer arrival not logged: %s", exc.__class__.__name__)
+                return
+            raise IndexUnavailable(f"index unavailable: {exc.__class__.__name__}") from exc
+
     def _record(self, event: dict[str, Any]) -> None:
         try:
             with self.db.write_conn() as conn:
@@ -664,6 +702,19 @@ def _event(
         "source_ae": source.ae_title[:16],
         "detail": detail,
         "blob_key": blob_key,
+    }
+
+
+def _arrival(source: Source, cand: _Candidate | None, outcome: str, reason: str) -> dict[str, Any]:
+    return {
+        "transfer_id": source.transfer_id,
+        "at": utcnow(),
+        "outcome": outcome,
+        "sop_uid": cand.sop_uid if cand else "",
+        "study_uid": cand.study_uid if cand else "",
+        "series_uid": cand.series_uid if cand else "",
+        "door": source.door[:16],
+        "reason": reason[:2000],
     }
 
 

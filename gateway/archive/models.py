@@ -1,4 +1,5 @@
-"""The index schema: patients, studies, series, instances, peers and ingest events.
+"""The index schema: patients, studies, series, instances, peers, ingest events and
+transfer arrivals.
 
 Columns hold what DICOM C-FIND (PS3.4 C.6) and QIDO-RS (PS3.18 10.6) match on and
 return, decoded to Unicode. Person names are kept as received (``patient_name``)
@@ -216,3 +217,28 @@ class Peer(Base):
     issuer: Mapped[str] = mapped_column(LO, nullable=False, default="")
     description: Mapped[str] = mapped_column(Text, nullable=False, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class TransferArrival(Base):
+    """Provenance log of instances that arrived under a closure transfer.
+
+    One row per arrival (stored, duplicate, alternate syntax, reconciled copy or
+    refused with its reason), written by ``ingest`` whenever the ``Source`` names a
+    transfer. A stored instance's row is committed in the same transaction as the
+    instance itself. ``gateway.transfers`` reads these rows for its reconciliation
+    report and receipt; the transfer records themselves live there.
+    """
+
+    __tablename__ = "transfer_arrivals"
+    __table_args__ = (Index("ix_transfer_arrivals_transfer_id_sop_uid", "transfer_id", "sop_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transfer_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    outcome: Mapped[str] = mapped_column(String(32), nullable=False)
+    sop_uid: Mapped[str] = mapped_column(UID, nullable=False, default="")
+    study_uid: Mapped[str] = mapped_column(UID, nullable=False, default="")
+    series_uid: Mapped[str] = mapped_column(UID, nullable=False, default="")
+    door: Mapped[str] = mapped_column(String(16), nullable=False, default="")
+    # Why it was refused (archive error reason and message); '' when it was held.
+    reason: Mapped[str] = mapped_column(Text, nullable=False, default="")

@@ -3,7 +3,8 @@
 - association requests: calling AE title must be a registered peer calling from its
   registered host (unless the demo profile accepts everyone);
 - C-STORE: the data set pynetdicom streamed to a staging file goes to ``ingest`` as
-  it is (no decoding, no re-encoding); success only once stored and indexed;
+  it is (no decoding, no re-encoding); success only once stored and indexed; a peer
+  with an open closure transfer delivers into that transfer;
 - C-FIND: the identifier becomes a ``Query`` for the one query engine; answers are
   encoded in the requester's character set, or UTF-8 when a value does not fit;
 - C-MOVE / C-GET: the request becomes a ``RetrieveRequest``; instances are sent as
@@ -28,6 +29,7 @@ from gateway.archive.errors import ArchiveError, InvalidQuery
 from gateway.dimse import status
 from gateway.dimse.sending import StoredRef, contexts_for
 from gateway.peers import Peer, PeerRegistry
+from gateway.transfers.records import TransferBindings
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class Handlers:
         self.archive = archive
         self.peers = peers
         self.settings = archive.settings
+        self.transfers = TransferBindings(archive.db)
 
     def bindings(self) -> list[tuple[Any, Any]]:
         return [
@@ -90,12 +93,17 @@ class Handlers:
 
     def _source(self, event: Event) -> Source:
         peer = self._peer(event)
+        ae_title = (event.assoc.requestor.ae_title or "").strip()
+        # A registered peer with an open closure transfer delivers into that transfer,
+        # under the transfer's one Issuer of Patient ID.
+        transfer = self.transfers.for_ae(ae_title) if peer is not None else None
         return Source(
             door="dimse",
-            ae_title=(event.assoc.requestor.ae_title or "").strip(),
+            ae_title=ae_title,
             host=str(event.assoc.requestor.address),
-            institution=peer.institution if peer else "",
-            issuer=peer.issuer if peer else "",
+            institution=transfer.institution if transfer else peer.institution if peer else "",
+            issuer=transfer.issuer if transfer else peer.issuer if peer else "",
+            transfer_id=transfer.id if transfer else None,
         )
 
     # -- verification --------------------------------------------------------------

@@ -1,0 +1,416 @@
+"""``studybridge transfer ...``: closure transfers from the operator's console.
+
+create, list, show, manifest, census, report, finalize, receipt, verify-receipt and
+public-key. Exit codes: 0 done (``finalize``: complete; ``verify-receipt``: valid),
+1 finalized incomplete or receipt invalid, 2 bad input (unknown transfer, bad
+manifest, unreachable PACS).
+
+Who may: every command here is an operator action; access checks and audit records
+come with the consent layer (see docs/transfers.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from gateway.cli_common import ConfigFile, DataDir, console, err, open_archive, settings_from
+from gateway.peers import PeerRegistry
+from gateway.transfers.census import CensusError, take_census
+from gateway.transfers.expected import ManifestError, parse_manifest, store_expected
+from gateway.transfers.finalize import finalize, latest_receipt
+from gateway.transfers.receipt import (
+    ReceiptError,
+    check_against_held,
+    load_or_create_key,
+    load_public_key,
+    public_pem,
+    render_text,
+    verify,
+)
+from gateway.transfers.records import (
+    REASONS,
+    TransferError,
+    create_transfer,
+    get_transfer,
+    list_transfers,
+)
+from gateway.transfers.report import held_instances, reconcile
+
+transfer_app = typer.Typer(
+    help="Closure transfers: a closing clinic's archive handed over, checked and receipted.",
+    no_args_is_help=True,
+)
+
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]{escape(message)}[/red]")
+    return typer.Exit(code)
+
+
+def _date(value: str | None, what: str) -> dt.date | None:
+    if not value:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError as exc:
+        raise _fail(f"{what}: {value!r} is not a date (YYYY-MM-DD)") from exc
+
+
+@transfer_app.command("create")
+def create(
+    institution: Annotated[str, typer.Option(help="The closing clinic's name.")],
+    issuer: Annotated[str, typer.Option(help="Issuer of Patient ID for the whole transfer.")],
+    reason: Annotated[str, typer.Option(help=f"One of: {', '.join(REASONS)}.")] = "closure",
+    source_ae: Annotated[
+        str, typer.Option("--ae", help="AE title of the clinic's PACS (a registered peer).")
+    ] = "",
+    effective_on: Annotated[str | None, typer.Option(help="Closure date (YYYY-MM-DD).")] = None,
+    ends_on: Annotated[str | None, typer.Option(help="End of a suspension (YYYY-MM-DD).")] = None,
+    custodian: Annotated[str, typer.Option(help="Custodian taking the records over.")] = "",
+    custodian_contact: Annotated[str, typer.Option(help="How to reach the custodian.")] = "",
+    notes: Annotated[str, typer.Option(help="Free text.")] = "",
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    json_output: JsonOut = False,
+) -> None:
+    """Register a transfer; C-STOREs from --ae are tagged to it until it is complete."""
+    archive = open_archive(settings_from(data_dir, config))
+    try:
+        if source_ae and PeerRegistry(archive.db).get(source_ae.strip()) is None:
+            raise _fail(f"no peer {source_ae}: register it first with `studybridge peers add`")
+        info = create_transfer(
+            archive.db,
+            institution=institution,
+            reason=reason,
+            issuer=issuer,
+            source_ae=source_ae,
+            effective_on=_date(effective_on, "--effective-on"),
+            ends_on=_date(ends_on, "--ends-on"),
+            custodian_name=custodian,
+            custodian_contact=custodian_contact,
+            notes=notes,
+        )
+    except TransferError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        archive.close()
+    if json_output:
+        console.out(json.dumps(info.as_dict(), indent=2), highlight=False)
+    else:
+        console.print(f"transfer {info.id} created ({info.reason} of {escape(info.institution)})")
+
+
+@transfer_app.command("list")
+def list_(
+    data_dir: DataDir = None, config: ConfigFile = None, json_output: JsonOut = False
+) -> None:
+    """List transfers."""
+    archive = open_archive(settings_from(data_dir, config))
+    try:
+        infos = list_transfers(archive.db)
+    finally:
+        archive.close()
+    if json_output:
+        console.out(json.dumps([i.as_dict() for i in infos], indent=2), highlight=False)
+        return
+    table = Table("id", "institution", "reason", "AE", "issuer", "status", "created")
+    for i in infos:
+        table.add_row(
+            str(i.id),
+            escape(i.institution),
+            i.reason,
+            i.source_ae,
+            escape(i.issuer),
+            i.status,
+            f"{i.created_at:%Y-%m-%d %H:%M}",
+        )
+    console.print(table)
+
+
+@transfer_app.command("show")
+def show(
+    transfer_id: Annotated[int, typer.Argument(help="Transfer id.")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    json_output: JsonOut = False,
+) -> None:
+    """A transfer's record and its progress counts."""
+    archive = open_archive(settings_from(data_dir, config))
+    try:
+        info = get_transfer(archive.db, transfer_id)
+        counts = reconcile(archive.db, transfer_id).counts()
+    except TransferError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        archive.close()
+    data = {**info.as_dict(), "progress": counts}
+    if json_output:
+        console.out(json.dumps(data, indent=2), highlight=False)
+        return
+    table = Table(show_header=False, title=f"transfer {info.id}")
+    for key, value in info.as_dict().items():
+        table.add_row(key.replace("_", " "), escape(str(value if value is not None else "-")))
+    for key, value in counts.items():
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+
+
+@transfer_app.command("manifest")
+def manifest(
+    transfer_id: Annotated[int, typer.Argument(help="Transfer id.")],
+    path: Annotated[Path, typer.Argument(help="CSV or JSON list of studies (and series).")],
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Drop every earlier expectation first.")
+    ] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Load the expected content from a manifest the clinic handed over."""
+    archive = open_archive(settings_from(data_dir, config))
+    try:
+        get_transfer(archive.db, transfer_id)
+        lines = parse_manifest(path)
+        count = store_expected(archive.db, transfer_id, lines, origin="manifest", replace=replace)
+    except (TransferError, ManifestError) as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        archive.close()
+    studies = len({line.study_uid for line in lines})
+    console.print(f"transfer {transfer_id}: {count} lines expected ({studies} studies)")
+
+
+@transfer_app.command("census")
+def census(
+    transfer_id: Annotated[int, typer.Argument(help="Transfer id.")],
+    date_from: Annotated[str, typer.Option("--from", help="First study date (YYYY-MM-DD).")],
+    date_to: Annotated[
+        str | None, typer.Option("--to", help="Last study date (default today).")
+    ] = None,
+    cap: Annotated[
+        int | None, typer.Option(help="Results per C-FIND the PACS returns at most.")
+    ] = None,
+    image_level: Annotated[
+        bool, typer.Option("--image-level", help="Count instances by IMAGE-level C-FIND.")
+    ] = False,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Drop every earlier expectation first.")
+    ] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    json_output: JsonOut = False,
+) -> None:
+    """Take the expected content from the source PACS by C-FIND (split by dates)."""
+    settings = settings_from(data_dir, config)
+    archive = open_archive(settings)
+    try:
+        info = get_transfer(archive.db, transfer_id)
+        if not info.source_ae:
+            raise _fail(f"transfer {transfer_id} names no source AE to ask")
+        peer = PeerRegistry(archive.db).get(info.source_ae)
+        if peer is None:
+            raise _fail(f"peer {info.source_ae} is no longer registered")
+        start = _date(date_from, "--from")
+        assert start is not None
+        end = _date(date_to, "--to") or dt.date.today()
+        result = take_census(
+            settings,
+            peer,
+            start,
+            end,
+            cap=cap,
+            image_level=image_level,
+            progress=None if json_output else (lambda m: err.print(escape(m))),
+        )
+        if result.lines:
+            store_expected(archive.db, transfer_id, result.lines, origin="census", replace=replace)
+    except (TransferError, CensusError) as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        archive.close()
+    summary = {
+        "studies": result.studies,
+        "series": result.series,
+        "instances": result.instances,
+        "queries": result.queries,
+        "warnings": result.warnings,
+    }
+    if json_output:
+        console.out(json.dumps(summary, indent=2), highlight=False)
+        return
+    console.print(
+        f"census of {peer.ae_title}: {result.studies} studies, {result.series} series, "
+        f"{result.instances} instances ({result.queries} C-FIND queries)"
+    )
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+@transfer_app.command("report")
+def report(
+    transfer_id: Annotated[int, typer.Argument(help="Transfer id.")],
+    all_studies: Annotated[bool, typer.Option("--all", help="List complete studies too.")] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    json_output: JsonOut = False,
+) -> None:
+    """Reconciliation: expected vs received per study and series, refused, duplicates."""
+    archive = open_archive(settings_from(data_dir, config))
+    try:
+        get_transfer(archive.db, transfer_id)
+        rec = reconcile(archive.db, transfer_id)
+    except TransferError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        archive.close()
+    if json_output:
+        console.out(json.dumps(rec.as_dict(), indent=2), highlight=False)
+        return
+    counts = rec.counts()
+    console.print(
+        f"transfer {transfer_id}: {counts['complete_studies']} of {counts['expected_studies']} "
+        f"expected studies complete, {counts['partial_studies']} partial, "
+        f"{counts['missing_studies']} missing, {counts['extra_studies']} not expected; "
+        f"{counts['instances']} instances held ({counts['bytes']} bytes), "
+        f"{counts['rejected']} refused, {counts['duplicates']} duplicate deliveries"
+    )
+    table = Table("study", "patient", "date", "expected", "received", "status")
+    for study in rec.studies:
+        if study.status == "complete" and not all_studies:
+            continue
+        table.add_row(
+            study.study_uid,
+            escape(study.patient_id),
+            study.study_date,
+            "?" if study.expected is None else str(study.expected),
+            str(study.received),
+            study.status,
+        )
+        for s in study.series:
+            if s.status != "complete" or all_studies:
+                table.add_row(
+                    f"  {s.series_uid}",
+                    "",
+                    "",
+                    "?" if s.expected is None else str(s.expected),
+                    str(s.received),
+                    s.status,
+                )
+    if table.row_count:
+        console.print(table)
+    for r in rec.rejected:
+        console.print(
+            f"[red]refused[/] {r.sop_uid or '(unreadable)'} x{r.times}: {escape(r.reason)}"
+        )
+
+
+@transfer_app.command("finalize")
+def finalize_(
+    transfer_id: Annotated[int, typer.Argument(help="Transfer id.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write the receipt here (JSON; a .txt rendering beside it)."),
+    ] = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Reconcile, mark complete or incomplete, and issue a signed receipt."""
+    settings = settings_from(data_dir, config)
+    archive = open_archive(settings)
+    try:
+        done = finalize(archive.db, settings, transfer_id)
+    except (TransferError, ReceiptError) as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        archive.close()
+    text = render_text(done.document)
+    if out is not None:
+        out.write_text(done.text)
+        out.with_suffix(".txt").write_text(text)
+        console.print(f"receipt written to {out} and {out.with_suffix('.txt')}")
+    console.out(text, highlight=False)
+    if done.transfer.status != "complete":
+        raise typer.Exit(1)
+
+
+@transfer_app.command("receipt")
+def receipt(
+    transfer_id: Annotated[int, typer.Argument(help="Transfer id.")],
+    text: Annotated[bool, typer.Option("--text", help="The readable rendering.")] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Print the newest receipt of a transfer (JSON, or --text)."""
+    archive = open_archive(settings_from(data_dir, config))
+    try:
+        document = latest_receipt(archive.db, transfer_id)
+    finally:
+        archive.close()
+    if document is None:
+        raise _fail(f"transfer {transfer_id} has no receipt yet")
+    console.out(render_text(json.loads(document)) if text else document, highlight=False)
+
+
+@transfer_app.command("verify-receipt")
+def verify_receipt(
+    path: Annotated[Path, typer.Argument(help="The receipt (JSON).", exists=True, dir_okay=False)],
+    public_key: Annotated[
+        Path | None,
+        typer.Option(help="Trusted public key (PEM); default: this gateway's signing key."),
+    ] = None,
+    against_archive: Annotated[
+        bool,
+        typer.Option("--against-archive", help="Also check the archive still holds what it lists."),
+    ] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Check a receipt's Ed25519 signature (and optionally the archive against it)."""
+    settings = settings_from(data_dir, config)
+    try:
+        if public_key is not None:
+            trusted = load_public_key(public_key)
+        else:
+            key_file = settings.resolved_receipt_key_file
+            if not key_file.exists():
+                raise _fail(f"no signing key at {key_file}; pass --public-key")
+            trusted = load_public_key(key_file)
+    except (ReceiptError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    result = verify(path.read_text(errors="replace"), trusted)
+    problems = list(result.problems)
+    if result.ok and against_archive and result.receipt is not None:
+        archive = open_archive(settings)
+        try:
+            held, _dups, _total = held_instances(archive.db, int(result.receipt["transfer"]["id"]))
+        finally:
+            archive.close()
+        problems += check_against_held(result.receipt, held)
+    if problems:
+        for problem in problems:
+            console.print(f"[red]INVALID:[/] {escape(problem)}")
+        raise typer.Exit(1)
+    r = result.receipt or {}
+    console.print(
+        f"valid receipt: transfer {r['transfer']['id']} ({escape(r['transfer']['institution'])}), "
+        f"{r['status']}, {r['counts']['instances']} instances, issued {r['issued_at']}"
+    )
+
+
+@transfer_app.command("public-key")
+def public_key_(data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Print the receipt signing public key (PEM), to hand to the clinic."""
+    settings = settings_from(data_dir, config)
+    try:
+        key = load_or_create_key(settings.resolved_receipt_key_file)
+    except ReceiptError as exc:
+        raise _fail(str(exc)) from exc
+    console.out(public_pem(key), highlight=False, end="")

@@ -1,0 +1,248 @@
+"""Census of a source PACS by C-FIND: which studies, series and how many instances.
+
+The clinic's PACS is asked at STUDY level over a date range (Study Root, StudyDate
+range matching). PACS cap the number of C-FIND results (often a few hundred), so a
+range whose answer reaches the cap (or that the PACS refuses as too large, 0xA700,
+or cancels) is split in halves and asked again, down to single days; a single day
+still at the cap is reported as a warning. Each study is then asked at SERIES
+level, and each series counted by Number of Series Related Instances, or at IMAGE
+level when the PACS does not give that count (or when asked to).
+
+Studies without a Study Date are not found by range matching; the census says so.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from gateway.config import Settings
+from gateway.peers import Peer
+from gateway.transfers.expected import ExpectedLine
+
+log = logging.getLogger(__name__)
+
+_PENDING = (0xFF00, 0xFF01)
+# Statuses that say "too many matches" in practice: out of resources, cancelled.
+_TOO_MANY = (0xA700, 0xFE00)
+
+
+class CensusError(RuntimeError):
+    """The source PACS could not be asked (association refused, query failed)."""
+
+
+@dataclass
+class Census:
+    lines: list[ExpectedLine] = field(default_factory=list)
+    studies: int = 0
+    series: int = 0
+    instances: int = 0
+    queries: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Finder:
+    """C-FIND over one association to the source, re-associating when it drops."""
+
+    def __init__(self, settings: Settings, peer: Peer) -> None:
+        self.settings = settings
+        self.peer = peer
+        self.ae = AE(ae_title=settings.ae_title)
+        self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        self.ae.acse_timeout = settings.acse_timeout
+        self.ae.dimse_timeout = settings.dimse_timeout
+        self.ae.network_timeout = settings.network_timeout
+        self.assoc: Association | None = None
+        self.queries = 0
+
+    def _association(self) -> Association:
+        if self.assoc is None or not self.assoc.is_established:
+            assoc = self.ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title)
+            if not assoc.is_established:
+                raise CensusError(
+                    f"{self.peer.ae_title} at {self.peer.host}:{self.peer.port} refused or "
+                    "did not answer the association"
+                )
+            self.assoc = assoc
+        return self.assoc
+
+    def find(self, query: Dataset) -> tuple[int, list[Dataset]]:
+        """Final status and the identifiers answered."""
+        for attempt in (1, 2):
+            assoc = self._association()
+            found: list[Dataset] = []
+            final: int | None = None
+            self.queries += 1
+            for status, identifier in assoc.send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind
+            ):
+                if not status:  # no answer: association dropped or timed out
+                    break
+                code = int(status.Status)
+                if code in _PENDING:
+                    if identifier is not None:
+                        found.append(identifier)
+                else:
+                    final = code
+            if final is not None:
+                return final, found
+            if attempt == 2:
+                raise CensusError(f"{self.peer.ae_title} stopped answering a C-FIND")
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip()
+
+
+def _count(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def take_census(
+    settings: Settings,
+    peer: Peer,
+    date_from: dt.date,
+    date_to: dt.date,
+    *,
+    cap: int | None = None,
+    image_level: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Census:
+    if date_to < date_from:
+        raise CensusError("the census range ends before it starts")
+    cap = cap or settings.census_max_results
+    finder = _Finder(settings, peer)
+    census = Census()
+    say = progress or (lambda _msg: None)
+    try:
+        studies = _studies(finder, date_from, date_to, cap, census, say)
+        for study in studies:
+            _series_of(finder, study, cap, image_level, census)
+        census.studies = len(studies)
+    finally:
+        finder.close()
+    census.queries = finder.queries
+    census.warnings.append(
+        "studies without a Study Date are not found by date range matching; "
+        "list them in a manifest if the source holds any"
+    )
+    return census
+
+
+def _studies(
+    finder: _Finder,
+    date_from: dt.date,
+    date_to: dt.date,
+    cap: int,
+    census: Census,
+    say: Callable[[str], None],
+) -> list[Dataset]:
+    found: dict[str, Dataset] = {}
+    ranges = [(date_from, date_to)]
+    while ranges:
+        start, end = ranges.pop()
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = ""
+        q.StudyDate = f"{start:%Y%m%d}-{end:%Y%m%d}" if start != end else f"{start:%Y%m%d}"
+        q.PatientID = ""
+        q.NumberOfStudyRelatedInstances = ""
+        status, answers = finder.find(q)
+        too_many = status in _TOO_MANY or len(answers) >= cap
+        if too_many and start < end:
+            mid = start + (end - start) // 2
+            ranges += [(mid + dt.timedelta(days=1), end), (start, mid)]
+            continue
+        if status not in (0x0000,) and not too_many:
+            raise CensusError(f"C-FIND for studies {q.StudyDate} failed with status 0x{status:04X}")
+        if too_many:
+            census.warnings.append(
+                f"{start:%Y-%m-%d}: the source answered {len(answers)} studies (cap {cap}); "
+                "that day may hold more"
+            )
+        for ds in answers:
+            uid = _text(ds, "StudyInstanceUID")
+            if uid:
+                found.setdefault(uid, ds)
+        say(f"{q.StudyDate}: {len(answers)} studies")
+    return sorted(
+        found.values(), key=lambda d: (_text(d, "StudyDate"), _text(d, "StudyInstanceUID"))
+    )
+
+
+def _series_of(
+    finder: _Finder, study: Dataset, cap: int, image_level: bool, census: Census
+) -> None:
+    study_uid = _text(study, "StudyInstanceUID")
+    q = Dataset()
+    q.QueryRetrieveLevel = "SERIES"
+    q.StudyInstanceUID = study_uid
+    q.SeriesInstanceUID = ""
+    q.Modality = ""
+    q.NumberOfSeriesRelatedInstances = ""
+    status, answers = finder.find(q)
+    if status != 0x0000:
+        raise CensusError(f"C-FIND for the series of {study_uid} failed: 0x{status:04X}")
+    if len(answers) >= cap:
+        census.warnings.append(f"study {study_uid}: series answer reached the cap {cap}")
+    common = {
+        "patient_id": _text(study, "PatientID")[:64],
+        "study_date": _text(study, "StudyDate")[:8],
+    }
+    if not answers:
+        count = _count(study, "NumberOfStudyRelatedInstances")
+        census.lines.append(ExpectedLine(study_uid=study_uid, instances=count, **common))
+        census.instances += count or 0
+        return
+    for series in answers:
+        series_uid = _text(series, "SeriesInstanceUID")
+        if not series_uid:
+            continue
+        count = None if image_level else _count(series, "NumberOfSeriesRelatedInstances")
+        if count is None:
+            count = _image_count(finder, study_uid, series_uid, cap, census)
+        census.lines.append(
+            ExpectedLine(
+                study_uid=study_uid,
+                series_uid=series_uid,
+                instances=count,
+                modality=_text(series, "Modality")[:16],
+                **common,
+            )
+        )
+        census.series += 1
+        census.instances += count
+
+
+def _image_count(finder: _Finder, study_uid: str, series_uid: str, cap: int, census: Census) -> int:
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = study_uid
+    q.SeriesInstanceUID = series_uid
+    q.SOPInstanceUID = ""
+    status, answers = finder.find(q)
+    if status != 0x0000:
+        raise CensusError(f"C-FIND for the instances of {series_uid} failed: 0x{status:04X}")
+    if len(answers) >= cap:
+        census.warnings.append(
+            f"series {series_uid}: {len(answers)} instances answered (cap {cap}); may hold more"
+        )
+    return len({_text(a, "SOPInstanceUID") for a in answers if _text(a, "SOPInstanceUID")})

@@ -1,0 +1,77 @@
+"""Tables of closure transfers: the transfer, what it should hold, the receipts issued.
+
+The arrivals themselves (what ``ingest`` received under a transfer) are logged in
+``gateway.archive.models.TransferArrival``, beside the instances they name.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import Date, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from gateway.archive.models import LO, UID, Base, UTCDateTime, utcnow
+
+
+class Transfer(Base):
+    """One clinic's hand-over of its archive (closure or suspension)."""
+
+    __tablename__ = "transfers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    institution: Mapped[str] = mapped_column(LO, nullable=False)
+    # "closure" or "suspension".
+    reason: Mapped[str] = mapped_column(String(16), nullable=False)
+    # When the clinic closes (or is suspended), and until when for a suspension.
+    effective_on: Mapped[dt.date | None] = mapped_column(Date, nullable=True)
+    ends_on: Mapped[dt.date | None] = mapped_column(Date, nullable=True)
+    # Calling AE title of the clinic's PACS (a registered peer): its C-STOREs are
+    # tagged to this transfer while it is open. '' for import-only transfers.
+    source_ae: Mapped[str] = mapped_column(String(16), nullable=False, default="", index=True)
+    # The one Issuer of Patient ID for every instance of the transfer that names none.
+    issuer: Mapped[str] = mapped_column(LO, nullable=False)
+    custodian_name: Mapped[str] = mapped_column(LO, nullable=False, default="")
+    custodian_contact: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    notes: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    # open, receiving, verifying, complete, incomplete.
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="open")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    finalized_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class TransferExpected(Base):
+    """What the transfer should deliver: a study, or one series of it, with its count.
+
+    ``series_uid`` is '' for a study-level line (manifests that only count per study);
+    ``instances`` is None when the source did not say.
+    """
+
+    __tablename__ = "transfer_expected"
+    __table_args__ = (UniqueConstraint("transfer_fk", "study_uid", "series_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transfer_fk: Mapped[int] = mapped_column(ForeignKey("transfers.id"), nullable=False)
+    study_uid: Mapped[str] = mapped_column(UID, nullable=False)
+    series_uid: Mapped[str] = mapped_column(UID, nullable=False, default="")
+    instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    patient_id: Mapped[str] = mapped_column(LO, nullable=False, default="")
+    study_date: Mapped[str] = mapped_column(String(8), nullable=False, default="")
+    modality: Mapped[str] = mapped_column(String(16), nullable=False, default="")
+    # "manifest" or "census".
+    origin: Mapped[str] = mapped_column(String(16), nullable=False)
+    loaded_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class TransferReceipt(Base):
+    """A signed receipt issued at finalization (every one kept, newest last)."""
+
+    __tablename__ = "transfer_receipts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transfer_fk: Mapped[int] = mapped_column(ForeignKey("transfers.id"), nullable=False, index=True)
+    issued_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    # The signed document exactly as handed out (JSON text).
+    document: Mapped[str] = mapped_column(Text, nullable=False)
