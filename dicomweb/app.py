@@ -31,7 +31,7 @@ from gateway.config import Settings
 
 
 def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
-    archive = archive or Archive.open(settings)
+    archive = archive or Archive.open(settings, post_ingest=True)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

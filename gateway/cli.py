@@ -33,8 +33,10 @@ app = typer.Typer(
 )
 peers_app = typer.Typer(help="Register the DICOM peers (PACS, modalities) we talk to.")
 db_app = typer.Typer(help="Index database maintenance.")
+tasks_app = typer.Typer(help="Background tasks: backlog, running one now, submitting one.")
 app.add_typer(peers_app, name="peers")
 app.add_typer(db_app, name="db")
+app.add_typer(tasks_app, name="tasks")
 
 _settings = settings_from
 _archive = open_archive
@@ -67,6 +69,26 @@ def serve(
         profile="demo" if demo else None,
     )
     raise typer.Exit(run_serve(settings, say=console.print))
+
+
+@app.command()
+def worker(
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    concurrency: Annotated[
+        int, typer.Option(help="Task processes (default: one per core, min 2).")
+    ] = 0,
+    beat: Annotated[
+        bool, typer.Option("--beat/--no-beat", help="Also send the periodic sweeps.")
+    ] = True,
+) -> None:
+    """Run background tasks from the broker (task_broker_url: Redis or RabbitMQ)."""
+    from gateway.tasks.worker import run_worker
+
+    settings = _settings(data_dir, config)
+    raise typer.Exit(
+        run_worker(settings, concurrency=concurrency, beat=beat, loglevel=settings.log_level)
+    )
 
 
 @app.command("import")
@@ -221,6 +243,128 @@ def peers_remove(
         err.print(f"no peer {ae_title}")
         raise typer.Exit(1)
     console.print(f"peer {ae_title} removed")
+
+
+def _task_kwargs(pairs: list[str]) -> dict[str, object]:
+    kwargs: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            err.print(f"[red]expected key=value, got {pair!r}[/red]")
+            raise typer.Exit(2)
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
+@tasks_app.callback(invoke_without_command=True)
+def tasks_status(
+    ctx: typer.Context,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Tasks waiting per queue (the broker's queue depth) and the tasks defined."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from gateway.tasks.celery_app import make_celery, queue_depth
+    from gateway.tasks.registry import all_tasks
+
+    settings = _settings(data_dir, config)
+    names = sorted(all_tasks())
+    if not settings.task_broker_url:
+        figures: dict[str, object] = {
+            "broker": None,
+            "queues": {},
+            "tasks": names,
+            "note": "no broker: tasks run in threads of each serving process",
+        }
+    else:
+        try:
+            depth = queue_depth(make_celery(settings), settings.task_queue)
+        except Exception as exc:
+            err.print(f"[red]broker unreachable:[/red] {exc.__class__.__name__}: {exc}")
+            raise typer.Exit(1) from exc
+        figures = {
+            "broker": _redact_url(settings.task_broker_url),
+            "queues": {settings.task_queue: depth},
+            "tasks": names,
+        }
+    if json_output:
+        console.print_json(json.dumps(figures))
+        return
+    console.print(f"broker: {figures['broker'] or '(none: in-process)'}")
+    for queue, depth in figures["queues"].items():  # type: ignore[attr-defined]
+        console.print(f"queue {queue}: {depth} waiting")
+    console.print("tasks: " + ", ".join(names))
+
+
+def _redact_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+@tasks_app.command("run")
+def tasks_run(
+    name: Annotated[str, typer.Argument(help="Task name, e.g. studybridge.sweep.")],
+    args: Annotated[list[str] | None, typer.Argument(help="key=value arguments.")] = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Run one task here and now (e.g. a sweep from cron), whatever the broker."""
+    from gateway.tasks.registry import TaskContext, get_task
+
+    settings = _settings(data_dir, config)
+    try:
+        definition = get_task(name)
+    except KeyError as exc:
+        err.print(f"[red]{exc.args[0]}[/red]")
+        raise typer.Exit(2) from exc
+    kwargs = _task_kwargs(args or [])
+    archive = _archive(settings)
+    try:
+        result = definition.func(TaskContext(archive, settings), **kwargs)
+    finally:
+        archive.close()
+    console.print(f"{name} done" + (f": {json.dumps(result)}" if result is not None else ""))
+
+
+@tasks_app.command("submit")
+def tasks_submit(
+    name: Annotated[str, typer.Argument(help="Task name, e.g. studybridge.sweep.")],
+    args: Annotated[list[str] | None, typer.Argument(help="key=value arguments.")] = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Hand one task to the broker for a worker to run."""
+    from gateway.tasks.dispatch import CeleryDispatcher
+    from gateway.tasks.registry import get_task
+
+    settings = _settings(data_dir, config)
+    if not settings.task_broker_url:
+        err.print("[red]no task broker configured[/red]: use `studybridge tasks run` instead")
+        raise typer.Exit(2)
+    try:
+        get_task(name)
+    except KeyError as exc:
+        err.print(f"[red]{exc.args[0]}[/red]")
+        raise typer.Exit(2) from exc
+    dispatcher = CeleryDispatcher(settings)
+    try:
+        dispatcher.submit(name, **_task_kwargs(args or []))
+        sent = dispatcher.flush(30)
+    finally:
+        dispatcher.close()
+    if not sent or dispatcher.failures:
+        err.print("[red]broker unreachable: task not submitted[/red]")
+        raise typer.Exit(1)
+    console.print(f"{name} submitted to {settings.task_queue}")
 
 
 @db_app.command("upgrade")

@@ -89,6 +89,30 @@ class Settings(BaseSettings):
     # least this many studies (PACS cap their C-FIND results).
     census_max_results: int = 500
 
+    # Background tasks (gateway.tasks): derived work after ingest (series metadata,
+    # thumbnails), sweeps, forwarding. Broker URL: empty runs the tasks in a thread
+    # pool inside each serving process (embedded default, no broker); otherwise
+    # redis://127.0.0.1:6379/0 or amqp://guest:guest@127.0.0.1:5672// and
+    # `studybridge worker` processes run them.
+    task_broker_url: str = ""
+    # Broker queue the gateways submit to and the workers consume.
+    task_queue: str = "studybridge"
+    # Seconds a task a worker took may stay unacknowledged before the broker hands it
+    # to another worker (Redis/SQS visibility timeout): how soon the task of a killed
+    # worker runs again. Longer than the longest task, or it may run twice (tasks
+    # are idempotent, so that costs time, not correctness).
+    task_visibility_timeout: float = 600.0
+    # Threads running tasks in a serving process on the embedded default.
+    task_threads: int = 2
+    # Derived work of a series starts once its arrivals pause this many seconds, or
+    # at the latest this many seconds after the first arrival of a burst.
+    task_series_pause: float = 3.0
+    task_series_max_wait: float = 60.0
+    # Sweeps: how often (seconds) and what they remove: staging files and blobs no
+    # index row names that are older than the grace period (seconds).
+    sweep_interval: float = 3600.0
+    sweep_grace: float = 24 * 3600.0
+
     # Profile: "production" refuses demo shortcuts; "demo" accepts any AE and says so.
     profile: Literal["default", "demo", "production"] = "default"
 

@@ -158,6 +158,7 @@ class Supervisor:
                 f"HTTP http://{settings.http_host}:{settings.http_port}/, "
                 f"data in {settings.data_dir.resolve()}"
             )
+        threading.Thread(target=self._sweep_periodically, name="sweeper", daemon=True).start()
         restarts: list[float] = []
         while not self.stopping.is_set():
             self.stopping.wait(0.5)
@@ -174,6 +175,28 @@ class Supervisor:
                 self._start(name)
         self._stop_children()
         return 0
+
+    def _sweep_periodically(self) -> None:
+        """Sweep this gateway's staging folder; without a broker, orphan blobs too
+        (with one, `studybridge worker --beat` schedules that sweep)."""
+        from gateway.archive.sweep import sweep_staging
+
+        settings = self.settings
+        while not self.stopping.wait(settings.sweep_interval):
+            try:
+                sweep_staging(settings.staging_dir, settings.sweep_grace)
+                if not settings.task_broker_url:
+                    from gateway.archive import Archive
+                    from gateway.tasks.registry import TaskContext
+                    from gateway.tasks.sweeps import sweep
+
+                    archive = Archive.open(settings)
+                    try:
+                        sweep(TaskContext(archive, settings))
+                    finally:
+                        archive.close()
+            except Exception:
+                log.exception("periodic sweep failed; trying again next interval")
 
     def _on_signal(self, _signum: int, _frame: Any) -> None:
         self.stopping.set()

@@ -1,12 +1,14 @@
 """The archive core: ingest, query and retrieve over an index and a blob store.
 
 It knows nothing of HTTP, DIMSE, pages or consent. ``Archive`` bundles what one
-process needs: the settings, the index database, the blob store and the ingestor.
+process needs: the settings, the index database, the blob store, the ingestor, and
+(opened on first use) the task dispatcher ``archive.tasks`` (``gateway.tasks``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.archive.blobstore import BlobStore, FileStore
 from gateway.archive.db import Database, migrate
@@ -15,6 +17,10 @@ from gateway.archive.query import Level, Query, QueryResult, run_query
 from gateway.archive.retrieve import RetrieveRequest, StoredInstance, find_instances
 from gateway.config import Settings
 
+if TYPE_CHECKING:
+    from gateway.tasks.dispatch import Dispatcher
+    from gateway.tasks.hooks import PostIngest
+
 
 class Archive:
     def __init__(self, settings: Settings, db: Database, store: BlobStore) -> None:
@@ -22,14 +28,39 @@ class Archive:
         self.db = db
         self.store = store
         self.ingestor = Ingestor(db, store, settings.staging_dir, settings.default_issuer)
+        self._tasks: Dispatcher | None = None
+        self._post_ingest: PostIngest | None = None
 
     @classmethod
-    def open(cls, settings: Settings, *, migrate_schema: bool = False) -> Archive:
+    def open(
+        cls, settings: Settings, *, migrate_schema: bool = False, post_ingest: bool = False
+    ) -> Archive:
+        """Open the configured backends. ``post_ingest`` (serving processes): each
+        stored instance schedules its series' derived work (``gateway.tasks.hooks``)."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         url = settings.resolved_database_url
         if migrate_schema:
             migrate(url)
-        return cls(settings, Database(url), make_blob_store(settings))
+        archive = cls(settings, Database(url), make_blob_store(settings))
+        if post_ingest:
+            archive.start_post_ingest()
+        return archive
+
+    @property
+    def tasks(self) -> Dispatcher:
+        """Where tasks are submitted: a broker, or this process's task threads."""
+        if self._tasks is None:
+            from gateway.tasks.dispatch import open_dispatcher
+
+            self._tasks = open_dispatcher(self.settings, self)
+        return self._tasks
+
+    def start_post_ingest(self) -> None:
+        from gateway.tasks.hooks import PostIngest
+
+        if self._post_ingest is None:
+            self._post_ingest = PostIngest(self.tasks, self.settings)
+            self.ingestor.after_store.append(self._post_ingest)
 
     def ingest_file(self, path: Path, source: Source, *, owned: bool = False) -> IngestResult:
         return self.ingestor.ingest_file(path, source, owned=owned)
@@ -41,6 +72,15 @@ class Archive:
         return find_instances(self.db, request)
 
     def close(self) -> None:
+        if self._post_ingest is not None:
+            # With a broker, what waits for a pause is handed over; in-process it would
+            # die with this process anyway (derived work is rebuilt on demand).
+            self._post_ingest.close(flush=bool(self.settings.task_broker_url))
+            self.ingestor.after_store.remove(self._post_ingest)
+            self._post_ingest = None
+        if self._tasks is not None:
+            self._tasks.close()
+            self._tasks = None
         self.db.dispose()
 
 

@@ -10,6 +10,7 @@ Callers see only this interface; an S3 implementation slots in beside ``FileStor
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import errno
 import os
 import shutil
@@ -63,6 +64,9 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None: ...
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]: ...
+
+    def modified(self, key: str) -> dt.datetime:
+        """When the blob was written (UTC); NotFound if absent. Sweeps judge age by it."""
 
     def check(self) -> None:
         """Raise StorageUnavailable unless the store can be written now."""
@@ -172,6 +176,13 @@ class FileStore:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
+
+    def modified(self, key: str) -> dt.datetime:
+        try:
+            mtime = self._path(key).stat().st_mtime
+        except FileNotFoundError as exc:
+            raise NotFound(f"blob {key} is missing") from exc
+        return dt.datetime.fromtimestamp(mtime, dt.UTC)
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         base = self.root / prefix if prefix else self.root

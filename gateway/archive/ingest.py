@@ -39,6 +39,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -187,6 +188,9 @@ class Ingestor:
         # one INSERT only. Cleared whenever the index disagrees (integrity error).
         self._places: dict[str, _Placement] = {}
         self._places_lock = threading.Lock()
+        # Called with each newly stored instance after its success is certain (derived
+        # work is submitted this way: gateway.tasks.hooks). Must return at once.
+        self.after_store: list[Callable[[IngestResult], None]] = []
         staging_dir.mkdir(parents=True, exist_ok=True)
 
     # -- public -------------------------------------------------------------------
@@ -208,7 +212,6 @@ class Ingestor:
             if source.transfer_id is not None and result.outcome is not Outcome.STORED:
                 # Stored arrivals were logged with the instance, in its transaction.
                 self._log_arrival(source, cand, result.outcome.value, "")
-            return result
         except ArchiveError as exc:
             if source.transfer_id is not None:
                 self._log_arrival(source, cand, "rejected", f"{exc.reason}: {exc}")
@@ -220,6 +223,13 @@ class Ingestor:
             if staged is not None:
                 with contextlib.suppress(FileNotFoundError):
                     staged.unlink()
+        if result.outcome in (Outcome.STORED, Outcome.RECONCILED_COPY):
+            for listener in self.after_store:
+                try:
+                    listener(result)
+                except Exception:  # derived work never fails an ingest
+                    log.exception("after-store listener failed")
+        return result
 
     def ingest_dataset(self, ds: Dataset, source: Source) -> IngestResult:
         """Ingest an in-memory dataset (written out once, then the file path)."""

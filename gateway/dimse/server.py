@@ -136,7 +136,7 @@ def run_worker(settings: Settings, index: int, ready: Any = None) -> None:
     # pynetdicom's chunked receive writes to tempfile's folder: keep it beside the
     # blobs so that storing is a rename on the same filesystem.
     tempfile.tempdir = str(settings.staging_dir)
-    archive = Archive.open(settings)
+    archive = Archive.open(settings, post_ingest=True)
     server = make_server(settings, archive)
     stop = threading.Event()
 
