@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
@@ -608,22 +608,18 @@ def rendered_frame(
 
 
 def _thumbnail_options(request: Request, viewport: str | None) -> rendered.RenderOptions:
-    size = rendered.THUMBNAIL_SIZE
-    return rendered.RenderOptions(
-        media_type=rendered.choose_media_type(requested_accept(request)),
-        viewport=rendered.parse_viewport(viewport) or rendered.Viewport(size, size),
-        quality=rendered.DEFAULT_QUALITY,
-    )
+    media_type = rendered.choose_media_type(requested_accept(request))
+    options = rendered.thumbnail_options(media_type)
+    custom = rendered.parse_viewport(viewport)
+    return options if custom is None else replace(options, viewport=custom)
 
 
 def _representative(instances: Sequence[StoredInstance]) -> StoredInstance:
     """The middle image of the first series that has images."""
-    images = [i for i in instances if i.rows and i.columns]
-    if not images:
+    inst = rendered.representative(instances)
+    if inst is None:
         raise HTTPError(406, "nothing here has pixel data for a thumbnail", reason="not-acceptable")
-    first_series = images[0].series_uid
-    series = [i for i in images if i.series_uid == first_series]
-    return series[(len(series) - 1) // 2]
+    return inst
 
 
 @router.get("/studies/{study}/thumbnail", summary="Thumbnail of a study")

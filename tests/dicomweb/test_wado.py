@@ -29,10 +29,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from requests.exceptions import HTTPError as ClientHTTPError
 
 from dicomweb.multipart import MultipartWriter, Part, parse_accept
-from dicomweb.rendered import Window, _apply_window, parse_viewport, parse_window
+from dicomweb.rendered import parse_viewport, parse_window
 from dicomweb.wado import dicom_syntaxes, frame_choice
 from gateway.archive.frames import _encapsulated_ranges, decode_ranges
 from gateway.archive.part10 import Layout
+from gateway.archive.rendering import Window, _apply_window
 from tests.dicomweb.conftest import TEST_SOURCE, LiveServer
 from tests.factories import ct_slice, dataset_bytes, uid, write
 

@@ -11,6 +11,9 @@ import pytest
 
 from gateway.archive import Archive
 from gateway.archive.metadata import cache_key, series_marker
+from gateway.archive.query import Level
+from gateway.archive.rendering import representative, thumbnail_key, thumbnail_options
+from gateway.archive.retrieve import RetrieveRequest, find_instances
 from gateway.config import Settings
 from gateway.tasks.derived import PREPARE_SERIES
 from tests.factories import ct_series, uid
@@ -66,6 +69,21 @@ def test_each_series_is_prepared_once_after_its_arrivals_pause(settings: Setting
             with archive.store.open(key) as fh:
                 objects = json.loads(gzip.decompress(fh.read()))
             assert len(objects) == count
+            # The default thumbnail of the series, under the key the HTTP door reads.
+            listed = find_instances(
+                archive.db,
+                RetrieveRequest(
+                    Level.SERIES,
+                    study_uids=[series["study_uid"]],
+                    series_uids=[series["series_uid"]],
+                ),
+            )
+            thumb = thumbnail_key(representative(listed), 1, thumbnail_options())
+            assert archive.store.exists(thumb)
+            with archive.store.open(thumb) as fh:
+                assert fh.read(3) == b"\xff\xd8\xff"  # JPEG
+        # The study's thumbnail is its first series' one: two in all.
+        assert len(list(archive.store.iter_keys(f"thumbnails/{study}/"))) == 2
     finally:
         archive.close()
 
