@@ -23,6 +23,7 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -33,6 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from gateway.archive import Archive
 from gateway.config import Settings
 from gateway.dimse import fastpath, negotiation
+from gateway.dimse.commitment import CommitmentSCP
 from gateway.dimse.handlers import Handlers
 from gateway.peers import PeerRegistry
 from gateway.runtime import configure_serving_process
@@ -113,15 +115,18 @@ def build_ae(settings: Settings) -> AE:
         ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
     for model in _QR_MODELS:
         ae.add_supported_context(model)
+    ae.add_supported_context(StorageCommitmentPushModel)
     return ae
 
 
 def make_server(settings: Settings, archive: Archive) -> ReusePortServer:
     ae = build_ae(settings)
-    handlers = Handlers(archive, PeerRegistry(archive.db))
+    peers = PeerRegistry(archive.db)
+    handlers = Handlers(archive, peers)
+    commitment = CommitmentSCP(settings, archive.db, peers)
     server = ae.make_server(
         (settings.dimse_host, settings.dimse_port),
-        evt_handlers=handlers.bindings(),
+        evt_handlers=handlers.bindings() + commitment.bindings(),
         server_class=ReusePortServer,
     )
     # AE.start_server registers its servers; make_server does not, but shutdown expects it.
