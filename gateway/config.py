@@ -88,6 +88,15 @@ class Settings(BaseSettings):
     # A census splits a C-FIND date range in halves while the source PACS answers at
     # least this many studies (PACS cap their C-FIND results).
     census_max_results: int = 500
+    # Pull mode (C-MOVE of what is missing from the source PACS): C-MOVEs per minute
+    # at most, allowed time windows ("22:00-06:00"; empty: any time) in
+    # pull_timezone, attempts per study/series, first retry delay in seconds
+    # (doubling, at most an hour).
+    pull_rate_per_minute: float = 30.0
+    pull_windows: list[str] = []
+    pull_timezone: str = "UTC"
+    pull_max_attempts: int = 8
+    pull_backoff_seconds: float = 60.0
 
     # Background tasks (gateway.tasks): derived work after ingest (series metadata,
     # thumbnails), sweeps, forwarding. Broker URL: empty runs the tasks in a thread

@@ -1,9 +1,10 @@
 """``studybridge transfer ...``: closure transfers from the operator's console.
 
-create, list, show, manifest, census, report, finalize, receipt, verify-receipt and
-public-key. Exit codes: 0 done (``finalize``: complete; ``verify-receipt``: valid),
-1 finalized incomplete or receipt invalid, 2 bad input (unknown transfer, bad
-manifest, unreachable PACS).
+create, list, show, manifest, census, pull, report, finalize, receipt,
+verify-receipt and public-key. Exit codes: 0 done (``finalize``: complete;
+``verify-receipt``: valid; ``pull``: nothing left), 1 finalized incomplete, receipt
+invalid or pull items left, 2 bad input (unknown transfer, bad manifest,
+unreachable PACS).
 
 Who may: every command here is an operator action; access checks and audit records
 come with the consent layer (see docs/transfers.md).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +27,7 @@ from gateway.peers import PeerRegistry
 from gateway.transfers.census import CensusError, take_census
 from gateway.transfers.expected import ManifestError, parse_manifest, store_expected
 from gateway.transfers.finalize import finalize, latest_receipt
+from gateway.transfers.pull import PullError, PullPolicy, Window, plan_pull, run_pull
 from gateway.transfers.receipt import (
     ReceiptError,
     check_against_held,
@@ -252,6 +255,79 @@ def census(
     )
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+@transfer_app.command("pull")
+def pull(
+    transfer_id: Annotated[int, typer.Argument(help="Transfer id.")],
+    rate: Annotated[float | None, typer.Option(help="C-MOVEs per minute at most.")] = None,
+    window: Annotated[
+        list[str] | None,
+        typer.Option(help="Allowed time window HH:MM-HH:MM (repeatable; default any time)."),
+    ] = None,
+    timezone: Annotated[str | None, typer.Option(help="Time zone of the windows.")] = None,
+    max_attempts: Annotated[int | None, typer.Option(help="Attempts per study/series.")] = None,
+    backoff: Annotated[float | None, typer.Option(help="First retry delay (seconds).")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for retries and windows instead of stopping.")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    json_output: JsonOut = False,
+) -> None:
+    """C-MOVE what is still missing from the source PACS to us (resumable).
+
+    `studybridge serve` must be running to receive. Exit 0 when nothing is left to
+    pull, 1 when items are still pending or have failed.
+    """
+    settings = settings_from(data_dir, config)
+    archive = open_archive(settings)
+    try:
+        info = get_transfer(archive.db, transfer_id)
+        if info.status == "complete":
+            raise _fail(f"transfer {transfer_id} is complete: nothing to pull")
+        peer = PeerRegistry(archive.db).get(info.source_ae) if info.source_ae else None
+        if peer is None:
+            raise _fail(f"transfer {transfer_id} has no registered source AE to pull from")
+        policy = PullPolicy.from_settings(
+            settings,
+            rate_per_minute=rate,
+            windows=tuple(Window.parse(w) for w in window) if window else None,
+            timezone=timezone,
+            max_attempts=max_attempts,
+            backoff_seconds=backoff,
+        )
+        planned = plan_pull(archive.db, transfer_id)
+        summary = run_pull(
+            archive.db,
+            settings,
+            peer,
+            transfer_id,
+            policy,
+            wait=wait,
+            deadline=time.monotonic() + timeout if timeout else None,
+            say=None if json_output else (lambda m: err.print(escape(m))),
+        )
+    except (TransferError, PullError) as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        archive.close()
+    if json_output:
+        console.out(
+            json.dumps({"planned": planned, **summary.as_dict()}, indent=2), highlight=False
+        )
+    else:
+        console.print(
+            f"transfer {transfer_id}: {planned} to pull; {summary.moved} C-MOVEs done, "
+            f"{summary.failed_attempts} failed attempts; items {summary.done} done, "
+            f"{summary.pending} pending, {summary.failed} failed"
+            + (f" ({escape(summary.stopped)})" if summary.stopped else "")
+        )
+    if summary.pending or summary.failed:
+        raise typer.Exit(1)
 
 
 @transfer_app.command("report")

@@ -75,3 +75,29 @@ class TransferReceipt(Base):
     status: Mapped[str] = mapped_column(String(16), nullable=False)
     # The signed document exactly as handed out (JSON text).
     document: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class TransferPull(Base):
+    """Pull mode: one C-MOVE to ask of the source PACS (a study, or one series of it).
+
+    The state of a pull lives here, so a pull interrupted anywhere (the gateway
+    killed, the PACS gone, the allowed time window over) resumes where it stopped:
+    an attempt is counted and its retry time set before the C-MOVE is sent.
+    """
+
+    __tablename__ = "transfer_pulls"
+    __table_args__ = (UniqueConstraint("transfer_fk", "study_uid", "series_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transfer_fk: Mapped[int] = mapped_column(ForeignKey("transfers.id"), nullable=False)
+    study_uid: Mapped[str] = mapped_column(UID, nullable=False)
+    # '' moves the whole study.
+    series_uid: Mapped[str] = mapped_column(UID, nullable=False, default="")
+    # pending, done (the source reported success), failed (attempts used up).
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False)
+    # Final C-MOVE status of the last attempt (None: no answer), and what went wrong.
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)

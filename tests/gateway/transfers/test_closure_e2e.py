@@ -38,11 +38,14 @@ def _uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
-def test_closure_with_a_study_never_sent_ends_incomplete(tmp_path: Path) -> None:
+def test_closure_incomplete_then_pulled_complete(tmp_path: Path) -> None:
     storescu = require_tool("storescu")
     studies = _clinic_studies(tmp_path / "src")
     every = [p for paths in studies.values() for p in paths]
-    with dcmqrscp(tmp_path) as (qr_port, _store), running_gateway(tmp_path) as gw:
+    with (
+        running_gateway(tmp_path) as gw,
+        dcmqrscp(tmp_path, move_destinations={"STUDYBRIDGE": gw.dimse_port}) as (qr_port, _),
+    ):
         done = run_tool([storescu, "-aec", "CLINIC", "127.0.0.1", str(qr_port), *map(str, every)])
         assert done.returncode == 0, done.stderr
         gw.cli("peers", "add", "CLINIC", "--host", "127.0.0.1", "--port", str(qr_port))
@@ -107,4 +110,29 @@ def test_closure_with_a_study_never_sent_ends_incomplete(tmp_path: Path) -> None
         tampered.write_text(json.dumps(doc))
         bad = gw.cli("transfer", "verify-receipt", str(tampered), check=False)
         assert bad.returncode == 1 and "INVALID" in bad.stdout
+
+        # Pull mode, first while our DICOM node is down: the clinic's PACS cannot
+        # deliver, the C-MOVE fails and the item stays pending for a retry.
+        assert gw.stop() == 0
+        down = gw.cli("transfer", "pull", tid, "--backoff", "0.2", "--json", check=False)
+        assert down.returncode == 1, down.stderr
+        state = json.loads(down.stdout)
+        assert (state["planned"], state["failed_attempts"], state["pending"]) == (1, 1, 1)
+        # The node is back: the pull resumes from its stored state and completes.
+        gw.start("--dimse-workers", "1")
+        up = gw.cli(
+            "transfer", "pull", tid, "--backoff", "0.2", "--wait", "--timeout", "60", "--json"
+        )
+        state = json.loads(up.stdout)
+        assert (state["moved"], state["done"], state["pending"]) == (1, 1, 0)
+
+        out2 = tmp_path / "receipt2.json"
+        final = gw.cli("transfer", "finalize", tid, "--out", str(out2))
+        receipt = json.loads(out2.read_text())["receipt"]
+        assert receipt["status"] == "complete" and receipt["missing"] == []
+        assert receipt["counts"]["instances"] == 8
+        ok = gw.cli("transfer", "verify-receipt", str(out2), "--against-archive")
+        assert "valid receipt" in ok.stdout
+        # Nothing more to pull from a complete transfer.
+        assert gw.cli("transfer", "pull", tid, check=False).returncode == 2
         assert gw.stop() == 0
