@@ -32,7 +32,11 @@ if TYPE_CHECKING:
     from gateway.config import Settings
 
 # Modules holding @task definitions, imported by workers and dispatchers.
-TASK_MODULES: list[str] = ["gateway.tasks.derived", "gateway.tasks.sweeps"]
+TASK_MODULES: list[str] = [
+    "gateway.tasks.derived",
+    "gateway.tasks.sweeps",
+    "gateway.transfers.tasks",
+]
 
 # Failures that say "not now" (a backend is down), not "never": the task is retried
 # later with a growing delay.

@@ -118,12 +118,11 @@ def test_closure_incomplete_then_pulled_complete(tmp_path: Path) -> None:
         assert down.returncode == 1, down.stderr
         state = json.loads(down.stdout)
         assert (state["planned"], state["failed_attempts"], state["pending"]) == (1, 1, 1)
-        # The node is back: the pull resumes from its stored state and completes.
+        # The node is back: the pull task (as a worker or cron runs it) finds the
+        # transfer with a retry due, resumes from the stored state and completes.
         gw.start("--dimse-workers", "1")
-        up = gw.cli(
-            "transfer", "pull", tid, "--backoff", "0.2", "--wait", "--timeout", "60", "--json"
-        )
-        state = json.loads(up.stdout)
+        up = gw.cli("tasks", "run", "studybridge.transfer_pull")
+        state = json.loads(up.stdout.split(": ", 1)[1])[tid]
         assert (state["moved"], state["done"], state["pending"]) == (1, 1, 0)
 
         out2 = tmp_path / "receipt2.json"

@@ -63,3 +63,27 @@ def test_plan_follows_what_is_missing(archive: Archive, tmp_path: Path) -> None:
             (i.study_uid, i.series_uid): i.status for i in session.scalars(select(TransferPull))
         }
     assert items == {(study, series): "done", (other_study, ""): "pending"}
+
+
+def test_waiting_pull_retries_an_unreachable_source_then_gives_up(archive: Archive) -> None:
+    from gateway.peers import Peer
+    from gateway.transfers.pull import run_pull
+    from tests.servers import free_port
+
+    tid = create_transfer(archive.db, institution="Lac", reason="closure", issuer="LAC").id
+    store_expected(archive.db, tid, [ExpectedLine("1.2.3.4.6", "", 1)], origin="manifest")
+    plan_pull(archive.db, tid)
+    nobody = Peer("GONE", "127.0.0.1", free_port())  # nothing listens there
+    summary = run_pull(
+        archive.db,
+        archive.settings,
+        nobody,
+        tid,
+        PullPolicy(max_attempts=3, backoff_seconds=0.05, rate_per_minute=6000),
+        wait=True,
+    )
+    assert (summary.failed_attempts, summary.failed, summary.pending) == (3, 1, 0)
+    assert "unreachable" in summary.errors[0]
+    with archive.db.reading() as session:
+        [item] = session.scalars(select(TransferPull)).all()
+    assert item.attempts == 3 and item.status == "failed" and "unreachable" in item.last_error
