@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -35,9 +35,29 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     # SQLAlchemy URL of the index; empty means SQLite in data_dir.
     database_url: str = ""
-    # Blob store: "file" keeps instances below blob_dir (default data_dir/blobs).
-    blob_store: Literal["file"] = "file"
+    # Blob store: "file" keeps instances below blob_dir (default data_dir/blobs);
+    # "s3" in a bucket of an S3-compatible object store (MinIO, AWS S3, SeaweedFS).
+    blob_store: Literal["file", "s3"] = "file"
     blob_dir: Path | None = None
+    # S3: endpoint as host:port, TLS unless s3_secure is false, keys under s3_prefix.
+    s3_endpoint: str = ""
+    s3_bucket: str = "studybridge"
+    s3_prefix: str = ""
+    s3_access_key: SecretStr = SecretStr("")
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_region: str = ""
+    s3_secure: bool = True
+    # Create the bucket at start when missing (else it must exist).
+    s3_create_bucket: bool = True
+    # Server-side encryption: "" none, "s3" (SSE-S3), "kms" (SSE-KMS with s3_kms_key_id).
+    s3_sse: Literal["", "s3", "kms"] = ""
+    s3_kms_key_id: str = ""
+    # Objects larger than this go up as multipart uploads of parts this size (>= 5 MiB).
+    s3_part_size: int = 16 * 1024 * 1024
+    # Seconds to connect / wait for an answer; failed requests are retried this often.
+    s3_connect_timeout: float = 5.0
+    s3_read_timeout: float = 60.0
+    s3_retries: int = 2
 
     # DICOM node.
     ae_title: str = "STUDYBRIDGE"

@@ -3,6 +3,10 @@
 The archive fixture runs each test on both index backends. PostgreSQL is the one at
 127.0.0.1:5432 (trust auth); each test session creates its own database and drops
 it afterwards. Without CI=true a missing PostgreSQL skips those cases; in CI it fails.
+
+Modules marked ``production`` also run on the production combination: PostgreSQL
+and an S3 blob store (a SeaweedFS server started once per session, one key prefix
+per test). Only some modules take it, to keep the suite's time in bounds.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from sqlalchemy import create_engine, text
 from gateway.archive import Archive
 from gateway.archive.db import migrate
 from gateway.config import Settings
+from tests.s3server import SeaweedFS, seaweedfs
 
 PG_ADMIN_URL = os.environ.get(
     "STUDYBRIDGE_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -76,9 +81,23 @@ def truncate_pg(url: str) -> None:
     engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    chosen = any(
+        "backend" in str(mark.args[0]) for mark in metafunc.definition.iter_markers("parametrize")
+    )
+    if "backend" in metafunc.fixturenames and not chosen:
+        backends = ["sqlite", "postgres"]
+        marks = metafunc.definition
+        if marks.get_closest_marker("production") and not marks.get_closest_marker("file_store"):
+            backends.append("production")
+        metafunc.parametrize("backend", backends)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One SeaweedFS S3 server for the test session."""
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
 
 
 @pytest.fixture
@@ -89,6 +108,16 @@ def settings(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Se
         truncate_pg(url)
         request.node.add_marker(pytest.mark.postgres)
         return Settings(data_dir=tmp_path / "var", database_url=url)
+    if backend == "production":
+        url = request.getfixturevalue("pg_url")
+        truncate_pg(url)
+        s3: SeaweedFS = request.getfixturevalue("s3_server")
+        request.node.add_marker(pytest.mark.postgres)
+        return Settings(
+            data_dir=tmp_path / "var",
+            database_url=url,
+            **s3.settings(prefix=f"t-{uuid.uuid4().hex[:12]}"),  # type: ignore[arg-type]
+        )
     return Settings(data_dir=tmp_path / "var")
 
 

@@ -7,11 +7,13 @@ process needs: the settings, the index database, the blob store, the ingestor, a
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.archive.blobstore import BlobStore, FileStore
 from gateway.archive.db import Database, migrate
+from gateway.archive.errors import StorageUnavailable
 from gateway.archive.ingest import Ingestor, IngestResult, Outcome, Source
 from gateway.archive.query import Level, Query, QueryResult, run_query
 from gateway.archive.retrieve import RetrieveRequest, StoredInstance, find_instances
@@ -20,6 +22,8 @@ from gateway.config import Settings
 if TYPE_CHECKING:
     from gateway.tasks.dispatch import Dispatcher
     from gateway.tasks.hooks import PostIngest
+
+log = logging.getLogger(__name__)
 
 
 class Archive:
@@ -85,6 +89,33 @@ class Archive:
 
 
 def make_blob_store(settings: Settings) -> BlobStore:
+    """The configured blob store; an S3 bucket is checked (or created) here."""
+    if settings.blob_store == "s3":
+        from gateway.archive.s3store import S3Store
+
+        store = S3Store(
+            endpoint=settings.s3_endpoint,
+            bucket=settings.s3_bucket,
+            access_key=settings.s3_access_key.get_secret_value(),
+            secret_key=settings.s3_secret_key.get_secret_value(),
+            region=settings.s3_region,
+            secure=settings.s3_secure,
+            prefix=settings.s3_prefix,
+            sse=settings.s3_sse,
+            kms_key_id=settings.s3_kms_key_id,
+            part_size=settings.s3_part_size,
+            connect_timeout=settings.s3_connect_timeout,
+            read_timeout=settings.s3_read_timeout,
+            retries=settings.s3_retries,
+            create_bucket=settings.s3_create_bucket,
+            scratch_dir=settings.staging_dir,
+        )
+        try:
+            store.prepare()
+        except StorageUnavailable as exc:
+            # Start anyway: readiness reports it, and every write tries again.
+            log.warning("blob store not ready: %s", exc)
+        return store
     return FileStore(settings.resolved_blob_dir)
 
 

@@ -37,7 +37,11 @@ from gateway.archive.rendering import Window, _apply_window
 from tests.dicomweb.conftest import TEST_SOURCE, LiveServer
 from tests.factories import ct_slice, dataset_bytes, uid, write
 
-pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.production,
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
 
 EVRLE = str(ExplicitVRLittleEndian)
 ORG = "1.2.826.0.1.3680043.10.1234."

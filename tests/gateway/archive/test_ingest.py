@@ -55,9 +55,10 @@ from tests.gateway.archive.helpers import (
     events,
     instance,
     instances,
+    read_blob,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.production, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 def sha256(data: bytes) -> str:
@@ -104,7 +105,7 @@ def test_new_instance_is_stored_with_its_bytes_and_provenance(archive: Archive, 
     blob = blob_bytes(archive, row.blob_key)
     assert blob[row.dataset_offset :] == data
     # The blob is a Part 10 file pydicom reads back whole.
-    stored = pydicom.dcmread(archive.settings.resolved_blob_dir / row.blob_key)
+    stored = read_blob(archive, row.blob_key)
     assert stored.SOPInstanceUID == ds.SOPInstanceUID
     assert stored.PixelData == ds.PixelData
     assert blob_keys(archive) == [row.blob_key]
@@ -794,6 +795,7 @@ def test_moderately_nested_sequences_are_fine(archive: Archive, tmp_path: Path):
 
 # -- storage failures ------------------------------------------------------------------------
 @pytest.mark.fast
+@pytest.mark.file_store
 def test_blob_store_replaced_by_a_file_is_storage_unavailable(archive: Archive, tmp_path: Path):
     """Permissions cannot be used to make the store unwritable: the tests run as root, which
     ignores them. A regular file where the store's root folder should be makes every write
@@ -814,6 +816,7 @@ def test_blob_store_replaced_by_a_file_is_storage_unavailable(archive: Archive, 
 
 
 @pytest.mark.fast
+@pytest.mark.file_store
 @pytest.mark.parametrize("bare_input", [False, True], ids=["part10", "bare"])
 def test_full_blob_store_is_storage_unavailable_and_leaves_no_partial_file(
     archive: Archive, tmp_path: Path, bare_input: bool
@@ -873,7 +876,7 @@ def test_bare_data_set_is_wrapped_and_stored(
     assert blob[128:132] == b"DICM"
     assert blob[row.dataset_offset :] == original
     assert row.sha256 == sha256(original) and row.size == len(original)
-    stored = pydicom.dcmread(archive.settings.resolved_blob_dir / row.blob_key)
+    stored = read_blob(archive, row.blob_key)
     assert stored.file_meta.TransferSyntaxUID == ts
     assert stored.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert stored.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
@@ -892,7 +895,7 @@ def test_pydicom_files_without_meta_are_wrapped(archive: Archive, name: str):
     row = instances(archive)[0]
     assert blob_bytes(archive, row.blob_key)[row.dataset_offset :] == original
     expected = pydicom.dcmread(path, force=True)
-    stored = pydicom.dcmread(archive.settings.resolved_blob_dir / row.blob_key)
+    stored = read_blob(archive, row.blob_key)
     assert stored.SOPInstanceUID == expected.SOPInstanceUID
     assert stored.Modality == expected.Modality
     assert len(stored) == len(expected)

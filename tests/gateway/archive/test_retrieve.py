@@ -14,7 +14,11 @@ from gateway.archive.retrieve import iter_dataset_bytes, local_part10, open_data
 from tests.factories import ct_slice, dataset_bytes, uid, write
 from tests.gateway.archive.helpers import SOURCE
 
-pytestmark = [pytest.mark.fast, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [
+    pytest.mark.fast,
+    pytest.mark.production,
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
 
 
 @pytest.fixture
