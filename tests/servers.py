@@ -164,14 +164,18 @@ def running_gateway(tmp: Path, env_extra: dict[str, str] | None = None) -> Itera
 
 
 @contextlib.contextmanager
-def storescp(tmp: Path, ae_title: str = "DEST") -> Iterator[tuple[int, Path]]:
-    """dcmtk's storescp accepting every transfer syntax, writing into a folder."""
+def storescp(
+    tmp: Path, ae_title: str = "DEST", *, accept_all: bool = True
+) -> Iterator[tuple[int, Path]]:
+    """dcmtk's storescp writing into a folder; accepting every transfer syntax, or
+    (``accept_all=False``) only the uncompressed ones, as dcmtk does by default."""
     exe = require_tool("storescp")
     port = free_port()
     out = tmp / f"storescp-{ae_title}"
     out.mkdir(parents=True, exist_ok=True)
+    syntaxes = ["+xa"] if accept_all else []
     proc = subprocess.Popen(
-        [exe, "-aet", ae_title, "+xa", "+uf", "-od", str(out), "--fork", str(port)],
+        [exe, "-aet", ae_title, *syntaxes, "+uf", "-od", str(out), "--fork", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=dcmtk_env(),

@@ -36,6 +36,7 @@ TASK_MODULES: list[str] = [
     "gateway.tasks.derived",
     "gateway.tasks.sweeps",
     "gateway.transfers.tasks",
+    "gateway.forward.tasks",
 ]
 
 # Failures that say "not now" (a backend is down), not "never": the task is retried

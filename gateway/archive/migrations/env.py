@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from gateway.archive.models import Base
+from gateway.forward import models as _forward_models  # noqa: F401 - registers tables
 from gateway.transfers import models as _transfer_models  # noqa: F401 - registers tables
 
 target_metadata = Base.metadata

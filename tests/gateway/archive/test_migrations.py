@@ -8,6 +8,7 @@ from alembic.migration import MigrationContext
 
 from gateway.archive import Archive
 from gateway.archive.models import Base
+from gateway.forward import models as _forward_models  # noqa: F401 - registers tables
 from gateway.transfers import models as _transfer_models  # noqa: F401 - registers tables
 
 pytestmark = pytest.mark.fast
