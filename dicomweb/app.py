@@ -1,9 +1,10 @@
 """The FastAPI application served by ``studybridge serve``.
 
-Operational endpoints: ``/healthz`` (the process is up) and ``/readyz`` (the index
-and the blob store answer). The DICOMweb services (QIDO-RS, WADO-RS, STOW-RS,
-WADO-URI) are routers mounted under ``settings.dicomweb_prefix``; archive errors
-become HTTP statuses through the one table in ``dicomweb.errors``.
+Operational endpoints: ``/healthz`` (the process is up), ``/readyz`` (the index
+and the blob store answer) and ``/metrics`` (Prometheus, every serving process).
+The DICOMweb services (QIDO-RS, WADO-RS, STOW-RS, WADO-URI) are routers mounted
+under ``settings.dicomweb_prefix``; archive errors become HTTP statuses through the
+one table in ``dicomweb.errors``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicomweb import capabilities, qido, stow, wado
@@ -24,10 +25,12 @@ from dicomweb.errors import (
     index_error_handler,
 )
 from dicomweb.middleware import CatchAllErrors, JSONGZip, ResourcePolicy
+from dicomweb.request_ids import RequestIDs
 from gateway import __version__
 from gateway.archive import Archive
 from gateway.archive.errors import ArchiveError
 from gateway.config import Settings
+from gateway.ops import metrics
 
 
 def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
@@ -55,8 +58,9 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
         allow_origins=settings.cors_origins,
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["Authorization", "Accept", "Content-Type", "If-None-Match"],
-        expose_headers=["Warning", "ETag", "Content-Location"],
+        expose_headers=["Warning", "ETag", "Content-Location", "X-Request-ID"],
     )
+    app.add_middleware(RequestIDs)  # outermost: every answer and log line has its ID
 
     app.include_router(qido.router, prefix=prefix, tags=["QIDO-RS"])
     app.include_router(wado.router, prefix=prefix, tags=["WADO-RS"])
@@ -70,6 +74,11 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
 
     if prefix:
         app.add_api_route(prefix, capability_description, methods=["GET"], include_in_schema=False)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_endpoint() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

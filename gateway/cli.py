@@ -24,6 +24,8 @@ from gateway.cli_common import (
     open_archive,
     settings_from,
 )
+from gateway.ops import commands as ops_commands
+from gateway.ops.doctor import redact_url
 from gateway.peers import PeerError, PeerRegistry
 
 app = typer.Typer(
@@ -40,6 +42,11 @@ app.add_typer(tasks_app, name="tasks")
 
 _settings = settings_from
 _archive = open_archive
+
+app.command()(ops_commands.doctor)
+app.command()(ops_commands.scrub)
+db_app.command("backup")(ops_commands.db_backup)
+db_app.command("restore")(ops_commands.db_restore)
 
 
 @app.command()
@@ -288,7 +295,7 @@ def tasks_status(
             err.print(f"[red]broker unreachable:[/red] {exc.__class__.__name__}: {exc}")
             raise typer.Exit(1) from exc
         figures = {
-            "broker": _redact_url(settings.task_broker_url),
+            "broker": redact_url(settings.task_broker_url),
             "queues": {settings.task_queue: depth},
             "tasks": names,
         }
@@ -299,15 +306,6 @@ def tasks_status(
     for queue, depth in figures["queues"].items():  # type: ignore[attr-defined]
         console.print(f"queue {queue}: {depth} waiting")
     console.print("tasks: " + ", ".join(names))
-
-
-def _redact_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
 
 
 @tasks_app.command("run")

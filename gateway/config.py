@@ -146,6 +146,8 @@ class Settings(BaseSettings):
     profile: Literal["default", "demo", "production"] = "default"
 
     log_level: str = "INFO"
+    # "text" for people, "json" (one object per line, with request IDs) for collectors.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("ae_title")
     @classmethod
@@ -180,6 +182,11 @@ class Settings(BaseSettings):
     @property
     def resolved_blob_dir(self) -> Path:
         return (self.blob_dir or self.data_dir / "blobs").resolve()
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Where the serving processes of one gateway keep their metric samples."""
+        return (self.data_dir / "metrics").resolve()
 
     @property
     def staging_dir(self) -> Path:

@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,8 @@ from typing import Any
 
 from gateway.archive.db import migrate
 from gateway.config import Settings
+from gateway.ops.logs import setup_logging
+from gateway.ops.metrics import prepare_multiprocess, process_exited
 from gateway.runtime import configure_serving_process
 
 log = logging.getLogger("studybridge.serve")
@@ -41,17 +42,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def _dimse_child(settings: Settings, index: int, ready: Any) -> None:
     _die_with_parent()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     from gateway.dimse.server import run_worker
 
     run_worker(settings, index, ready)
@@ -59,7 +52,7 @@ def _dimse_child(settings: Settings, index: int, ready: Any) -> None:
 
 def _http_child(settings: Settings, ready: Any) -> None:
     _die_with_parent()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     configure_serving_process()
     import uvicorn
 
@@ -172,6 +165,8 @@ class Supervisor:
                     self._stop_children()
                     return 1
                 log.warning("%s exited with code %s; restarting", name, proc.exitcode)
+                if proc.pid is not None:
+                    process_exited(proc.pid)
                 self._start(name)
         self._stop_children()
         return 0
@@ -216,7 +211,9 @@ class Supervisor:
 
 
 def serve(settings: Settings, say: Callable[[str], None] = print) -> int:
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
+    # Before any child starts: metrics from every process, added up at /metrics.
+    prepare_multiprocess(settings.metrics_dir)
     if settings.effective_accept_unknown_peers:
         say(
             "WARNING: accepting associations from any calling AE title "

@@ -8,16 +8,18 @@ process needs: the settings, the index database, the blob store, the ingestor, a
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.archive.blobstore import BlobStore, FileStore
 from gateway.archive.db import Database, migrate
-from gateway.archive.errors import StorageUnavailable
+from gateway.archive.errors import ArchiveError, StorageUnavailable
 from gateway.archive.ingest import Ingestor, IngestResult, Outcome, Source
 from gateway.archive.query import Level, Query, QueryResult, run_query
 from gateway.archive.retrieve import RetrieveRequest, StoredInstance, find_instances
 from gateway.config import Settings
+from gateway.ops import metrics
 
 if TYPE_CHECKING:
     from gateway.tasks.dispatch import Dispatcher
@@ -67,10 +69,20 @@ class Archive:
             self.ingestor.after_store.append(self._post_ingest)
 
     def ingest_file(self, path: Path, source: Source, *, owned: bool = False) -> IngestResult:
-        return self.ingestor.ingest_file(path, source, owned=owned)
+        started = time.perf_counter()
+        try:
+            result = self.ingestor.ingest_file(path, source, owned=owned)
+        except ArchiveError as exc:
+            metrics.observe_failure(source.door, exc.reason)
+            raise
+        metrics.observe_ingest(
+            source.door, result.outcome.value, result.size, time.perf_counter() - started
+        )
+        return result
 
     def query(self, query: Query) -> QueryResult:
-        return run_query(self.db, query)
+        with metrics.QUERY_SECONDS.labels(query.level.value).time():
+            return run_query(self.db, query)
 
     def find_instances(self, request: RetrieveRequest) -> list[StoredInstance]:
         return find_instances(self.db, request)

@@ -28,6 +28,7 @@ from gateway.archive.charsets import response_character_set
 from gateway.archive.errors import ArchiveError, InvalidQuery
 from gateway.dimse import status
 from gateway.dimse.sending import StoredRef, contexts_for
+from gateway.ops import metrics
 from gateway.peers import Peer, PeerRegistry
 from gateway.transfers.records import TransferBindings
 
@@ -69,6 +70,7 @@ class Handlers:
         peer = self.peers.get(calling)
         if peer is None:
             if self.settings.effective_accept_unknown_peers:
+                metrics.ASSOCIATIONS.labels("accepted").inc()
                 return
             log.warning("refused association from unregistered AE %r at %s", calling, address)
             self._reject(event)
@@ -81,9 +83,12 @@ class Handlers:
                 address,
             )
             self._reject(event)
+            return
+        metrics.ASSOCIATIONS.labels("accepted").inc()
 
     @staticmethod
     def _reject(event: Event) -> None:
+        metrics.ASSOCIATIONS.labels("rejected").inc()
         # Rejected permanent, by the service user, calling AE title not recognised.
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
         event.assoc.kill()

@@ -1,0 +1,1 @@
+"""Operations: checks (doctor), integrity (scrub), metrics, logs and index backups."""
