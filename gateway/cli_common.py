@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from gateway.archive import Archive
 from gateway.config import Settings, load_settings
@@ -34,3 +35,12 @@ def settings_from(data_dir: Path | None, config: Path | None, **overrides: objec
 
 def open_archive(settings: Settings) -> Archive:
     return Archive.open(settings, migrate_schema=True)
+
+
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``message`` as an error; the Exit to raise with ``code``."""
+    err.print(f"[red]{escape(message)}[/red]")
+    return typer.Exit(code)

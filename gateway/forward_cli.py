@@ -17,7 +17,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from gateway.cli_common import ConfigFile, DataDir, console, err, open_archive, settings_from
+from gateway.cli_common import (
+    ConfigFile,
+    DataDir,
+    JsonOut,
+    console,
+    err,
+    fail,
+    open_archive,
+    settings_from,
+)
 from gateway.config import Settings
 from gateway.forward.jobs import (
     ForwardError,
@@ -33,16 +42,10 @@ from gateway.forward.reconcile import Reconciliation
 
 jobs_app = typer.Typer(help="Forwarding jobs: list, show, resume.")
 
-JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 Backoff = Annotated[float, typer.Option(help="First retry delay in seconds (doubling).")]
 Timeout = Annotated[
     float | None, typer.Option(help="Stop waiting for retries after this many seconds.")
 ]
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]{escape(message)}[/red]")
-    return typer.Exit(code)
 
 
 def _print(info: JobInfo, json_output: bool) -> None:
@@ -113,7 +116,7 @@ def forward(
             max_attempts=max_attempts,
         )
     except ForwardError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     finally:
         archive.close()
     if not json_output:
@@ -169,7 +172,7 @@ def jobs_show(
         info = get_job(archive, job_id)
         lines = items(archive, job_id)
     except ForwardError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     finally:
         archive.close()
     if json_output:
@@ -207,7 +210,7 @@ def jobs_resume(
     try:
         requeue(archive, job_id)
     except ForwardError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     finally:
         archive.close()
     _run(job_id, backoff, timeout, json_output, settings)

@@ -22,7 +22,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from gateway.cli_common import ConfigFile, DataDir, console, err, open_archive, settings_from
+from gateway.cli_common import (
+    ConfigFile,
+    DataDir,
+    JsonOut,
+    console,
+    err,
+    fail,
+    open_archive,
+    settings_from,
+)
 from gateway.peers import PeerRegistry
 from gateway.transfers.census import CensusError, take_census
 from gateway.transfers.expected import ManifestError, parse_manifest, store_expected
@@ -51,13 +60,6 @@ transfer_app = typer.Typer(
     no_args_is_help=True,
 )
 
-JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]{escape(message)}[/red]")
-    return typer.Exit(code)
-
 
 def _date(value: str | None, what: str) -> dt.date | None:
     if not value:
@@ -65,7 +67,7 @@ def _date(value: str | None, what: str) -> dt.date | None:
     try:
         return dt.date.fromisoformat(value)
     except ValueError as exc:
-        raise _fail(f"{what}: {value!r} is not a date (YYYY-MM-DD)") from exc
+        raise fail(f"{what}: {value!r} is not a date (YYYY-MM-DD)") from exc
 
 
 @transfer_app.command("create")
@@ -89,7 +91,7 @@ def create(
     archive = open_archive(settings_from(data_dir, config))
     try:
         if source_ae and PeerRegistry(archive.db).get(source_ae.strip()) is None:
-            raise _fail(f"no peer {source_ae}: register it first with `studybridge peers add`")
+            raise fail(f"no peer {source_ae}: register it first with `studybridge peers add`")
         info = create_transfer(
             archive.db,
             institution=institution,
@@ -103,7 +105,7 @@ def create(
             notes=notes,
         )
     except TransferError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     finally:
         archive.close()
     if json_output:
@@ -152,7 +154,7 @@ def show(
         info = get_transfer(archive.db, transfer_id)
         counts = reconcile(archive.db, transfer_id).counts()
     except TransferError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     finally:
         archive.close()
     data = {**info.as_dict(), "progress": counts}
@@ -184,7 +186,7 @@ def manifest(
         lines = parse_manifest(path)
         count = store_expected(archive.db, transfer_id, lines, origin="manifest", replace=replace)
     except (TransferError, ManifestError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     finally:
         archive.close()
     studies = len({line.study_uid for line in lines})
@@ -217,10 +219,10 @@ def census(
     try:
         info = get_transfer(archive.db, transfer_id)
         if not info.source_ae:
-            raise _fail(f"transfer {transfer_id} names no source AE to ask")
+            raise fail(f"transfer {transfer_id} names no source AE to ask")
         peer = PeerRegistry(archive.db).get(info.source_ae)
         if peer is None:
-            raise _fail(f"peer {info.source_ae} is no longer registered")
+            raise fail(f"peer {info.source_ae} is no longer registered")
         start = _date(date_from, "--from")
         assert start is not None
         end = _date(date_to, "--to") or dt.date.today()
@@ -236,7 +238,7 @@ def census(
         if result.lines:
             store_expected(archive.db, transfer_id, result.lines, origin="census", replace=replace)
     except (TransferError, CensusError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     finally:
         archive.close()
     summary = {
@@ -288,10 +290,10 @@ def pull(
     try:
         info = get_transfer(archive.db, transfer_id)
         if info.status == "complete":
-            raise _fail(f"transfer {transfer_id} is complete: nothing to pull")
+            raise fail(f"transfer {transfer_id} is complete: nothing to pull")
         peer = PeerRegistry(archive.db).get(info.source_ae) if info.source_ae else None
         if peer is None:
-            raise _fail(f"transfer {transfer_id} has no registered source AE to pull from")
+            raise fail(f"transfer {transfer_id} has no registered source AE to pull from")
         policy = PullPolicy.from_settings(
             settings,
             rate_per_minute=rate,
@@ -312,7 +314,7 @@ def pull(
             say=None if json_output else (lambda m: err.print(escape(m))),
         )
     except (TransferError, PullError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     finally:
         archive.close()
     if json_output:
@@ -344,7 +346,7 @@ def report(
         get_transfer(archive.db, transfer_id)
         rec = reconcile(archive.db, transfer_id)
     except TransferError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     finally:
         archive.close()
     if json_output:
@@ -404,7 +406,7 @@ def finalize_(
     try:
         done = finalize(archive.db, settings, transfer_id)
     except (TransferError, ReceiptError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     finally:
         archive.close()
     text = render_text(done.document)
@@ -431,7 +433,7 @@ def receipt(
     finally:
         archive.close()
     if document is None:
-        raise _fail(f"transfer {transfer_id} has no receipt yet")
+        raise fail(f"transfer {transfer_id} has no receipt yet")
     console.out(render_text(json.loads(document)) if text else document, highlight=False)
 
 
@@ -457,10 +459,10 @@ def verify_receipt(
         else:
             key_file = settings.resolved_receipt_key_file
             if not key_file.exists():
-                raise _fail(f"no signing key at {key_file}; pass --public-key")
+                raise fail(f"no signing key at {key_file}; pass --public-key")
             trusted = load_public_key(key_file)
     except (ReceiptError, OSError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     result = verify(path.read_text(errors="replace"), trusted)
     problems = list(result.problems)
     if result.ok and against_archive and result.receipt is not None:
@@ -488,5 +490,5 @@ def public_key_(data_dir: DataDir = None, config: ConfigFile = None) -> None:
     try:
         key = load_or_create_key(settings.resolved_receipt_key_file)
     except ReceiptError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     console.out(public_pem(key), highlight=False, end="")
