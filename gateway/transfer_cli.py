@@ -1,7 +1,7 @@
 """``studybridge transfer ...``: closure transfers from the operator's console.
 
 create, list, show, manifest, census, pull, report, finalize, receipt,
-verify-receipt and public-key. Exit codes: 0 done (``finalize``: complete;
+verify-receipt, public-key, patients and hand-back. Exit codes: 0 done (``finalize``: complete;
 ``verify-receipt``: valid; ``pull``: nothing left), 1 finalized incomplete, receipt
 invalid or pull items left, 2 bad input (unknown transfer, bad manifest,
 unreachable PACS).
@@ -12,7 +12,9 @@ come with the consent layer (see docs/transfers.md).
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
 import time
 from pathlib import Path
@@ -32,10 +34,13 @@ from gateway.cli_common import (
     open_archive,
     settings_from,
 )
+from gateway.forward.jobs import ForwardError, run_job
 from gateway.peers import PeerRegistry
 from gateway.transfers.census import CensusError, take_census
 from gateway.transfers.expected import ManifestError, parse_manifest, store_expected
 from gateway.transfers.finalize import finalize, latest_receipt
+from gateway.transfers.handback import hand_back
+from gateway.transfers.patients import AffectedPatient, affected_patients
 from gateway.transfers.pull import PullError, PullPolicy, Window, plan_pull, run_pull
 from gateway.transfers.receipt import (
     ReceiptError,
@@ -329,6 +334,74 @@ def pull(
             + (f" ({escape(summary.stopped)})" if summary.stopped else "")
         )
     if summary.pending or summary.failed:
+        raise typer.Exit(1)
+
+
+@transfer_app.command("patients")
+def patients(
+    transfer_id: Annotated[int, typer.Argument(help="Transfer id.")],
+    csv_output: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    json_output: JsonOut = False,
+) -> None:
+    """The patients whose studies the transfer brought: for the clinic's notice."""
+    archive = open_archive(settings_from(data_dir, config))
+    try:
+        get_transfer(archive.db, transfer_id)
+        found = affected_patients(archive.db, transfer_id)
+    except TransferError as exc:
+        raise fail(str(exc)) from exc
+    finally:
+        archive.close()
+    fields = list(AffectedPatient.__dataclass_fields__)
+    if json_output:
+        console.out(json.dumps([p.as_dict() for p in found], indent=2), highlight=False)
+    elif csv_output:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(p.as_dict() for p in found)
+        console.out(buffer.getvalue(), highlight=False, end="")
+    else:
+        table = Table(*(f.replace("_", " ") for f in fields))
+        for p in found:
+            table.add_row(*(escape(str(v)) for v in p.as_dict().values()))
+        console.print(table)
+
+
+@transfer_app.command("hand-back")
+def hand_back_(
+    transfer_id: Annotated[int, typer.Argument(help="Transfer id (a suspension).")],
+    to: Annotated[str, typer.Option("--to", help="AE title of the reopening clinic's PACS.")],
+    backoff: Annotated[float, typer.Option(help="First retry delay in seconds.")] = 30.0,
+    timeout: Annotated[
+        float | None, typer.Option(help="Stop waiting for retries after this many seconds.")
+    ] = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Return a suspension's studies to the reopening clinic's PACS (forwarding jobs)."""
+    settings = settings_from(data_dir, config)
+    archive = open_archive(settings)
+    try:
+        jobs = hand_back(archive, transfer_id, to.strip())
+        console.print(f"{len(jobs)} forwarding jobs created: {', '.join(str(j.id) for j in jobs)}")
+        deadline = time.monotonic() + timeout if timeout else None
+        results = [
+            run_job(archive, settings, j.id, backoff_seconds=backoff, wait=True, deadline=deadline)
+            for j in jobs
+        ]
+    except (TransferError, ForwardError) as exc:
+        raise fail(str(exc)) from exc
+    finally:
+        archive.close()
+    for r in results:
+        console.print(
+            f"job {r.id} ({r.study_uid}): {r.status}, {r.counts['sent']} sent, "
+            f"{r.counts['pending']} pending, {r.counts['failed']} failed"
+        )
+    if any(r.status != "done" or r.counts["failed"] for r in results):
         raise typer.Exit(1)
 
 

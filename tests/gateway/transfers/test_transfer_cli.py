@@ -56,6 +56,16 @@ def test_import_into_a_transfer_then_finalize(tmp_path: Path) -> None:
     assert "COMPLETE" in out
     code, out = _run("transfer", "list", *data)
     assert "complete" in out
+    # The notice list: one line per patient with their number of studies.
+    code, out = _run("transfer", "patients", "1", "--json", *data)
+    found = {p["patient_id"]: p for p in json.loads(out)}
+    assert set(found) == {"P1", "PAT001"} and found["P1"]["studies"] == 1
+    assert found["P1"]["issuer"] == "LAC" and found["P1"]["name"] == "DOE^JANE"
+    code, out = _run("transfer", "patients", "1", "--csv", *data)
+    assert out.splitlines()[0].startswith("patient_id,issuer,name")
+    # A closure is not handed back.
+    code, out = _run("transfer", "hand-back", "1", "--to", "X", *data)
+    assert code == 2 and "only suspensions" in out
     # A complete transfer takes no more instances.
     code, out = _run("import", str(disc), "--transfer", "1", *data)
     assert code == 2 and "takes no more instances" in out
