@@ -376,9 +376,10 @@ def db_upgrade(data_dir: DataDir = None, config: ConfigFile = None) -> None:
 
 # Command groups kept in modules of their own (they use the helpers above).
 from gateway.forward_cli import forward, jobs_app  # noqa: E402 - needs nothing above
-from gateway.transfer_cli import transfer_app  # noqa: E402 - needs nothing above
+from gateway.transfer_cli import retention_app, transfer_app  # noqa: E402 - needs nothing above
 
 app.add_typer(transfer_app, name="transfer")
+app.add_typer(retention_app, name="retention")
 app.command("forward")(forward)
 app.add_typer(jobs_app, name="jobs")
 

@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     pull_timezone: str = "UTC"
     pull_max_attempts: int = 8
     pull_backoff_seconds: float = 60.0
+    # Retention: years a study is kept from its Study Date (else from its arrival),
+    # per record type (a modality: {"CR" = 5, "MG" = 10}); a study with several
+    # modalities takes the longest. Others: retention_default_years.
+    retention_default_years: int = 10
+    retention_years: dict[str, int] = {}
 
     # Background tasks (gateway.tasks): derived work after ingest (series metadata,
     # thumbnails), sweeps, forwarding. Broker URL: empty runs the tasks in a thread

@@ -59,6 +59,12 @@ from gateway.transfers.records import (
     list_transfers,
 )
 from gateway.transfers.report import held_instances, reconcile
+from gateway.transfers.retention import (
+    RetentionError,
+    apply_retention,
+    retention_lines,
+    set_hold,
+)
 
 transfer_app = typer.Typer(
     help="Closure transfers: a closing clinic's archive handed over, checked and receipted.",
@@ -565,3 +571,97 @@ def public_key_(data_dir: DataDir = None, config: ConfigFile = None) -> None:
     except ReceiptError as exc:
         raise fail(str(exc)) from exc
     console.out(public_pem(key), highlight=False, end="")
+
+
+retention_app = typer.Typer(
+    help="Retention: keep-until dates per record type, legal holds, what is due.",
+    no_args_is_help=True,
+)
+
+
+@retention_app.command("apply")
+def retention_apply(
+    recompute: Annotated[
+        bool, typer.Option("--recompute", help="Recompute dates already set (new policy).")
+    ] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Give every study without one a retain-until date from the policy."""
+    settings = settings_from(data_dir, config)
+    archive = open_archive(settings)
+    try:
+        count = apply_retention(archive.db, settings, recompute=recompute)
+    finally:
+        archive.close()
+    console.print(f"retention dates set for {count} studies")
+
+
+@retention_app.command("report")
+def retention_report(
+    due_on: Annotated[
+        str | None, typer.Option(help="List what is due on this date (default today).")
+    ] = None,
+    holds: Annotated[bool, typer.Option("--holds", help="List the legal holds instead.")] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    json_output: JsonOut = False,
+) -> None:
+    """Studies past their retention date and not on hold (nothing is deleted)."""
+    archive = open_archive(settings_from(data_dir, config))
+    try:
+        lines = retention_lines(archive.db, due_on=_date(due_on, "--due-on"), holds=holds)
+    finally:
+        archive.close()
+    if json_output:
+        console.out(json.dumps([line.as_dict() for line in lines], indent=2), highlight=False)
+        return
+    table = Table("study", "patient", "study date", "keep until", "type", "years", "hold")
+    for line in lines:
+        table.add_row(
+            line.study_uid,
+            escape(line.patient_id),
+            line.study_date,
+            line.retain_until.isoformat(),
+            line.record_type,
+            str(line.years),
+            escape(line.hold_reason) if line.legal_hold else "",
+        )
+    console.print(table)
+    what = "on legal hold" if holds else "due"
+    console.print(f"{len(lines)} studies {what}")
+
+
+@retention_app.command("hold")
+def retention_hold(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    reason: Annotated[str, typer.Option(help="Why (case, authority, reference).")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Put a study on legal hold: never listed as due while held."""
+    archive = open_archive(settings_from(data_dir, config))
+    try:
+        set_hold(archive.db, study_uid.strip(), hold=True, reason=reason)
+    except RetentionError as exc:
+        raise fail(str(exc)) from exc
+    finally:
+        archive.close()
+    console.print(f"study {study_uid} is on legal hold")
+
+
+@retention_app.command("release")
+def retention_release(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Lift a legal hold."""
+    archive = open_archive(settings_from(data_dir, config))
+    try:
+        set_hold(archive.db, study_uid.strip(), hold=False)
+    except RetentionError as exc:
+        raise fail(str(exc)) from exc
+    finally:
+        archive.close()
+    console.print(f"legal hold on study {study_uid} lifted")

@@ -4,7 +4,7 @@ Finalizing needs an expectation (a manifest or a census): without one completene
 cannot be judged. An incomplete transfer keeps accepting instances (from the
 clinic, an import or pull mode) and can be finalized again; every receipt issued is
 kept. A complete transfer is closed: its AE title's later C-STOREs are no longer
-tagged to it.
+tagged to it. Finalizing gives the transfer's studies their retention dates.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from gateway.transfers.models import Transfer, TransferReceipt
 from gateway.transfers.receipt import build_receipt, dumps, load_or_create_key, sign
 from gateway.transfers.records import TransferError, TransferInfo, get_transfer, set_status
 from gateway.transfers.report import Reconciliation, reconcile
+from gateway.transfers.retention import apply_retention
 
 
 @dataclass
@@ -65,6 +66,8 @@ def finalize(db: Database, settings: Settings, transfer_id: int) -> Finalized:
     except BaseException:
         set_status(db, transfer_id, previous)
         raise
+    # Custodianship passes: the studies get their retention dates (kept if set).
+    apply_retention(db, settings, {h.study_uid for h in rec.held})
     return Finalized(get_transfer(db, transfer_id), rec, document, text)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Date, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, Date, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from gateway.archive.models import LO, UID, Base, UTCDateTime, utcnow
@@ -100,4 +100,27 @@ class TransferPull(Base):
     # Final C-MOVE status of the last attempt (None: no answer), and what went wrong.
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     last_error: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class StudyRetention(Base):
+    """How long a study must be kept, and whether it is on legal hold.
+
+    Set for a transfer's studies when custodianship passes (finalize), and for any
+    study by ``studybridge retention apply``. Nothing is ever deleted because of it:
+    the retention report lists what is due, and deleting stays an explicit operator
+    action.
+    """
+
+    __tablename__ = "study_retention"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, nullable=False, unique=True)
+    retain_until: Mapped[dt.date] = mapped_column(Date, nullable=False, index=True)
+    # The record type the period came from (a modality, or "default") and its years.
+    record_type: Mapped[str] = mapped_column(String(16), nullable=False)
+    years: Mapped[int] = mapped_column(Integer, nullable=False)
+    legal_hold: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    hold_reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    hold_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
