@@ -85,26 +85,44 @@ def _implicit(elem: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, elem, len(value)) + value
 
 
+def encode_c_response(
+    command_field: int,
+    sop_class_uid: str,
+    message_id: int,
+    status: int,
+    comment: str = "",
+    sop_instance_uid: str = "",
+) -> bytes:
+    """A DIMSE-C response command set without data set (implicit VR little endian)."""
+    parts = []
+    if sop_class_uid:
+        parts.append(_implicit(0x0002, _uid(sop_class_uid)))
+    parts.append(_implicit(0x0100, struct.pack("<H", command_field)))
+    parts.append(_implicit(0x0120, struct.pack("<H", message_id)))
+    parts.append(_implicit(0x0800, struct.pack("<H", 0x0101)))
+    parts.append(_implicit(0x0900, struct.pack("<H", status)))
+    if comment:
+        parts.append(_implicit(0x0902, _even(str(comment).encode("ascii", "replace"), b" ")))
+    if sop_instance_uid:
+        parts.append(_implicit(0x1000, _uid(sop_instance_uid)))
+    body = b"".join(parts)
+    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
 def encode_store_response(rsp: C_STORE) -> bytes | None:
     """The C-STORE-RSP command set (implicit VR little endian), or None if unusual."""
     if rsp.MessageIDBeingRespondedTo is None or rsp.Status is None:
         return None
     if getattr(rsp, "OffendingElement", None):
         return None
-    parts = []
-    if rsp.AffectedSOPClassUID:
-        parts.append(_implicit(0x0002, _uid(rsp.AffectedSOPClassUID)))
-    parts.append(_implicit(0x0100, struct.pack("<H", 0x8001)))
-    parts.append(_implicit(0x0120, struct.pack("<H", rsp.MessageIDBeingRespondedTo)))
-    parts.append(_implicit(0x0800, struct.pack("<H", 0x0101)))
-    parts.append(_implicit(0x0900, struct.pack("<H", rsp.Status)))
-    comment = getattr(rsp, "ErrorComment", None)
-    if comment:
-        parts.append(_implicit(0x0902, _even(str(comment).encode("ascii", "replace"), b" ")))
-    if rsp.AffectedSOPInstanceUID:
-        parts.append(_implicit(0x1000, _uid(rsp.AffectedSOPInstanceUID)))
-    body = b"".join(parts)
-    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+    return encode_c_response(
+        0x8001,
+        rsp.AffectedSOPClassUID or "",
+        rsp.MessageIDBeingRespondedTo,
+        rsp.Status,
+        getattr(rsp, "ErrorComment", None) or "",
+        rsp.AffectedSOPInstanceUID or "",
+    )
 
 
 _original_send_msg = DIMSEServiceProvider.send_msg

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -29,7 +30,7 @@ from gateway.archive.errors import ArchiveError, InvalidQuery
 from gateway.dimse import status
 from gateway.dimse.sending import StoredRef, contexts_for
 from gateway.ops import metrics
-from gateway.peers import Peer, PeerRegistry
+from gateway.peers import PeerRegistry
 from gateway.transfers.records import TransferBindings
 
 log = logging.getLogger(__name__)
@@ -93,19 +94,16 @@ class Handlers:
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
         event.assoc.kill()
 
-    def _peer(self, event: Event) -> Peer | None:
-        return self.peers.get((event.assoc.requestor.ae_title or "").strip())
-
-    def _source(self, event: Event) -> Source:
-        peer = self._peer(event)
-        ae_title = (event.assoc.requestor.ae_title or "").strip()
+    def _source(self, assoc: Any) -> Source:
+        ae_title = (assoc.requestor.ae_title or "").strip()
+        peer = self.peers.get(ae_title)
         # A registered peer with an open closure transfer delivers into that transfer,
         # under the transfer's one Issuer of Patient ID.
         transfer = self.transfers.for_ae(ae_title) if peer is not None else None
         return Source(
             door="dimse",
             ae_title=ae_title,
-            host=str(event.assoc.requestor.address),
+            host=str(assoc.requestor.address),
             institution=transfer.institution if transfer else peer.institution if peer else "",
             issuer=transfer.issuer if transfer else peer.issuer if peer else "",
             transfer_id=transfer.id if transfer else None,
@@ -122,15 +120,24 @@ class Handlers:
             path = event.dataset_path
         except AttributeError:
             return status.status_dataset(status.STORE_PROCESSING_FAILURE, "no data set received")
+        code, comment = self.store_instance(path, event.assoc)
+        return status.status_dataset(code, comment) if comment else code
+
+    def store_instance(self, path: Path, assoc: Any) -> tuple[int, str]:
+        """Ingest the staged data set at ``path`` (consumed): DIMSE status and comment.
+
+        Used by pynetdicom's C-STORE event and by the storage data phase of
+        ``receive.StorageReceiver``.
+        """
         try:
-            self.archive.ingest_file(path, self._source(event), owned=True)
+            self.archive.ingest_file(path, self._source(assoc), owned=True)
         except ArchiveError as exc:
             log.info("C-STORE refused (%s): %s", exc.reason, exc)
-            return status.store_failure(exc)
+            return status.store_failure_status(exc)
         except Exception as exc:
             log.exception("C-STORE failed unexpectedly")
-            return status.store_failure(exc)
-        return status.SUCCESS
+            return status.store_failure_status(exc)
+        return status.SUCCESS, ""
 
     # -- query ---------------------------------------------------------------------
     def on_find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:

@@ -3,8 +3,10 @@
 pynetdicom serves each association in a Python thread under one GIL, so
 ``studybridge serve`` starts several of these processes on the same port: each
 binds with ``SO_REUSEPORT`` and the kernel spreads new connections across them.
-Incoming data sets stream to a staging file (pynetdicom's chunked receive), never
-into memory, and that file becomes the blob by a rename.
+pynetdicom negotiates every association; the data phase of storage-only
+associations is served by ``receive.StorageReceiver`` (see ``acceptor``), the rest
+by pynetdicom. Incoming data sets stream to a staging file, never into memory, and
+that file becomes the blob by a rename.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
@@ -34,6 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from gateway.archive import Archive
 from gateway.config import Settings
 from gateway.dimse import fastpath, negotiation
+from gateway.dimse.acceptor import Acceptor, AcceptorHandler
 from gateway.dimse.commitment import CommitmentSCP
 from gateway.dimse.handlers import Handlers
 from gateway.peers import PeerRegistry
@@ -65,24 +70,14 @@ def configure_pynetdicom() -> None:
     fastpath.install()
 
 
-class _NoCopy(list):  # type: ignore[type-arg]
-    """A list that ``copy.deepcopy`` returns as a plain shallow copy.
+class ReusePortServer(ThreadedAssociationServer):
+    """An association server whose port several processes can bind at once.
 
-    pynetdicom deep-copies the supported presentation contexts for each new
-    association; with every storage SOP class in every transfer syntax that costs
-    tens of milliseconds per association. Negotiation only reads them.
+    Its associations are ``acceptor.Acceptor``s; ``store_instance`` (set by
+    ``make_server``) is what their storage data phase calls for each instance.
     """
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
-        return list(self)
-
-
-class ReusePortServer(ThreadedAssociationServer):
-    """An association server whose port several processes can bind at once."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.contexts = _NoCopy(self.contexts)
+    store_instance: Callable[[Path, Any], tuple[int, str]] | None = None
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -128,7 +123,9 @@ def make_server(settings: Settings, archive: Archive) -> ReusePortServer:
         (settings.dimse_host, settings.dimse_port),
         evt_handlers=handlers.bindings() + commitment.bindings(),
         server_class=ReusePortServer,
+        request_handler=AcceptorHandler,
     )
+    server.store_instance = handlers.store_instance  # type: ignore[attr-defined]
     # AE.start_server registers its servers; make_server does not, but shutdown expects it.
     ae._servers.append(server)
     return server  # type: ignore[return-value]
@@ -156,11 +153,19 @@ def run_worker(settings: Settings, index: int, ready: Any = None) -> None:
     if ready is not None:
         ready.set()
     stop.wait()
-    # Stop accepting, then let running associations finish (bounded).
+    drain(server, settings.shutdown_grace)
+    archive.close()
+
+
+def drain(server: ReusePortServer, grace: float) -> None:
+    """Stop accepting; let messages in progress finish (bounded by ``grace``), then
+    end every association: idle or still-negotiating ones at once."""
     server.shutdown()
-    deadline = time.monotonic() + settings.shutdown_grace
+    for assoc in server.active_associations:
+        if isinstance(assoc, Acceptor):
+            assoc.request_stop()
+    deadline = time.monotonic() + grace
     while server.active_associations and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     for assoc in server.active_associations:
         assoc.abort()
-    archive.close()

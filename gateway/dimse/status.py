@@ -61,8 +61,9 @@ def _lookup(
     return default
 
 
-def store_failure(exc: Exception) -> Dataset:
-    return status_dataset(_lookup(_STORE_TABLE, exc, STORE_PROCESSING_FAILURE), _comment(exc))
+def store_failure_status(exc: Exception) -> tuple[int, str]:
+    """The C-STORE failure status for ``exc`` and its Error Comment."""
+    return _lookup(_STORE_TABLE, exc, STORE_PROCESSING_FAILURE), _comment(exc)
 
 
 def query_failure(exc: Exception) -> Dataset:

@@ -67,3 +67,17 @@ def test_unusual_responses_fall_back() -> None:
     request = C_STORE()
     request.MessageID = 1
     assert fastpath.encode_store_response(request) is None
+
+
+def test_echo_response_bytes_match_pynetdicom() -> None:
+    from pynetdicom.dimse_messages import C_ECHO_RSP
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    rsp = C_ECHO()
+    rsp.MessageIDBeingRespondedTo = 3
+    rsp.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    rsp.Status = 0x0000
+    message = C_ECHO_RSP()
+    message.primitive_to_message(rsp)
+    ours = fastpath.encode_c_response(0x8030, "1.2.840.10008.1.1", 3, 0x0000)
+    assert ours == encode(message.command_set, True, True)
