@@ -2,7 +2,7 @@
 
 A blob is written once under a key built from validated UIDs and never changed.
 ``put_file`` returns only when the bytes are durable (for files: written, fsynced,
-renamed into place, directory fsynced), so the index may then point at them.
+linked or renamed into place, directory fsynced), so the index may then point at them.
 
 Callers see only this interface; an S3 implementation slots in beside ``FileStore``.
 """
@@ -15,7 +15,9 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -72,6 +74,46 @@ class BlobStore(Protocol):
         """Raise StorageUnavailable unless the store can be written now."""
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_new(path: Path, target: Path) -> bool:
+    """Give ``path`` the new name ``target``; False if ``target`` exists or the
+    filesystem has no hard links."""
+    try:
+        os.link(path, target)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            return False
+        raise
+    return True
+
+
+_dir_syncer: ThreadPoolExecutor | None = None
+_dir_syncer_lock = threading.Lock()
+
+
+def _fsync_with_dir(path: Path) -> None:
+    """fsync ``path`` and, concurrently (another thread), its directory."""
+    global _dir_syncer
+    if _dir_syncer is None:
+        with _dir_syncer_lock:
+            if _dir_syncer is None:
+                _dir_syncer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync-dir")
+    directory = _dir_syncer.submit(fsync_dir, path.parent)
+    try:
+        _fsync_path(path)
+    finally:
+        directory.result()
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -116,6 +158,23 @@ class FileStore:
         try:
             self._ensure_dir(target.parent)
             if move and os.stat(path).st_dev == os.stat(target.parent).st_dev:
+                if _link_new(path, target):
+                    # A new name for the staged file: its bytes and the new directory
+                    # entry become durable by two fsyncs running at once (the
+                    # filesystem commits them together: one wait instead of two).
+                    # Until they return nothing points at the blob; a crash before
+                    # leaves an unindexed file that a retry replaces (below) or the
+                    # orphan sweep removes. The staging name needs no durability.
+                    try:
+                        _fsync_with_dir(target)
+                    except OSError:
+                        with contextlib.suppress(OSError):
+                            target.unlink()
+                        raise
+                    os.unlink(path)
+                    return
+                # The key exists already (a concurrent or earlier copy of the same
+                # bytes): replace it only with a file whose bytes are durable.
                 fd = os.open(path, os.O_RDONLY)
                 try:
                     os.fsync(fd)
