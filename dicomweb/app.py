@@ -75,9 +75,11 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     if prefix:
         app.add_api_route(prefix, capability_description, methods=["GET"], include_in_schema=False)
 
+    task_metrics = metrics.task_registry(settings)
+
     @app.get("/metrics", include_in_schema=False)
     def metrics_endpoint() -> Response:
-        body, content_type = metrics.exposition()
+        body, content_type = metrics.exposition(task_metrics)
         return Response(body, media_type=content_type)
 
     @app.get("/healthz")

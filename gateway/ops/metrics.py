@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,6 +27,10 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -76,6 +82,45 @@ def process_exited(pid: int) -> None:
     """Forget a dead child's live gauges (counters and histograms are kept)."""
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.mark_process_dead(pid)
+
+
+class _QueueDepth:
+    """Read at scrape time: tasks waiting in the broker's queue, and whether it answered."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._app: Any = None
+
+    def collect(self) -> Iterator[Metric]:
+        from gateway.tasks.celery_app import make_celery, queue_depth
+
+        up = GaugeMetricFamily(
+            "studybridge_task_broker_up", "1 when the task broker answered this scrape."
+        )
+        depth = GaugeMetricFamily(
+            "studybridge_task_queue_depth", "Tasks waiting in the broker queue.", labels=["queue"]
+        )
+        try:
+            if self._app is None:
+                self._app = make_celery(self.settings)
+            waiting = queue_depth(self._app, self.settings.task_queue)
+        except Exception:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        depth.add_metric([self.settings.task_queue], waiting)
+        yield up
+        yield depth
+
+
+def task_registry(settings: Settings) -> CollectorRegistry | None:
+    """The queue-depth collector when a broker is configured (else tasks run in-process)."""
+    if not settings.task_broker_url:
+        return None
+    registry = CollectorRegistry()
+    registry.register(_QueueDepth(settings))  # type: ignore[arg-type]
+    return registry
 
 
 def exposition(extra: CollectorRegistry | None = None) -> tuple[bytes, str]:
