@@ -1,19 +1,22 @@
 """DICOM JSON (PS3.18 F.2): data sets as ``application/dicom+json`` bodies.
 
 Values held by the archive are Unicode already (decoded with each instance's
-Specific Character Set at ingest), so encoding is pydicom's ``Dataset.to_json_dict``
-and UTF-8. Person names come out as ``{"Alphabetic": ..., "Ideographic": ...,
-"Phonetic": ...}`` objects (only the groups present), empty attributes as
-``{"vr": ...}`` without ``Value``. Shared by QIDO-RS and any route answering DICOM
-JSON.
+Specific Character Set at ingest), so encoding is UTF-8 of either pydicom's
+``Dataset.to_json_dict`` (``encode``) or, for query matches held as plain index
+values, ``encode_matches``, which writes the same JSON without building a pydicom
+data set per match (a tested equivalence). Person names come out as
+``{"Alphabetic": ..., "Ideographic": ..., "Phonetic": ...}`` objects (only the
+groups present), empty attributes as ``{"vr": ...}`` without ``Value``. Shared by
+QIDO-RS and any route answering DICOM JSON.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
 DICOM_JSON = "application/dicom+json"
@@ -29,6 +32,76 @@ def to_json(ds: Dataset) -> dict[str, Any]:
 def encode(datasets: Iterable[Dataset]) -> bytes:
     """A DICOM JSON array of ``datasets``, UTF-8."""
     return dumps([to_json(ds) for ds in datasets])
+
+
+# VRs whose string value is one value even if it holds a backslash (PS3.5 6.2);
+# every other string VR is multi-valued with backslash separators.
+_SINGLE_VALUED = frozenset({"LT", "ST", "UT"})
+_INT_VRS = frozenset({"IS", "SL", "SS", "SV", "UL", "US", "UV"})
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def encode_matches(
+    keys: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    extra: Sequence[tuple[str, Callable[[dict[str, Any]], Any]]] = (),
+) -> bytes:
+    """A DICOM JSON array of query matches given as plain values.
+
+    ``keys`` are attribute keywords and each row holds their values (``str``,
+    ``int``, a list of ``str`` or None for empty), as the query engine returns them.
+    ``extra`` adds attributes computed from a row's values by keyword (e.g. the
+    Retrieve URL). Keywords without a registered tag are left out; objects have
+    their tags in ascending order, like ``Dataset.to_json_dict``.
+    """
+    plan = []
+    for position, keyword in enumerate(keys):
+        tag = tag_for_keyword(keyword)
+        if tag is not None:
+            plan.append((tag, f"{tag:08X}", dictionary_VR(tag), position, None))
+    for keyword, compute in extra:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise ValueError(f"{keyword} is not a DICOM keyword")
+        plan.append((tag, f"{tag:08X}", dictionary_VR(tag), -1, compute))
+    plan.sort(key=lambda p: p[0])
+    by_keyword = list(keys)
+    out = []
+    for row in rows:
+        obj: dict[str, Any] = {}
+        named: dict[str, Any] | None = None
+        for _tag, hex_tag, vr, position, compute in plan:
+            if compute is None:
+                value = row[position]
+            else:
+                if named is None:
+                    named = dict(zip(by_keyword, row, strict=True))
+                value = compute(named)
+            obj[hex_tag] = element(vr, value)
+        out.append(obj)
+    return dumps(out)
+
+
+def element(vr: str, value: Any) -> dict[str, Any]:
+    """One DICOM JSON attribute object for a plain value (see ``encode_matches``)."""
+    if value is None or value == "" or value == []:
+        return {"vr": vr}
+    if isinstance(value, str):
+        values: list[Any] = [value] if vr in _SINGLE_VALUED else value.split("\\")
+    elif isinstance(value, list):
+        values = value
+    else:
+        values = [value]
+    if vr == "PN":
+        return {"vr": vr, "Value": [_person_name(v) for v in values]}
+    if vr in _INT_VRS:
+        return {"vr": vr, "Value": [int(v) for v in values]}
+    return {"vr": vr, "Value": values}
+
+
+def _person_name(value: str) -> dict[str, str]:
+    groups = value.rstrip("=").split("=")
+    return dict(zip(_PN_GROUPS, groups, strict=False))
 
 
 def dumps(value: Any) -> bytes:

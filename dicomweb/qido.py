@@ -32,7 +32,9 @@ here).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -102,7 +104,6 @@ CONTROL_PARAMETERS = (
     "charset",
 )
 
-_RETRIEVE_URL = 0x00081190
 _TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
 _UINT_RE = re.compile(r"^\d{1,9}$")
 _BOOLEAN = {"true": True, "false": False}
@@ -206,14 +207,15 @@ def _search(
     result = archive.query(query)
     base = service_url(request, settings)
     headers = _warning_headers(base, search, result.truncated)
-    if not result.datasets:
+    if not result.rows:
         response = Response(status_code=204)
     else:
-        for ds in result.datasets:
-            if "QueryRetrieveLevel" in ds:
-                del ds.QueryRetrieveLevel
-            ds.add_new(_RETRIEVE_URL, "UR", retrieve_url(base, level, ds))
-        response = Response(dicomjson.encode(result.datasets), media_type=media_type)
+        body = dicomjson.encode_matches(
+            result.keys,
+            result.rows,
+            [("RetrieveURL", lambda values: retrieve_url(base, level, values))],
+        )
+        response = Response(body, media_type=media_type)
     for value in headers:
         response.headers.append("Warning", value)
     # The body depends on Accept, and its Retrieve URLs on the forwarded host/scheme.
@@ -393,13 +395,13 @@ def _negotiate(request: Request) -> str:
 
 
 # -- URLs and headers ------------------------------------------------------------------
-def retrieve_url(base: str, level: Level, ds: object) -> str:
-    study = getattr(ds, "StudyInstanceUID", "")
-    url = f"{base}/studies/{study}"
+def retrieve_url(base: str, level: Level, values: Mapping[str, Any]) -> str:
+    """The WADO-RS URL of a match, from its UIDs (keyword -> value)."""
+    url = f"{base}/studies/{values.get('StudyInstanceUID') or ''}"
     if level in (Level.SERIES, Level.IMAGE):
-        url += f"/series/{getattr(ds, 'SeriesInstanceUID', '')}"
+        url += f"/series/{values.get('SeriesInstanceUID') or ''}"
     if level is Level.IMAGE:
-        url += f"/instances/{getattr(ds, 'SOPInstanceUID', '')}"
+        url += f"/instances/{values.get('SOPInstanceUID') or ''}"
     return url
 
 

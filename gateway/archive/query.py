@@ -24,9 +24,10 @@ query each, never kept as counters.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -176,9 +177,33 @@ class Query:
 
 @dataclass
 class QueryResult:
-    datasets: list[Dataset]
+    """The matches of a query, as plain values (no pydicom objects).
+
+    ``keys`` are the returned attributes (keywords) in the order the door asked for
+    them; each row of ``rows`` holds their values in that order: ``str``, ``int``, a
+    ``list`` of ``str`` (multi-valued computed attributes) or None (empty). Strings
+    are as indexed: multiple values joined by backslash, person names with their
+    ``=``-separated groups. A door that needs data sets (C-FIND) uses ``datasets``;
+    one that writes JSON (QIDO-RS) can encode ``rows`` directly, which is far
+    cheaper than building a pydicom data set per match.
+    """
+
+    level: Level
+    keys: list[str]
+    rows: list[tuple[Any, ...]]
     # More matches exist beyond this page (the door warns the client).
     truncated: bool = False
+
+    @cached_property
+    def datasets(self) -> list[Dataset]:
+        datasets = []
+        for row in self.rows:
+            ds = Dataset()
+            for keyword, value in zip(self.keys, row, strict=True):
+                _set(ds, keyword, value)
+            ds.QueryRetrieveLevel = self.level.value
+            datasets.append(ds)
+        return datasets
 
 
 def run_query(db: Database, query: Query) -> QueryResult:
@@ -211,7 +236,8 @@ def run_query(db: Database, query: Query) -> QueryResult:
     if level is not Level.PATIENT and "PatientID" not in return_keys and query.patient_root:
         return_keys.append("PatientID")
 
-    stmt = _base_select(level)
+    columns = _Columns(return_keys)
+    stmt = _base_select(level, columns.selected)
     conditions = [
         _condition(_ATTRS[k], v, query.empty_value_matching) for k, v in match_keys.items()
     ]
@@ -238,16 +264,69 @@ def run_query(db: Database, query: Query) -> QueryResult:
         truncated = query.limit is not None and len(rows) > query.limit
         if truncated:
             rows = rows[: query.limit]
-        computed = _computed(session, rows, return_keys)
+        computed = _computed(session, rows, columns)
 
-    datasets = []
-    for row in rows:
-        ds = Dataset()
+    return QueryResult(
+        level=level,
+        keys=return_keys,
+        rows=[columns.values(row, computed) for row in rows],
+        truncated=truncated,
+    )
+
+
+class _Columns:
+    """Which columns a query selects, and how a result row becomes returned values.
+
+    Only the columns of returned attributes are selected (plus the row ids that
+    computed attributes are keyed by), as plain values rather than ORM entities.
+    """
+
+    def __init__(self, return_keys: list[str]) -> None:
+        self.selected: list[Any] = []
+        index: dict[Any, int] = {}
+
+        def position(column: Any) -> int:
+            if column not in index:
+                index[column] = len(self.selected)
+                self.selected.append(column)
+            return index[column]
+
+        # Per returned key, (how, argument, keyword): ("col", select position),
+        # ("const", value), ("computed", select position of the owner's id) or
+        # ("none", None) for a key the index does not hold.
+        self.plan: list[tuple[str, Any, str]] = []
         for keyword in return_keys:
-            _set(ds, keyword, _value_of(keyword, row, computed))
-        ds.QueryRetrieveLevel = level.value
-        datasets.append(ds)
-    return QueryResult(datasets=datasets, truncated=truncated)
+            attr = _ATTRS.get(keyword)
+            if attr is None:
+                self.plan.append(("none", None, keyword))
+            elif attr.kind == "constant":
+                self.plan.append(("const", _CONSTANTS[keyword], keyword))
+            elif attr.kind == "computed":
+                owner = _id_column(attr.level)
+                self.plan.append(("computed", position(owner), keyword))
+            else:
+                self.plan.append(("col", position(attr.column), keyword))
+        self.computed_owner = {
+            keyword: pos for kind, pos, keyword in self.plan if kind == "computed"
+        }
+
+    def values(self, row: Any, computed: dict[str, dict[int, Any]]) -> tuple[Any, ...]:
+        out: list[Any] = []
+        for kind, arg, keyword in self.plan:
+            if kind == "col":
+                value = row[arg]
+                out.append(None if value == "" else value)
+            elif kind == "const":
+                out.append(arg)
+            elif kind == "computed":
+                value = computed.get(keyword, {}).get(row[arg])
+                if keyword.startswith("NumberOf"):
+                    out.append(value or 0)
+                else:
+                    out.append(value or None)
+            else:
+                out.append(None)
+        return tuple(out)
 
 
 # -- SQL construction ----------------------------------------------------------------
@@ -268,17 +347,12 @@ def _id_column(level: Level) -> Any:
     }[level]
 
 
-def _base_select(level: Level) -> Select[Any]:
-    columns: list[Any] = [Patient]
-    if _DEPTH[level] >= 1:
-        columns.append(Study)
-    if _DEPTH[level] >= 2:
-        columns.append(Series)
-    if _DEPTH[level] >= 3:
-        columns.append(Instance)
+def _base_select(level: Level, columns: Sequence[Any]) -> Select[Any]:
     stmt = select(*columns)
     if _DEPTH[level] >= 1:
         stmt = stmt.select_from(Study).join(Patient, Study.patient_fk == Patient.id)
+    else:
+        stmt = stmt.select_from(Patient)
     if _DEPTH[level] >= 2:
         stmt = stmt.join(Series, Series.study_fk == Study.id)
     if _DEPTH[level] >= 3:
@@ -439,20 +513,17 @@ def _pn_condition(value: str) -> ColumnElement[bool] | None:
 
 
 # -- results ---------------------------------------------------------------------------
-def _computed(session: Any, rows: Sequence[Any], keys: Iterable[str]) -> dict:
+def _computed(session: Any, rows: Sequence[Any], columns: _Columns) -> dict:
     """Computed attributes of the returned rows, one grouped query per attribute.
 
     A computed attribute belongs to a level (e.g. NumberOfStudyRelatedInstances to the
     study): asked at a lower level, it is the count of the row's study, not zero.
     """
-    wanted = [k for k in keys if k in _ATTRS and _ATTRS[k].kind == "computed"]
     out: dict[str, dict[int, Any]] = {}
-    if not rows or not wanted:
+    if not rows:
         return out
-    entity = {Level.PATIENT: "Patient", Level.STUDY: "Study", Level.SERIES: "Series"}
-    for keyword in wanted:
-        owner = entity[_ATTRS[keyword].level]
-        ids = sorted({getattr(row, owner).id for row in rows})
+    for keyword, owner_pos in columns.computed_owner.items():
+        ids = sorted({row[owner_pos] for row in rows})
         values: dict[int, Any] = {}
         # In chunks: an unpaged C-FIND may return more rows than SQLite takes variables.
         for start in range(0, len(ids), _ID_CHUNK):
@@ -518,35 +589,6 @@ _COMPUTED: dict[str, Callable[[list[int]], Select[Any]]] = {
         .group_by(Instance.series_fk)
     ),
 }
-
-
-def _value_of(keyword: str, row: Any, computed: dict[str, dict[int, Any]]) -> Any:
-    attr = _ATTRS.get(keyword)
-    if attr is None:
-        return None
-    if attr.kind == "constant":
-        return _CONSTANTS[keyword]
-    if attr.kind == "computed":
-        owner = {
-            Level.PATIENT: lambda: row.Patient.id,
-            Level.STUDY: lambda: row.Study.id,
-            Level.SERIES: lambda: row.Series.id,
-        }[attr.level]()
-        value = computed.get(keyword, {}).get(owner)
-        if keyword.startswith("NumberOf"):
-            return value or 0
-        return value or None
-    entity = {
-        Level.PATIENT: "Patient",
-        Level.STUDY: "Study",
-        Level.SERIES: "Series",
-        Level.IMAGE: "Instance",
-    }[attr.level]
-    obj = getattr(row, entity)
-    value = getattr(obj, attr.column.key)
-    if value == "":
-        return None
-    return value
 
 
 def _set(ds: Dataset, keyword: str, value: Any) -> None:
