@@ -76,13 +76,30 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+def _prefix_index(table: str, column: str) -> Index:
+    """A B-tree index that also serves ``LIKE 'prefix%'`` on PostgreSQL.
+
+    PostgreSQL uses a plain index for LIKE only under the C collation; the
+    ``varchar_pattern_ops`` operator class works under any (and still serves ``=``).
+    SQLite's LIKE uses a plain index (``case_sensitive_like`` is on, see ``db.py``).
+    """
+    return Index(f"ix_{table}_{column}", column, postgresql_ops={column: "varchar_pattern_ops"})
+
+
 class Patient(Base):
     __tablename__ = "patients"
-    __table_args__ = (UniqueConstraint("issuer", "patient_id", "unidentified_study_uid"),)
+    __table_args__ = (
+        UniqueConstraint("issuer", "patient_id", "unidentified_study_uid"),
+        # Wildcard matching on Patient ID and on folded person names (QIDO, C-FIND).
+        _prefix_index("patients", "patient_id"),
+        _prefix_index("patients", "pn_alphabetic_fold"),
+        _prefix_index("patients", "pn_ideographic_fold"),
+        _prefix_index("patients", "pn_phonetic_fold"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     issuer: Mapped[str] = mapped_column(LO, nullable=False)
-    patient_id: Mapped[str] = mapped_column(LO, nullable=False, index=True)
+    patient_id: Mapped[str] = mapped_column(LO, nullable=False)
     # A dataset without a Patient ID is filed under a patient of its own study, so
     # unidentified patients are never merged together. '' for identified patients.
     unidentified_study_uid: Mapped[str] = mapped_column(UID, nullable=False, default="")
@@ -90,9 +107,9 @@ class Patient(Base):
     pn_alphabetic: Mapped[str] = mapped_column(PN, nullable=False, default="", index=True)
     pn_ideographic: Mapped[str] = mapped_column(PN, nullable=False, default="", index=True)
     pn_phonetic: Mapped[str] = mapped_column(PN, nullable=False, default="", index=True)
-    pn_alphabetic_fold: Mapped[str] = mapped_column(PN, nullable=False, default="", index=True)
-    pn_ideographic_fold: Mapped[str] = mapped_column(PN, nullable=False, default="", index=True)
-    pn_phonetic_fold: Mapped[str] = mapped_column(PN, nullable=False, default="", index=True)
+    pn_alphabetic_fold: Mapped[str] = mapped_column(PN, nullable=False, default="")
+    pn_ideographic_fold: Mapped[str] = mapped_column(PN, nullable=False, default="")
+    pn_phonetic_fold: Mapped[str] = mapped_column(PN, nullable=False, default="")
     birth_date: Mapped[str] = mapped_column(DA, nullable=False, default="")
     sex: Mapped[str] = mapped_column(String(16), nullable=False, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
@@ -102,6 +119,7 @@ class Patient(Base):
 
 class Study(Base):
     __tablename__ = "studies"
+    __table_args__ = (_prefix_index("studies", "accession_number"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(UID, nullable=False, unique=True)
@@ -111,9 +129,7 @@ class Study(Base):
     # HHMMSS.FFFFFF padded, so range matching compares like with like (every TM
     # column has such a *_time_key twin).
     study_time_key: Mapped[str] = mapped_column(TM, nullable=False, default="")
-    accession_number: Mapped[str] = mapped_column(
-        String(16), nullable=False, default="", index=True
-    )
+    accession_number: Mapped[str] = mapped_column(String(16), nullable=False, default="")
     study_id: Mapped[str] = mapped_column(SH, nullable=False, default="")
     study_description: Mapped[str] = mapped_column(LO, nullable=False, default="")
     referring_physician_name: Mapped[str] = mapped_column(PN, nullable=False, default="")
@@ -127,10 +143,12 @@ class Study(Base):
 
 class Series(Base):
     __tablename__ = "series"
+    # Study -> series lookups, and ModalitiesInStudy answered from the index alone.
+    __table_args__ = (Index("ix_series_study_fk_modality", "study_fk", "modality"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_uid: Mapped[str] = mapped_column(UID, nullable=False, unique=True)
-    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), nullable=False, index=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), nullable=False)
     modality: Mapped[str] = mapped_column(SH, nullable=False, default="", index=True)
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     series_description: Mapped[str] = mapped_column(LO, nullable=False, default="")
