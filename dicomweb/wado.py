@@ -33,6 +33,7 @@ import hashlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
@@ -42,9 +43,11 @@ from dicomweb.deps import requested_accept
 from dicomweb.dicomjson import choose_json_type
 from dicomweb.errors import HTTPError
 from dicomweb.multipart import MultipartWriter, Part, parse_accept
+from dicomweb.streaming import BatchedStream
 from dicomweb.urls import service_url
 from gateway.archive import Archive
 from gateway.archive import metadata as archive_metadata
+from gateway.archive.blobstore import BlobStore
 from gateway.archive.errors import InvalidDataset, NotFound
 from gateway.archive.frames import (
     MEDIA_TYPE_ALIASES,
@@ -63,6 +66,7 @@ from gateway.archive.retrieve import (
     find_instances,
     get_instance,
     iter_part10,
+    part10_size,
 )
 from gateway.archive.uids import is_valid_uid
 
@@ -212,19 +216,25 @@ def _retrieve(request: Request, req: RetrieveRequest, *, single: bool = False) -
             return _304(etag)
     writer = MultipartWriter(DICOM)
     store = archive.store
-
-    def parts() -> Iterator[Part]:
-        for inst, syntax in plan:
-            yield Part(
-                f"{DICOM}; transfer-syntax={syntax}",
-                iter_part10(store, inst, syntax, _CHUNK),
-            )
-
-    return StreamingResponse(
-        writer.iter_body(parts()),
+    parts = [_dicom_part(store, inst, syntax) for inst, syntax in plan]
+    return BatchedStream(
+        writer.iter_body(parts),
         media_type=writer.content_type,
         headers=_cache_headers(etag),
+        content_length=writer.content_length(parts),
     )
+
+
+def _dicom_part(store: BlobStore, inst: StoredInstance, syntax: str) -> Part:
+    content_type = f"{DICOM}; transfer-syntax={syntax}"
+    if syntax == inst.transfer_syntax_uid:
+        # As stored: read straight from the blob, size known up front.
+        return Part(
+            content_type,
+            size=part10_size(store, inst),
+            source=partial(store.open, inst.blob_key),
+        )
+    return Part(content_type, iter_part10(store, inst, syntax, _CHUNK))
 
 
 @router.get("/studies/{study}", summary="Retrieve a study (multipart application/dicom)")

@@ -824,6 +824,53 @@ def test_window_functions_and_parameters():
 
 
 @pytest.mark.fast
+def test_multipart_writer_sized_parts_and_content_length(tmp_path: Path):
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"0123456789")
+    sized = Part("a/b", size=10, source=lambda: blob.open("rb"))
+    writer = MultipartWriter("a/b", boundary="b1")
+    body = b"".join(writer.iter_body([sized, sized], chunk_size=4))
+    part = b"--b1\r\nContent-Type: a/b\r\n\r\n0123456789\r\n"
+    assert body == part + part + b"--b1--\r\n"
+    assert writer.content_length([sized, sized]) == len(body)
+    # An unsized part (e.g. transcoded) makes the length unknown; framing is the same.
+    mixed = [sized, Part("a/b", [b"0123", b"456789"])]
+    assert writer.content_length(mixed) is None
+    assert b"".join(writer.iter_body(mixed)) == body
+    # A blob shorter than its recorded size is an error, not a short part.
+    short = Part("a/b", size=11, source=lambda: blob.open("rb"))
+    with pytest.raises(OSError, match="1 bytes before"):
+        b"".join(writer.iter_body([short]))
+
+
+@pytest.mark.fast
+def test_batched_stream_sends_everything_and_closes_the_source():
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from dicomweb.streaming import BatchedStream
+
+    closed = []
+
+    def chunks():
+        try:
+            for i in range(50):
+                yield bytes([i]) * 1000
+        finally:
+            closed.append(True)
+
+    def endpoint(request):
+        return BatchedStream(chunks(), media_type="x/y", content_length=50_000, batch_size=3000)
+
+    with TestClient(Starlette(routes=[Route("/", endpoint)])) as client:
+        response = client.get("/")
+    assert response.headers["content-length"] == "50000"
+    assert response.content == b"".join(bytes([i]) * 1000 for i in range(50))
+    assert closed == [True]
+
+
+@pytest.mark.fast
 def test_multipart_writer_frames_parts():
     writer = MultipartWriter("application/dicom", boundary="b0")
     body = b"".join(
