@@ -175,3 +175,6 @@ def _read_sized(part: Part, chunk_size: int) -> Iterator[bytes]:
                 raise OSError(f"blob ended {left} bytes before its recorded size")
             left -= len(chunk)
             yield chunk
+        if fh.read(1):
+            # Never send a silently shortened part: the client sees a broken body.
+            raise OSError("blob is longer than its recorded size")

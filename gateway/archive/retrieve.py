@@ -231,6 +231,15 @@ def part10_size(store: BlobStore, inst: StoredInstance) -> int:
     return store.size(inst.blob_key)
 
 
+def recorded_part10_size(inst: StoredInstance) -> int:
+    """The stored Part 10 file's size from the index alone (no blob store trip).
+
+    The blob is the file meta followed by the data set as received, and the index
+    records where the data set starts and how long it is.
+    """
+    return inst.dataset_offset + inst.size
+
+
 def iter_part10(
     store: BlobStore, inst: StoredInstance, syntax: str, chunk_size: int = 1024 * 1024
 ) -> Iterator[bytes]:
