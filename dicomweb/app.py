@@ -24,7 +24,7 @@ from dicomweb.errors import (
     http_error_handler,
     index_error_handler,
 )
-from dicomweb.middleware import CatchAllErrors, JSONGZip, ResourcePolicy
+from dicomweb.middleware import CatchAllErrors, HeadAsGet, JSONGZip, ResourcePolicy
 from dicomweb.request_ids import RequestIDs
 from gateway import __version__
 from gateway.archive import Archive
@@ -50,13 +50,14 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     prefix = settings.dicomweb_prefix.rstrip("/")
     # Middleware added first runs innermost: errors become JSON responses inside CORS,
     # so 4xx/5xx answers carry CORS headers too; gzip only touches JSON.
+    app.add_middleware(HeadAsGet)
     app.add_middleware(CatchAllErrors)
     app.add_middleware(ResourcePolicy, prefix=prefix)
     app.add_middleware(JSONGZip, minimum_size=1024)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
-        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
         allow_headers=["Authorization", "Accept", "Content-Type", "If-None-Match"],
         expose_headers=["Warning", "ETag", "Content-Location", "X-Request-ID"],
     )

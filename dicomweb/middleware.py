@@ -7,6 +7,10 @@
 - ``ResourcePolicy`` adds ``Cross-Origin-Resource-Policy: cross-origin`` to DICOMweb
   responses, so pages with cross-origin isolation (COEP, needed by OHIF's
   SharedArrayBuffer decoders) may load them.
+- ``HeadAsGet`` answers ``HEAD`` on every ``GET`` resource (RFC 9110 9.3.2): the
+  request is routed as ``GET`` and the server sends the headers only. Large streamed
+  bodies (``dicomweb.streaming.BatchedStream``) see the ``HEAD_ONLY`` scope key and
+  read nothing, so a HEAD of a study gives its Content-Length without reading it.
 - ``JSONGZip`` compresses JSON responses (``application/json``, ``*+json``) of at
   least ``minimum_size`` bytes for clients that accept gzip. Pixel data, multipart,
   DICOM and image responses pass through untouched: they are compressed already, or
@@ -61,6 +65,22 @@ class CatchAllErrors:
                 }
             )
             await send({"type": "http.response.body", "body": body})
+
+
+HEAD_ONLY = "studybridge.head_only"
+
+
+class HeadAsGet:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        # The server keeps its own scope (method HEAD) and sends no body bytes; the
+        # app sees a GET.
+        await self.app({**scope, "method": "GET", HEAD_ONLY: True}, receive, send)
 
 
 class ResourcePolicy:

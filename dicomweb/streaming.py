@@ -21,7 +21,9 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 import anyio.to_thread
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
+
+from dicomweb.middleware import HEAD_ONLY
 
 BATCH_SIZE = 1 << 20
 
@@ -58,6 +60,21 @@ class BatchedStream(StreamingResponse):
                     break
         return batch
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get(HEAD_ONLY):
+            # HEAD: the headers (Content-Length included) without reading the body.
+            self._close_iterator()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        await super().__call__(scope, receive, send)
+
     async def stream_response(self, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
@@ -77,6 +94,9 @@ class BatchedStream(StreamingResponse):
     def _close(self, done: asyncio.Future[list[bytes | bytearray]]) -> None:
         if not done.cancelled():
             done.exception()  # retrieved, so asyncio does not log it as lost
+        self._close_iterator()
+
+    def _close_iterator(self) -> None:
         close = getattr(self._chunks, "close", None)
         if close is not None:
             close()

@@ -18,7 +18,10 @@ path C-MOVE and C-GET use) and reads bytes through the blob store:
 - ``.../instances/{i}/frames/{list}``: frames read by byte range; stored compressed
   bytes (``image/jp2``, ``image/jpeg``, ``image/jls``, ``image/dicom-rle`` ...) for
   ``transfer-syntax=*`` or their own media type, else uncompressed octet-stream.
-- ``.../rendered``, ``.../thumbnail``: JPEG (default), PNG or GIF (``dicomweb.rendered``).
+- ``.../rendered``, ``.../thumbnail``: JPEG (default), PNG or GIF (``dicomweb.rendered``),
+  at every level; a study or series renders as its representative image (the middle
+  image of its first series with images), one image as dicomweb-client and Orthanc
+  expect, not a multipart of every instance.
 - ``/wado?requestType=WADO&...``: WADO-URI, DICOM or rendered.
 
 Instance resources carry an ``ETag`` derived from the stored data set's SHA-256 (the
@@ -66,7 +69,7 @@ from gateway.archive.retrieve import (
     find_instances,
     get_instance,
     iter_part10,
-    part10_size,
+    recorded_part10_size,
 )
 from gateway.archive.uids import is_valid_uid
 
@@ -94,6 +97,9 @@ CAPABILITIES = {
     },
     "bulkdata": {"media_types": [f'multipart/related; type="{OCTET_STREAM}"']},
     "rendered": {
+        "levels": ["study", "series", "instance", "frame"],
+        "study_and_series": "the representative image (the middle image of the first "
+        "series with images), as one image",
         "media_types": list(rendered.RENDERED_TYPES),
         "parameters": ["window", "viewport", "quality"],
     },
@@ -228,10 +234,11 @@ def _retrieve(request: Request, req: RetrieveRequest, *, single: bool = False) -
 def _dicom_part(store: BlobStore, inst: StoredInstance, syntax: str) -> Part:
     content_type = f"{DICOM}; transfer-syntax={syntax}"
     if syntax == inst.transfer_syntax_uid:
-        # As stored: read straight from the blob, size known up front.
+        # As stored: read straight from the blob, its size known from the index
+        # (asking an S3 store for 250 sizes would delay the first byte).
         return Part(
             content_type,
-            size=part10_size(store, inst),
+            size=recorded_part10_size(inst),
             source=partial(store.open, inst.blob_key),
         )
     return Part(content_type, iter_part10(store, inst, syntax, _CHUNK))
@@ -615,6 +622,42 @@ def rendered_frame(
     options = _render_options(request, window, viewport, quality)
     inst = _instance(request, study, series, instance)
     return _image_response(request, inst, numbers[0], options)
+
+
+@router.get("/studies/{study}/rendered", summary="Rendered study (its representative image)")
+def rendered_study(
+    request: Request,
+    study: str,
+    window: str | None = None,
+    viewport: str | None = None,
+    quality: str | None = None,
+) -> Response:
+    options = _render_options(request, window, viewport, quality)
+    req = RetrieveRequest(Level.STUDY, study_uids=[_uid(study, "Study Instance UID")])
+    inst = _representative(find_instances(_archive(request).db, req, require=True))
+    return _image_response(request, inst, 1, options)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/rendered",
+    summary="Rendered series (its representative image)",
+)
+def rendered_series(
+    request: Request,
+    study: str,
+    series: str,
+    window: str | None = None,
+    viewport: str | None = None,
+    quality: str | None = None,
+) -> Response:
+    options = _render_options(request, window, viewport, quality)
+    req = RetrieveRequest(
+        Level.SERIES,
+        study_uids=[_uid(study, "Study Instance UID")],
+        series_uids=[_uid(series, "Series Instance UID")],
+    )
+    inst = _representative(find_instances(_archive(request).db, req, require=True))
+    return _image_response(request, inst, 1, options)
 
 
 def _thumbnail_options(request: Request, viewport: str | None) -> rendered.RenderOptions:

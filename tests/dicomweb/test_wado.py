@@ -207,6 +207,22 @@ def test_retrieve_study_as_stored_is_byte_identical(live_server: LiveServer, wor
         assert stored.file_meta.TransferSyntaxUID == item.ds.file_meta.TransferSyntaxUID
 
 
+def test_head_gives_the_headers_of_get(live_server: LiveServer, world: World):
+    url = f"{live_server.dicomweb_url}/studies/{world.study}"
+    accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    got = httpx.get(url, headers=accept, timeout=60)
+    head = httpx.head(url, headers=accept, timeout=60)
+    assert head.status_code == 200 and head.content == b""
+    # Every stored part is sized up front, so the length is declared (and exact).
+    assert int(head.headers["content-length"]) == len(got.content)
+    assert head.headers["content-type"].startswith('multipart/related; type="application/dicom"')
+    search = httpx.head(f"{live_server.dicomweb_url}/studies", params={"limit": "1"})
+    assert search.status_code == 200 and search.content == b""
+    assert search.headers["content-type"] == "application/dicom+json"
+    missing = httpx.head(f"{live_server.dicomweb_url}/studies/{uid()}")
+    assert missing.status_code == 404
+
+
 def test_retrieve_with_the_client(live_server: LiveServer, world: World, client: DICOMwebClient):
     as_stored = (("application/dicom", "*"),)
     study = client.retrieve_study(world.study, media_types=as_stored)
@@ -481,6 +497,38 @@ def test_rendered_instance_and_frame(live_server: LiveServer, world: World, clie
     image = _image(data)
     assert image.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(image), pixels(rgb.ds))
+
+
+def test_rendered_study_and_series_are_the_representative_image(
+    live_server: LiveServer, world: World, client: DICOMwebClient
+):
+    study, series = uid(), uid()
+    items = []
+    for number in (1, 2, 3):
+        ds = ct_slice(study_uid=study, series_uid=series, patient_id="WADO2", issuer="TEST")
+        ds.InstanceNumber = number
+        ds.PixelData = (np.full((64, 64), number * 1000, dtype=np.uint16)).tobytes()
+        items.append(_ingest(live_server, ds, f"rendered-{number}"))
+    middle = items[1]
+    expected = client.retrieve_instance_rendered(
+        study, series, middle.sop, media_types=("image/png",), params={"window": "1000,4000"}
+    )
+    # The real client reads a rendered series as one image.
+    data = client.retrieve_series_rendered(
+        study, series, media_types=("image/png",), params={"window": "1000,4000"}
+    )
+    assert data == expected
+    assert _image(data).size == (64, 64)
+    response = httpx.get(
+        f"{live_server.dicomweb_url}/studies/{study}/rendered",
+        params={"window": "1000,4000", "viewport": "32,32"},
+        headers={"Accept": "image/png"},
+    )
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert _image(response.content).size == (32, 32)
+    assert "etag" in response.headers
+    missing = httpx.get(f"{live_server.dicomweb_url}/studies/{uid()}/rendered")
+    assert missing.status_code == 404
 
 
 def test_rendered_window_and_monochrome1(live_server: LiveServer, world: World):
@@ -841,6 +889,9 @@ def test_multipart_writer_sized_parts_and_content_length(tmp_path: Path):
     short = Part("a/b", size=11, source=lambda: blob.open("rb"))
     with pytest.raises(OSError, match="1 bytes before"):
         b"".join(writer.iter_body([short]))
+    long = Part("a/b", size=9, source=lambda: blob.open("rb"))
+    with pytest.raises(OSError, match="longer than its recorded size"):
+        b"".join(writer.iter_body([long]))
 
 
 @pytest.mark.fast
