@@ -37,6 +37,10 @@ its DICOMweb plugin when installed), in one run on this machine:
    and one instance (cycling through the 250 instances). While the study streams,
    the server process tree's VmRSS is sampled every 20 ms (``_common.RssWatch``).
 
+4. With ``--big-study-slices N`` (2,000 slices: a 1 GB study), studybridge targets
+   also get that study, retrieved once as stored with curl while the server's RSS
+   is sampled: peak RSS growth while streaming 1 GB (target: flat).
+
 JSON answers (QIDO, metadata) are requested with ``Accept-Encoding: identity`` from
 every target, so the ratios compare the same work; Orthanc runs with
 ``HttpCompressionEnabled: false`` (its default since 1.12.2). studybridge's JSON
@@ -556,6 +560,7 @@ class Studybridge(Target):
         self.args = args
         self.specs = specs
         self.ct = ct
+        self.big: list[Path] = []
         self.pg_db: str | None = None
         self.pg_url: str | None = None
 
@@ -638,6 +643,9 @@ class Studybridge(Target):
             t0 = time.perf_counter()
             ingest_ct(archive, self.ct)
             ct_seconds = time.perf_counter() - t0
+            if self.big:
+                print(f"  ingesting the {len(self.big)}-slice big study ...", flush=True)
+                ingest_ct(archive, self.big)
             if self.backend == "postgresql":
                 # Autovacuum's autoanalyze would do this shortly after a bulk load; done
                 # here so the run does not depend on its timing.
@@ -675,7 +683,7 @@ class Studybridge(Target):
             log,
             load,
             len(self.specs) + 1,
-            "uvicorn (asyncio, h11), 1 process",
+            "uvicorn (uvloop and httptools when installed), 1 process",
         )
 
 
@@ -1052,6 +1060,24 @@ def stream_study(
     return res
 
 
+def stream_big(server: Server, study: str) -> dict[str, Any]:
+    """One retrieval of the big study as stored (curl), RSS sampled meanwhile."""
+    watch = RssWatch(server.proc.pid)
+    watch.start()
+    try:
+        seconds, _, size = curl_get(f"{server.base}/studies/{study}", ACCEPT_STUDY)
+    finally:
+        rss = watch.stop()
+    return {
+        "bytes": size,
+        "seconds": seconds,
+        "mb_per_s": size / MB / seconds if seconds else 0.0,
+        "growth_mb": rss.growth_mb,
+        "hwm_growth_mb": rss.hwm_growth_mb,
+        "baseline_mb": rss.baseline_mb,
+    }
+
+
 def curl_get(url: str, accept: str) -> tuple[float, float, int]:
     r = subprocess.run(
         [
@@ -1093,6 +1119,7 @@ class TargetResult:
     loadavg_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
     latencies: dict[str, Latency] = field(default_factory=dict)
     stream: StreamResult | None = None
+    big_stream: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
 
@@ -1305,8 +1332,28 @@ def build_report(
             lines.append(f"  {'':<11} note: refused transfer-syntax=*; asked {s.accept!r}")
     lines.append(f"  {'issue':<11} Orthanc 1.10 + DICOMweb: {ISSUE_REFERENCE['study']}")
 
+    bigs = [r for r in ours if r.big_stream]
+    if bigs:
+        lines.append("")
+        lines.append(
+            f"WADO-RS big study ({args.big_study_slices} slices) as stored, once with curl; "
+            "peak RSS growth of the server tree while streaming"
+        )
+        lines.append(
+            f"  {'target':<11} {'MB':>8} {'seconds':>8} {'MB/s':>8} {'RSS +MB':>8}  verdict"
+        )
+        for r in bigs:
+            b = r.big_stream or {}
+            flat = b["growth_mb"] < args.rss_flat_mb
+            verdicts[f"{r.name}:big_rss_flat"] = flat
+            lines.append(
+                f"  {r.name:<11} {b['bytes'] / MB:>8.1f} {b['seconds']:>8.2f} "
+                f"{b['mb_per_s']:>8.1f} {b['growth_mb']:>8.1f}  "
+                f"RSS {'flat' if flat else 'NOT FLAT'} (<{args.rss_flat_mb:.0f} MB)"
+            )
+
     lines.append("")
-    lines.append("Targets (issue; QIDO target stated for 10,000 studies; ms targets on the slower")
+    lines.append("Targets (issue; QIDO target stated for 100,000 studies; ms targets on the slower")
     lines.append("of identity and gzip p50):")
     for r in ours:
         keys = [k for k in verdicts if k.startswith(r.name + ":")]
@@ -1346,6 +1393,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="client of the timed whole-study retrievals",
     )  # fmt: skip
     p.add_argument("--rss-flat-mb", type=float, default=RSS_FLAT_MB, help="'flat RSS' threshold")
+    p.add_argument(
+        "--big-study-slices", type=int, default=0,
+        help="also stream a study of this many 512 KB slices (2000: 1 GB) from studybridge "
+        "and report its peak RSS growth (0: off)",
+    )  # fmt: skip
     p.add_argument(
         "--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/test",
         help="PostgreSQL admin connection (a database sb_bench_<random> is created and dropped)",
@@ -1392,6 +1444,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "postgresql": Studybridge("postgresql", args, specs, ct_files),
         "orthanc": Orthanc(args, specs, ct_files),
     }
+    big_study = ""
+    if args.big_study_slices:
+        big = make_ct_corpus(
+            args.cache_dir / f"ct-512-{args.big_study_slices}", args.big_study_slices
+        )
+        head = pydicom.dcmread(big[0], stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        big_study = str(head.StudyInstanceUID)
+        for name in ("sqlite", "postgresql"):
+            every[name].big = big  # type: ignore[attr-defined]
     targets, skipped = [], {}
     for name in (t for t in ALL_TARGETS if t in args.targets):
         reason = every[name].available()
@@ -1444,6 +1505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     server = target.start(procs, run_dir)
                     measured = measure(server, probe, args, is_ours=target.name != "orthanc")
+                    if big_study and target.name != "orthanc":
+                        print(f"  {target.name}: the big study, once ...", flush=True)
+                        measured.big_stream = stream_big(server, big_study)
                     measured.version = result.version
                     measured.load = {
                         "loader": server.load.loader,
@@ -1553,6 +1617,7 @@ def write_json(
                     "rss": r.stream.rss,
                     "error": r.stream.error,
                 },
+                "big_study_retrieval": r.big_stream,
                 "problems": r.problems,
             }
             for r in results
