@@ -810,7 +810,7 @@ def test_client_that_goes_away_leaves_no_staging(live_server: LiveServer) -> Non
 def gateway_with_dest(tmp_path: Path) -> Iterator[tuple[Gateway, Path]]:
     require_tool("findscu")
     with storescp(tmp_path / "dest") as (dest_port, out), running_gateway(tmp_path) as gw:
-        for aet in ("FINDSCU", "MOVESCU"):
+        for aet in ("FINDSCU", "MOVESCU", "STORESCU"):
             gw.cli("peers", "add", aet, "--host", "127.0.0.1", "--port", "104")
         gw.cli("peers", "add", "DEST", "--host", "127.0.0.1", "--port", str(dest_port))
         gw.start("--dimse-workers", "1")
@@ -878,3 +878,36 @@ def test_study_stored_by_stow_is_found_and_moved_over_dimse(
         if ds.StudyInstanceUID == study:
             received[ds.SOPInstanceUID] = dataset_bytes(path)
     assert received == sent
+
+
+@pytest.mark.integration
+def test_study_stored_by_storescu_is_found_and_retrieved_over_dicomweb(
+    gateway_with_dest: tuple[Gateway, Path], tmp_path: Path
+) -> None:
+    gw, _ = gateway_with_dest
+    study = uid()
+    files = ct_series(
+        tmp_path / "dimse", 4, study_uid=study, patient_id="DIMSE-1", patient_name="DCMTK^SENT"
+    )
+    result = run_tool(
+        [
+            require_tool("storescu"),
+            "-aet",
+            "STORESCU",
+            "-aec",
+            gw.ae_title,
+            "127.0.0.1",
+            str(gw.dimse_port),
+            *map(str, files),
+        ]
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = DICOMwebClient(f"http://127.0.0.1:{gw.http_port}/dicom-web")
+    [found] = client.search_for_studies(search_filters={"PatientName": "dcmtk^s*"})
+    assert found["0020000D"]["Value"] == [study]
+    assert found["00201208"]["Value"] == [4]
+    retrieved = client.retrieve_study(study, media_types=(("application/dicom", "*"),))
+    sent = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, files)}
+    assert {str(ds.SOPInstanceUID) for ds in retrieved} == set(sent)
+    for ds in retrieved:
+        assert ds.PixelData == sent[str(ds.SOPInstanceUID)].PixelData
