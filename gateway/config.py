@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     # SQLAlchemy URL of the index; empty means SQLite in data_dir.
     database_url: str = ""
+    # PostgreSQL connection pool of each process: connections kept open, extra ones
+    # under load, seconds to wait for a free one, seconds before one is renewed.
+    db_pool_size: int = 5
+    db_max_overflow: int = 10
+    db_pool_timeout: float = 30.0
+    db_pool_recycle: float = 1800.0
     # Blob store: "file" keeps instances below blob_dir (default data_dir/blobs);
     # "s3" in a bucket of an S3-compatible object store (MinIO, AWS S3, SeaweedFS).
     blob_store: Literal["file", "s3"] = "file"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.archive.blobstore import BlobStore, FileStore
-from gateway.archive.db import Database, migrate
+from gateway.archive.db import Database, PoolSettings, migrate
 from gateway.archive.errors import ArchiveError, StorageUnavailable
 from gateway.archive.ingest import Ingestor, IngestResult, Outcome, Source
 from gateway.archive.query import Level, Query, QueryResult, run_query
@@ -47,7 +47,8 @@ class Archive:
         url = settings.resolved_database_url
         if migrate_schema:
             migrate(url)
-        archive = cls(settings, Database(url), make_blob_store(settings))
+        db = Database(url, pool=pool_settings(settings))
+        archive = cls(settings, db, make_blob_store(settings))
         if post_ingest:
             archive.start_post_ingest()
         return archive
@@ -98,6 +99,15 @@ class Archive:
             self._tasks.close()
             self._tasks = None
         self.db.dispose()
+
+
+def pool_settings(settings: Settings) -> PoolSettings:
+    return PoolSettings(
+        size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        timeout=settings.db_pool_timeout,
+        recycle=settings.db_pool_recycle,
+    )
 
 
 def make_blob_store(settings: Settings) -> BlobStore:

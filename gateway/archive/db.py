@@ -3,7 +3,10 @@
 SQLite (the embedded default) runs in WAL mode so several receiving processes and
 readers share it; commits are fsynced (``synchronous=FULL``) because a success
 answer promises durability. Writers open with ``BEGIN IMMEDIATE`` so two processes
-never deadlock upgrading a read transaction. PostgreSQL uses a connection pool.
+never deadlock upgrading a read transaction. PostgreSQL uses a connection pool per
+process (``PoolSettings``: size, overflow, wait, recycle, pre-ping), so several
+gateway processes share one server; migrations take an advisory lock so gateways
+starting together migrate once.
 Schema changes are Alembic migrations, run by ``migrate`` (once, by the parent
 process of ``serve``, or by ``studybridge db upgrade``).
 """
@@ -15,6 +18,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +29,28 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# PostgreSQL advisory lock key serialising migrations ("sbridge" in ASCII).
+_MIGRATION_LOCK = 0x736272696467
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+@dataclass(frozen=True)
+class PoolSettings:
+    """PostgreSQL connection pool of one process (``Settings.db_pool_*``)."""
+
+    # Connections kept open, and how many more may open under load.
+    size: int = 5
+    max_overflow: int = 10
+    # Seconds a caller waits for a free connection before the index counts as busy.
+    timeout: float = 30.0
+    # Seconds after which a connection is replaced (servers and proxies drop idle ones).
+    recycle: float = 1800.0
+    # Seconds to wait for a TCP connection to the server: a server that is away must
+    # give a sender a retryable failure soon, not after the kernel's minutes.
+    connect_timeout: int = 10
+
+
+def make_engine(url: str, *, pool: PoolSettings | None = None) -> Engine:
+    pool = pool or PoolSettings()
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -35,7 +58,17 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _configure_sqlite(engine)
         return engine
-    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": pool_size, "max_overflow": 10}
+    kwargs: dict[str, Any] = {
+        # Test each pooled connection before use: after a server restart the pool holds
+        # dead connections, and pre-ping replaces them instead of failing a request.
+        "pool_pre_ping": True,
+        "pool_size": pool.size,
+        "max_overflow": pool.max_overflow,
+        "pool_timeout": pool.timeout,
+        "pool_recycle": pool.recycle,
+    }
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": pool.connect_timeout}
     return create_engine(url, **kwargs)
 
 
@@ -96,9 +129,9 @@ class _WriterLock:
 class Database:
     """An engine plus session factories for reading and for writing."""
 
-    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+    def __init__(self, url: str, *, pool: PoolSettings | None = None) -> None:
         self.url = url
-        self.engine = make_engine(url, pool_size=pool_size)
+        self.engine = make_engine(url, pool=pool)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         database = make_url(url).database
         self._writer_lock = (
@@ -159,6 +192,11 @@ def migrate(url: str, revision: str = "head") -> None:
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Gateways starting together must not run the same migration twice at
+                # once: the first holds this lock until its transaction commits, the
+                # others then find the schema current.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
             cfg = alembic_config(url)
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
