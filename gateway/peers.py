@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from gateway.archive.db import Database
+from gateway.archive.errors import IndexUnavailable
 from gateway.archive.models import Peer as PeerRow
 from gateway.archive.models import utcnow
 
@@ -100,8 +101,12 @@ class PeerRegistry:
         cached = self._cache.get(title)
         if cached is not None and now - cached[0] < self.cache_seconds:
             return cached[1]
-        with self.db.reading() as session:
-            row = session.scalar(select(PeerRow).where(PeerRow.ae_title == title))
+        try:
+            with self.db.reading() as session:
+                row = session.scalar(select(PeerRow).where(PeerRow.ae_title == title))
+        except (OperationalError, InterfaceError) as exc:
+            # The index is away: a retryable failure for the caller, never "unknown".
+            raise IndexUnavailable(f"peer registry unavailable: {exc.__class__.__name__}") from exc
         peer = _to_peer(row) if row is not None else None
         self._cache[title] = (now, peer)
         return peer

@@ -26,7 +26,7 @@ from pynetdicom.events import Event
 
 from gateway.archive import Archive, Level, Query, RetrieveRequest, Source
 from gateway.archive.charsets import response_character_set
-from gateway.archive.errors import ArchiveError, InvalidQuery
+from gateway.archive.errors import ArchiveError, IndexUnavailable, InvalidQuery
 from gateway.dimse import status
 from gateway.dimse.sending import StoredRef, contexts_for
 from gateway.ops import metrics
@@ -68,7 +68,14 @@ class Handlers:
         # The requestor's AE title is filled in only after this event: read the request.
         calling = str(event.assoc.requestor.primitive.calling_ae_title or "").strip()
         address = event.assoc.requestor.address
-        peer = self.peers.get(calling)
+        try:
+            peer = self.peers.get(calling)
+        except IndexUnavailable:
+            # Fail closed but retryable: rejected-transient, temporary congestion.
+            log.warning("refused association from %r: peer registry unavailable", calling)
+            event.assoc.acse.send_reject(0x02, 0x03, 0x01)
+            event.assoc.kill()
+            return
         if peer is None:
             if self.settings.effective_accept_unknown_peers:
                 metrics.ASSOCIATIONS.labels("accepted").inc()

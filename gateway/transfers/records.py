@@ -19,8 +19,10 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from gateway.archive.db import Database
+from gateway.archive.errors import IndexUnavailable
 from gateway.archive.models import utcnow
 from gateway.peers import PeerError, validate_ae_title
 from gateway.transfers.models import Transfer
@@ -220,13 +222,17 @@ class TransferBindings:
             hit = self._cache.get(ae_title)
         if hit is not None and now - hit[0] < self.cache_seconds:
             return hit[1]
-        with self.db.reading() as session:
-            row = session.scalar(
-                select(Transfer)
-                .where(Transfer.source_ae == ae_title, Transfer.status.in_(ACCEPTING))
-                .order_by(Transfer.id.desc())
-            )
-            info = _info(row) if row is not None else None
+        try:
+            with self.db.reading() as session:
+                row = session.scalar(
+                    select(Transfer)
+                    .where(Transfer.source_ae == ae_title, Transfer.status.in_(ACCEPTING))
+                    .order_by(Transfer.id.desc())
+                )
+                info = _info(row) if row is not None else None
+        except (OperationalError, InterfaceError) as exc:
+            # The index is away: the C-STORE gets a retryable failure (0xA701).
+            raise IndexUnavailable(f"index unavailable: {exc.__class__.__name__}") from exc
         if info is not None and info.status == "open":
             mark_receiving(self.db, info.id)
         with self._lock:

@@ -161,6 +161,9 @@ def test_postgres_restart_mid_push_loses_no_acknowledged_instance(tmp_path: Path
             for ds in datasets[30:60]:
                 statuses[ds.SOPInstanceUID] = send(ds)
                 down.append(statuses[ds.SOPInstanceUID])
+                # Spread over longer than the per-process peer cache (5 s), so lookups
+                # that must reach the index while it is away are exercised too.
+                time.sleep(0.25)
             pg.start()
             for ds in datasets[60:]:
                 statuses[ds.SOPInstanceUID] = send(ds)
