@@ -88,6 +88,20 @@ class Settings(BaseSettings):
     # Issuer of Patient ID used when neither the dataset nor the peer names one.
     default_issuer: str = "STUDYBRIDGE"
 
+    # TLS (gateway.dimse.tls): TLS 1.2+ with BCP 195 cipher suites. A DIMSE port
+    # speaking DICOM TLS beside the plain one (0: none; 2762 is DICOM's TLS port).
+    dimse_tls_port: int = 0
+    # This node's certificate chain and private key (PEM), for DIMSE TLS and HTTPS.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Client certificates: "none" (not asked for), "optional" (verified against
+    # tls_ca_file when sent) or "required". A verified certificate of a registered
+    # peer must name the peer's host.
+    tls_client_certs: Literal["none", "optional", "required"] = "none"
+    tls_ca_file: Path | None = None
+    # Serve HTTP as HTTPS (same certificate and client certificate settings).
+    http_tls: bool = False
+
     # HTTP (DICOMweb and pages).
     http_host: str = "127.0.0.1"
     http_port: int = 8080

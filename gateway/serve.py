@@ -68,10 +68,37 @@ def _http_child(settings: Settings, ready: Any) -> None:
         # Client address and scheme from X-Forwarded-* only behind a trusted proxy.
         proxy_headers=settings.trust_forwarded_headers,
         forwarded_allow_ips="*" if settings.trust_forwarded_headers else None,
+        **https_options(settings),
     )
     server = uvicorn.Server(config)
     threading.Thread(target=_signal_when_started, args=(server, ready), daemon=True).start()
     server.run()
+
+
+def https_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's TLS arguments when ``http_tls`` is on: the node's certificate, TLS 1.2+
+    (Python's default minimum) with the BCP 195 cipher suites, client certificates
+    as ``tls_client_certs`` says."""
+    if not settings.http_tls:
+        return {}
+    import ssl
+
+    from gateway.dimse.tls import BCP195_CIPHERS, TLSConfigError
+
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        raise TLSConfigError("http_tls needs tls_cert_file and tls_key_file (PEM)")
+    reqs = {
+        "none": ssl.CERT_NONE,
+        "optional": ssl.CERT_OPTIONAL,
+        "required": ssl.CERT_REQUIRED,
+    }[settings.tls_client_certs]
+    return {
+        "ssl_certfile": str(settings.tls_cert_file),
+        "ssl_keyfile": str(settings.tls_key_file),
+        "ssl_ca_certs": str(settings.tls_ca_file) if settings.tls_ca_file else None,
+        "ssl_cert_reqs": reqs,
+        "ssl_ciphers": BCP195_CIPHERS,
+    }
 
 
 def _signal_when_started(server: Any, ready: Any) -> None:
@@ -127,6 +154,17 @@ class Supervisor:
         settings = self.settings
         check_port_free(settings.dimse_host, settings.dimse_port, "DIMSE")
         check_port_free(settings.http_host, settings.http_port, "HTTP")
+        if settings.dimse_tls_port:
+            check_port_free(settings.dimse_host, settings.dimse_tls_port, "DICOM TLS")
+        if settings.dimse_tls_port or settings.http_tls:
+            from gateway.dimse.tls import TLSConfigError, server_context
+
+            try:  # unreadable certificates stop here, in plain words, not in a child
+                if settings.dimse_tls_port:
+                    server_context(settings)
+                https_options(settings)
+            except TLSConfigError as exc:
+                raise SystemExit(f"TLS: {exc}") from exc
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate(settings.resolved_database_url)
         clear_staging(settings)
@@ -147,8 +185,12 @@ class Supervisor:
         if not self.stopping.is_set():
             self.say(
                 f"studybridge ready: DICOM {settings.ae_title}@{settings.dimse_host}:"
-                f"{settings.dimse_port} ({settings.effective_dimse_workers} receiving processes), "
-                f"HTTP http://{settings.http_host}:{settings.http_port}/, "
+                f"{settings.dimse_port}"
+                + (f" and TLS :{settings.dimse_tls_port}" if settings.dimse_tls_port else "")
+                + f" ({settings.effective_dimse_workers} receiving processes), "
+                f"HTTP{'S' if settings.http_tls else ''} "
+                f"{'https' if settings.http_tls else 'http'}://{settings.http_host}:"
+                f"{settings.http_port}/, "
                 f"data in {settings.data_dir.resolve()}"
             )
         threading.Thread(target=self._sweep_periodically, name="sweeper", daemon=True).start()

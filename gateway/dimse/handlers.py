@@ -27,7 +27,7 @@ from pynetdicom.events import Event
 from gateway.archive import Archive, Level, Query, RetrieveRequest, Source
 from gateway.archive.charsets import response_character_set
 from gateway.archive.errors import ArchiveError, IndexUnavailable, InvalidQuery
-from gateway.dimse import status
+from gateway.dimse import status, tls
 from gateway.dimse.sending import StoredRef, contexts_for
 from gateway.ops import metrics
 from gateway.peers import PeerRegistry
@@ -89,6 +89,15 @@ class Handlers:
                 calling,
                 peer.host,
                 address,
+            )
+            self._reject(event)
+            return
+        cert = tls.peer_certificate(event.assoc)
+        if cert is not None and not tls.certificate_names_host(cert, peer.host):
+            log.warning(
+                "refused association: AE %r's TLS certificate does not name its host %s",
+                calling,
+                peer.host,
             )
             self._reject(event)
             return

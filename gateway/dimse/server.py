@@ -37,7 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.archive import Archive
 from gateway.config import Settings
-from gateway.dimse import fastpath, negotiation
+from gateway.dimse import fastpath, negotiation, tls
 from gateway.dimse.acceptor import Acceptor, AcceptorHandler
 from gateway.dimse.commitment import CommitmentSCP
 from gateway.dimse.handlers import Handlers
@@ -114,18 +114,28 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-def make_server(settings: Settings, archive: Archive) -> ReusePortServer:
+class TLSReusePortServer(tls.TLSServerMixin, ReusePortServer):
+    """The DICOM TLS port: handshakes in each association's thread (``tls``)."""
+
+
+def make_server(
+    settings: Settings, archive: Archive, *, port: int | None = None, ssl_context: Any = None
+) -> ReusePortServer:
+    """The association server on the DIMSE port, or (with ``ssl_context``) the TLS one."""
     ae = build_ae(settings)
     peers = PeerRegistry(archive.db)
     handlers = Handlers(archive, peers)
     commitment = CommitmentSCP(settings, archive.db, peers)
     server = ae.make_server(
-        (settings.dimse_host, settings.dimse_port),
+        (settings.dimse_host, port or settings.dimse_port),
         evt_handlers=handlers.bindings() + commitment.bindings(),
-        server_class=ReusePortServer,
+        server_class=ReusePortServer if ssl_context is None else TLSReusePortServer,
         request_handler=AcceptorHandler,
+        ssl_context=ssl_context,
     )
     server.store_instance = handlers.store_instance  # type: ignore[attr-defined]
+    if ssl_context is not None:
+        server.handshake_timeout = settings.acse_timeout  # type: ignore[attr-defined]
     # AE.start_server registers its servers; make_server does not, but shutdown expects it.
     ae._servers.append(server)
     return server  # type: ignore[return-value]
@@ -139,7 +149,12 @@ def run_worker(settings: Settings, index: int, ready: Any = None) -> None:
     # blobs so that storing is a rename on the same filesystem.
     tempfile.tempdir = str(settings.staging_dir)
     archive = Archive.open(settings, post_ingest=True)
-    server = make_server(settings, archive)
+    servers = [make_server(settings, archive)]
+    if settings.dimse_tls_port:
+        context = tls.server_context(settings)
+        servers.append(
+            make_server(settings, archive, port=settings.dimse_tls_port, ssl_context=context)
+        )
     stop = threading.Event()
 
     def _on_signal(_signum: int, _frame: Any) -> None:
@@ -147,25 +162,27 @@ def run_worker(settings: Settings, index: int, ready: Any = None) -> None:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    thread = threading.Thread(target=server.serve_forever, name="dimse-accept", daemon=True)
-    thread.start()
-    log.info("DIMSE worker %d listening on %s:%d", index, settings.dimse_host, settings.dimse_port)
+    for server in servers:
+        threading.Thread(target=server.serve_forever, name="dimse-accept", daemon=True).start()
+        log.info("DIMSE worker %d listening on %s:%d", index, *server.server_address[:2])
     if ready is not None:
         ready.set()
     stop.wait()
-    drain(server, settings.shutdown_grace)
+    drain(servers, settings.shutdown_grace)
     archive.close()
 
 
-def drain(server: ReusePortServer, grace: float) -> None:
+def drain(servers: list[ReusePortServer], grace: float) -> None:
     """Stop accepting; let messages in progress finish (bounded by ``grace``), then
     end every association: idle or still-negotiating ones at once."""
-    server.shutdown()
-    for assoc in server.active_associations:
-        if isinstance(assoc, Acceptor):
-            assoc.request_stop()
+    for server in servers:
+        server.shutdown()
+        for assoc in server.active_associations:
+            if isinstance(assoc, Acceptor):
+                assoc.request_stop()
     deadline = time.monotonic() + grace
-    while server.active_associations and time.monotonic() < deadline:
+    while any(s.active_associations for s in servers) and time.monotonic() < deadline:
         time.sleep(0.02)
-    for assoc in server.active_associations:
-        assoc.abort()
+    for server in servers:
+        for assoc in server.active_associations:
+            assoc.abort()
