@@ -163,6 +163,59 @@ def running_gateway(tmp: Path, env_extra: dict[str, str] | None = None) -> Itera
         os.killpg(gw.proc.pid, signal.SIGKILL)
 
 
+class Worker:
+    """A running ``studybridge worker`` (Celery) in a subprocess of its own group."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        log = open(log_path, "ab")  # noqa: SIM115 - kept for the process lifetime
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "worker", "--data-dir", str(data_dir),
+             "--concurrency", "1", "--no-beat"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while "ready." not in self.log() and self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"worker not ready after 60 s: {self.log()[-2000:]}")
+            time.sleep(0.05)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited: {self.log()[-2000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def succeeded(self, name: str) -> int:
+        """How many runs of the task ``name`` finished successfully (from its log)."""
+        return sum(1 for line in self.log().splitlines() if name in line and "succeeded" in line)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@contextlib.contextmanager
+def running_worker(data_dir: Path, env: dict[str, str], log_path: Path) -> Iterator[Worker]:
+    worker = Worker(data_dir, env, log_path)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
 @contextlib.contextmanager
 def storescp(
     tmp: Path, ae_title: str = "DEST", *, accept_all: bool = True

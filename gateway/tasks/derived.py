@@ -61,4 +61,4 @@ def _thumbnail(archive: Archive, scratch: Path, inst: StoredInstance) -> None:
         cached_thumbnail(archive.store, scratch, reader, 1, thumbnail_options())
     except (InvalidDataset, ValueError, TypeError, NotImplementedError) as exc:
         # The image cannot be rendered here; a request would fail the same way.
-        log.info("no thumbnail for %s: %s", inst.sop_uid, exc)
+        log.warning("no thumbnail for %s: %s", inst.sop_uid, exc)

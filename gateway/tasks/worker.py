@@ -12,6 +12,7 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
+from gateway.ops.logs import setup_logging
 from gateway.tasks.celery_app import make_celery
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ def run_worker(
             "run inside `studybridge serve`; set STUDYBRIDGE_TASK_BROKER_URL to run workers"
         )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Our loggers (tasks, archive) write like the serving processes' (text or JSON).
+    setup_logging(settings.log_level, settings.log_format)
     app = make_celery(settings)
     worker = app.Worker(
         hostname=f"studybridge-{os.getpid()}@{socket.gethostname()}",

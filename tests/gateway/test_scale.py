@@ -4,12 +4,21 @@ The same study is pushed to both at once by two dcmtk storescu senders and one
 STOW-RS client. The index must then hold exactly one consistent copy (one patient,
 one study, its series, each instance once, each with its blob, no orphan blob),
 and every instance must be retrievable, byte for byte, from either gateway.
+
+Two stacks: a shared folder with in-process tasks, and the production one without
+containers: PostgreSQL, SeaweedFS S3, Redis, two gateways and one
+`studybridge worker`, which prepares each series' metadata and thumbnails once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
+import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -17,10 +26,24 @@ import pydicom
 import pytest
 from sqlalchemy import create_engine, func, select
 
+from gateway.archive import Archive
+from gateway.archive.metadata import cache_key, series_marker, study_series
 from gateway.archive.models import IngestEvent, Instance, Patient, Series, Study
+from gateway.config import Settings
+from gateway.tasks.derived import PREPARE_SERIES
 from tests.conftest import truncate_pg
 from tests.factories import ct_series, uid
-from tests.servers import Gateway, dataset_bytes, require_tool, run_tool, running_gateway
+from tests.s3server import seaweedfs
+from tests.servers import (
+    IN_CI,
+    Gateway,
+    Worker,
+    dataset_bytes,
+    require_tool,
+    run_tool,
+    running_gateway,
+    running_worker,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.slow]
 
@@ -39,21 +62,60 @@ def stow_body(files: list[Path]) -> bytes:
     return b"".join(chunks)
 
 
-@pytest.fixture
-def two_gateways(pg_url: str, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
+@dataclass
+class Stack:
+    one: Gateway
+    two: Gateway
+    settings: Settings  # what a process of this installation reads (for checks)
+    worker: Worker | None = None
+
+
+def require_redis() -> None:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        if sock.connect_ex(("127.0.0.1", 6379)) != 0:
+            if IN_CI:
+                pytest.fail("Redis at 127.0.0.1:6379 is not running")
+            pytest.skip("Redis at 127.0.0.1:6379 is not running")
+
+
+@pytest.fixture(params=["shared-folder", "production"])
+def stack(request: pytest.FixtureRequest, pg_url: str, tmp_path: Path) -> Iterator[Stack]:
     require_tool("storescu")
     truncate_pg(pg_url)
-    env = {
-        "STUDYBRIDGE_DATABASE_URL": pg_url,
-        "STUDYBRIDGE_BLOB_DIR": str(tmp_path / "shared-blobs"),
-    }
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    with running_gateway(tmp_path / "a", env) as one, running_gateway(tmp_path / "b", env) as two:
+    env = {"STUDYBRIDGE_DATABASE_URL": pg_url}
+    with contextlib.ExitStack() as stack:
+        if request.param == "production":
+            require_redis()
+            s3 = stack.enter_context(seaweedfs(tmp_path / "s3"))
+            env.update(s3.env(bucket=f"sb-scale-{uuid.uuid4().hex[:8]}"))
+            env.update(
+                STUDYBRIDGE_TASK_BROKER_URL="redis://127.0.0.1:6379/0",
+                STUDYBRIDGE_TASK_QUEUE=f"sbtest-{uuid.uuid4().hex[:10]}",
+                STUDYBRIDGE_TASK_SERIES_PAUSE="1",
+            )
+        else:
+            env["STUDYBRIDGE_BLOB_DIR"] = str(tmp_path / "shared-blobs")
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        one = stack.enter_context(running_gateway(tmp_path / "a", env))
+        two = stack.enter_context(running_gateway(tmp_path / "b", env))
         one.cli("peers", "add", "STORESCU", "--host", "127.0.0.1", "--port", "104")
+        worker = None
+        if request.param == "production":
+            worker_env = {**one.env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+            worker = stack.enter_context(
+                running_worker(tmp_path / "w" / "var", worker_env, tmp_path / "worker.log")
+            )
         one.start("--dimse-workers", "2")
         two.start("--dimse-workers", "2")
-        yield one, two
+        fields = {
+            k.removeprefix("STUDYBRIDGE_").lower(): v
+            for k, v in env.items()
+            if k.startswith("STUDYBRIDGE_")
+        }
+        settings = Settings(data_dir=tmp_path / "check", **fields)
+        yield Stack(one, two, settings, worker)
         assert one.stop() == 0, one.log_text()
         assert two.stop() == 0, two.log_text()
 
@@ -74,10 +136,8 @@ def storescu(gw: Gateway, files: list[Path]):
     )
 
 
-def test_two_gateways_one_index_one_copy(
-    two_gateways: tuple[Gateway, Gateway], pg_url: str, tmp_path: Path
-):
-    one, two = two_gateways
+def test_two_gateways_one_index_one_copy(stack: Stack, pg_url: str, tmp_path: Path):
+    one, two = stack.one, stack.two
     study = uid()
     files = ct_series(tmp_path / "s1", 30, study_uid=study, patient_id="SCALE-1") + ct_series(
         tmp_path / "s2", 30, study_uid=study, patient_id="SCALE-1", series_number=2
@@ -139,9 +199,14 @@ def test_two_gateways_one_index_one_copy(
             rows = conn.execute(select(Instance.sop_uid, Instance.blob_key)).all()
     finally:
         engine.dispose()
-    blob_root = tmp_path / "shared-blobs"
-    stored = sorted(str(p.relative_to(blob_root)) for p in (blob_root / "studies").rglob("*.dcm"))
-    assert stored == sorted(key for _sop, key in rows)  # one blob each, no orphan
+    archive = Archive.open(stack.settings)
+    try:
+        stored = sorted(archive.store.iter_keys("studies/"))
+        assert stored == sorted(key for _sop, key in rows)  # one blob each, no orphan
+        if stack.worker is not None:
+            check_prepared_by_worker(stack.worker, archive, study)
+    finally:
+        archive.close()
 
     expected = {}
     for path in files:
@@ -163,3 +228,26 @@ def test_two_gateways_one_index_one_copy(
                 params={"StudyInstanceUID": study, "includefield": "00201208"},
             ).json()
             assert found[0]["00201208"]["Value"] == [len(files)]
+
+
+def check_prepared_by_worker(worker: Worker, archive: Archive, study: str) -> None:
+    """The worker built each series' metadata and thumbnail (one current copy each)."""
+    series_uids = study_series(archive.db, study)
+
+    def prepared(series: str) -> bool:
+        key = cache_key(study, series, series_marker(archive.db, study, series))
+        return archive.store.exists(key) and any(
+            archive.store.iter_keys(f"thumbnails/{study}/{series}/")
+        )
+
+    deadline = time.monotonic() + 120
+    while not all(prepared(series) for series in series_uids):
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.2)
+    # Each gateway process coalesced on its own, so the task may have run more than
+    # once per series; it still leaves one current copy.
+    time.sleep(3)
+    assert worker.succeeded(PREPARE_SERIES) >= len(series_uids)
+    for series in series_uids:
+        key = cache_key(study, series, series_marker(archive.db, study, series))
+        assert sorted(archive.store.iter_keys(f"metadata/{study}/{series}/")) == [key]

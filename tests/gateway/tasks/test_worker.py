@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from gateway.tasks.derived import PREPARE_SERIES
 from gateway.tasks.dispatch import CeleryDispatcher
 from tests.factories import ct_series, uid
 from tests.gateway.archive.helpers import SOURCE
-from tests.servers import IN_CI
+from tests.servers import IN_CI, Worker, running_worker
 
 pytestmark = [
     pytest.mark.integration,
@@ -86,57 +85,12 @@ def env_for(settings: Settings) -> dict[str, str]:
     return env
 
 
-class Worker:
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        self.log_path = log_path
-        log = open(log_path, "ab")  # noqa: SIM115 - kept for the process lifetime
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway.cli",
-                "worker",
-                "--data-dir",
-                str(settings.data_dir),
-                "--concurrency",
-                "1",
-                "--no-beat",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env_for(settings),
-            start_new_session=True,
-        )
-        wait_for(lambda: "ready." in self.log() or self.proc.poll() is not None, 60, "worker")
-        assert self.proc.poll() is None, self.log()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def succeeded(self, name: str) -> int:
-        return sum(1 for line in self.log().splitlines() if name in line and "succeeded" in line)
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def start_worker(settings: Settings, log_path: Path) -> Worker:
+    return Worker(settings.data_dir, env_for(settings), log_path)
 
 
-@contextlib.contextmanager
-def worker(settings: Settings, log_path: Path) -> Iterator[Worker]:
-    w = Worker(settings, log_path)
-    try:
-        yield w
-    finally:
-        w.stop()
+def worker(settings: Settings, log_path: Path):
+    return running_worker(settings.data_dir, env_for(settings), log_path)
 
 
 @contextlib.contextmanager
@@ -218,7 +172,7 @@ def test_killed_worker_task_is_redelivered_and_run_once(tmp_path: Path):
             for path in paths:
                 result = archive.ingest_file(path, SOURCE)
             series = result.series_uid
-            first = Worker(settings, tmp_path / "worker-1.log")
+            first = start_worker(settings, tmp_path / "worker-1.log")
             try:
                 dispatcher = CeleryDispatcher(settings)
                 dispatcher.submit(PREPARE_SERIES, study_uid=study, series_uid=series)
