@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -199,6 +200,96 @@ def test_killed_worker_task_is_redelivered_and_run_once(tmp_path: Path):
             assert metadata_keys(archive, study, series) == [key]
             assert client.hlen(unacked) == 0
             assert queue_depth(make_celery(settings), settings.task_queue) == 0
+        finally:
+            archive.close()
+            with contextlib.suppress(Exception):
+                client.delete(unacked, f"{settings.task_queue}:unacked_index")
+
+
+def test_killed_worker_task_goes_back_to_rabbitmq_at_once(tmp_path: Path):
+    """RabbitMQ puts a killed worker's unacknowledged task back when its connection
+    closes; the next worker runs it once."""
+    settings = broker_settings(tmp_path, require_broker("rabbitmq"))
+    app = make_celery(settings)
+    with cleanup_queue(settings):
+        archive = Archive.open(settings, migrate_schema=True)
+        try:
+            study = uid()
+            paths = ct_series(tmp_path / "s", 150, study_uid=study)
+            for path in paths:
+                result = archive.ingest_file(path, SOURCE)
+            series = result.series_uid
+            dispatcher = CeleryDispatcher(settings)
+            dispatcher.submit(PREPARE_SERIES, study_uid=study, series_uid=series)
+            assert dispatcher.flush(20) and dispatcher.failures == 0
+            dispatcher.close()
+            wait_for(lambda: queue_depth(app, settings.task_queue) == 1, 20, "the task queued")
+            first = start_worker(settings, tmp_path / "worker-1.log")
+            try:
+                # Delivered to the worker (no longer ready in the queue): kill it.
+                wait_for(lambda: queue_depth(app, settings.task_queue) == 0, 30, "delivery")
+                first.kill()
+            finally:
+                first.stop()
+            assert first.succeeded(PREPARE_SERIES) == 0, "the task finished before the kill"
+            for key in metadata_keys(archive, study, series):
+                archive.store.delete(key)
+            # Back in the queue as soon as the dead worker's connection closed.
+            wait_for(lambda: queue_depth(app, settings.task_queue) == 1, 15, "the requeue")
+            with worker(settings, tmp_path / "worker-2.log") as second:
+                wait_for(lambda: second.succeeded(PREPARE_SERIES) == 1, 60, "the redelivery")
+                time.sleep(3)
+                assert second.succeeded(PREPARE_SERIES) == 1
+            key = cache_key(study, series, series_marker(archive.db, study, series))
+            assert metadata_keys(archive, study, series) == [key]
+            assert queue_depth(app, settings.task_queue) == 0
+        finally:
+            archive.close()
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def test_killed_pool_process_task_is_requeued_and_run_once(tmp_path: Path):
+    """SIGKILL the pool process running a task: the worker rejects it back to the
+    queue (reject_on_worker_lost) and runs it again in a new pool process, once."""
+    import redis
+
+    settings = broker_settings(tmp_path, require_broker("redis"))
+    client = redis.Redis.from_url(settings.task_broker_url)
+    unacked = f"{settings.task_queue}:unacked"
+    with cleanup_queue(settings):
+        archive = Archive.open(settings, migrate_schema=True)
+        try:
+            study = uid()
+            for path in ct_series(tmp_path / "s", 150, study_uid=study):
+                result = archive.ingest_file(path, SOURCE)
+            series = result.series_uid
+            with worker(settings, tmp_path / "worker.log") as w:
+                pool = _children(w.proc.pid)
+                assert pool, "the worker has no pool process"
+                dispatcher = CeleryDispatcher(settings)
+                dispatcher.submit(PREPARE_SERIES, study_uid=study, series_uid=series)
+                assert dispatcher.flush(20) and dispatcher.failures == 0
+                dispatcher.close()
+                wait_for(lambda: client.hlen(unacked) == 1, 30, "the worker to take the task")
+                for pid in pool:
+                    os.kill(pid, signal.SIGKILL)
+                wait_for(lambda: "WorkerLostError" in w.log(), 30, "the pool process loss")
+                before_loss = w.log().split("WorkerLostError", 1)[0]
+                assert "succeeded" not in before_loss, "the task finished before the kill"
+                wait_for(lambda: w.succeeded(PREPARE_SERIES) == 1, 60, "the rerun")
+                time.sleep(2 * settings.task_visibility_timeout)
+                assert w.succeeded(PREPARE_SERIES) == 1
+                assert w.proc.poll() is None
+            key = cache_key(study, series, series_marker(archive.db, study, series))
+            assert metadata_keys(archive, study, series) == [key]
+            assert client.hlen(unacked) == 0
         finally:
             archive.close()
             with contextlib.suppress(Exception):
