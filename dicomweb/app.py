@@ -17,7 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicomweb import capabilities, qido, stow, wado
+from dicomweb import capabilities, imports, qido, stow, wado
 from dicomweb.errors import (
     HTTPError,
     archive_error_handler,
@@ -66,6 +66,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.include_router(qido.router, prefix=prefix, tags=["QIDO-RS"])
     app.include_router(wado.router, prefix=prefix, tags=["WADO-RS"])
     app.include_router(stow.router, prefix=prefix, tags=["STOW-RS"])
+    app.include_router(imports.router, tags=["Import"])
 
     services = {"QIDO-RS": qido, "WADO-RS": wado, "STOW-RS": stow}
 

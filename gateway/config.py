@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     qido_max_limit: int = 1000
     # STOW-RS: largest request body accepted (bytes); larger ones get 413.
     stow_max_bytes: int = 4 * 1024 * 1024 * 1024
+    # POST /api/imports (zip upload): largest body accepted (bytes).
+    import_max_bytes: int = 16 * 1024 * 1024 * 1024
     # Public base URL (e.g. "https://bridge.example.org") written into Retrieve URLs
     # and BulkDataURIs; empty: taken from each request.
     public_base_url: str = ""

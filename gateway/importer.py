@@ -264,9 +264,13 @@ class ImportPlan:
 
 
 def plan_import(
-    archive: Archive, path: Path, *, limits: ImportLimits = DEFAULT_LIMITS
+    archive: Archive, path: Path, *, limits: ImportLimits = DEFAULT_LIMITS, staged: bool = False
 ) -> ImportPlan:
-    """Find the work of importing ``path`` (folder, DICOMDIR, zip or one file)."""
+    """Find the work of importing ``path`` (folder, DICOMDIR, zip or one file).
+
+    ``staged``: ``path`` is an upload the gateway itself put in its staging folder,
+    so being inside the data folder is expected.
+    """
     path = Path(path).expanduser()
     try:
         st = path.stat()
@@ -276,7 +280,7 @@ def plan_import(
         raise ImportSourceError(f"{path}: {exc.strerror}") from exc
     data_dir = archive.settings.data_dir.resolve()
     resolved = path.resolve()
-    if resolved == data_dir or data_dir in resolved.parents:
+    if not staged and (resolved == data_dir or data_dir in resolved.parents):
         raise ImportSourceError(f"{path} is inside the archive's own data folder")
     if stat.S_ISDIR(st.st_mode):
         return _plan_folder(path, {data_dir}, limits)
