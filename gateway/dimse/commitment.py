@@ -13,9 +13,10 @@ written, so an indexed instance is durably stored.
 
 The report goes on the requesting association while it is still open (sent from
 another thread once the N-ACTION response is out: pynetdicom pauses the
-association's reactor for it); if the requester has released it, or sending fails,
-on a new association to the requester's registered peer address, where we take
-the SCP role of Storage Commitment (SCP/SCU role selection). A gateway crash
+association's reactor for it); if the requester has released it, or does not
+answer the report within a few seconds (it was releasing as we sent), or sending
+fails, on a new association to the requester's registered peer address, where we
+take the SCP role of Storage Commitment (SCP/SCU role selection). A gateway crash
 between the two loses the report; the requester then asks again (PS3.4 J.3.3's
 transaction timeout), which is safe because the answer only reads the index.
 """
@@ -61,6 +62,8 @@ _NO_SUCH_ACTION = 0x0123
 _INVALID_ARGUMENT = 0x0115
 _MISTYPED_ARGUMENT = 0x0212
 _CHUNK = 500  # SOP Instance UIDs per index query
+# Seconds to wait for the requester's answer to a report on its own association.
+SAME_ASSOCIATION_WAIT = 5.0
 
 
 def commitment_result(
@@ -170,7 +173,7 @@ class CommitmentSCP:
         event_type, info = commitment_result(self.db, transaction, refs)
         how = "failed"
         try:
-            if assoc.is_established and self._send(assoc, event_type, info):
+            if assoc.is_established and self._send_same(assoc, event_type, info):
                 how = "same-association"
             elif self._send_new(calling, event_type, info):
                 how = "new-association"
@@ -186,6 +189,17 @@ class CommitmentSCP:
         )
         if self.on_reported is not None:
             self.on_reported(transaction, how)
+
+    def _send_same(self, assoc: Any, event_type: int, info: Dataset) -> bool:
+        """Report on the requesting association. A requester that released it just
+        after our N-ACTION response never answers: wait for the answer only briefly,
+        then fall back to a new association."""
+        previous = assoc.dimse_timeout
+        assoc.dimse_timeout = min(SAME_ASSOCIATION_WAIT, self.settings.dimse_timeout)
+        try:
+            return self._send(assoc, event_type, info)
+        finally:
+            assoc.dimse_timeout = previous
 
     @staticmethod
     def _send(assoc: Any, event_type: int, info: Dataset) -> bool:

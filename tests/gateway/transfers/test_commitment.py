@@ -116,7 +116,8 @@ def test_commitment_same_and_new_association(tmp_path: Path) -> None:
             status, _reply = assoc.send_n_action(request, 1, StorageCommitmentPushModel, INSTANCE)
             assoc.release()
             assert status.Status == 0x0000
-            assert reports2.arrived.wait(20), "no N-EVENT-REPORT on a new association"
+            # A report racing the release on the old association waits 5 s for an answer.
+            assert reports2.arrived.wait(30), "no N-EVENT-REPORT on a new association"
         finally:
             server.shutdown()
         event_type, info, how = reports2.got[0]
