@@ -31,6 +31,7 @@ from gateway.archive import Archive
 from gateway.archive.errors import ArchiveError
 from gateway.config import Settings
 from gateway.ops import metrics
+from viewer import pages as viewer_pages
 
 
 def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
@@ -67,6 +68,9 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.include_router(wado.router, prefix=prefix, tags=["WADO-RS"])
     app.include_router(stow.router, prefix=prefix, tags=["STOW-RS"])
     app.include_router(imports.router, tags=["Import"])
+
+    # The viewer's pages: a separate door that reads this API over HTTP like any viewer.
+    app.mount("/viewer", viewer_pages.create_app(settings))
 
     services = {"QIDO-RS": qido, "WADO-RS": wado, "STOW-RS": stow}
 

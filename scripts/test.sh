@@ -20,6 +20,6 @@ python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 # OHIF's prebuilt viewer (npm package tarball) for the browser tests.
 bash scripts/ohif.sh >/dev/null
 
-ruff check gateway dicomweb tests bench
-ruff format --check gateway dicomweb tests bench
+ruff check gateway dicomweb viewer tests bench
+ruff format --check gateway dicomweb viewer tests bench
 python3 -m pytest "$@"
