@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from gateway.archive.errors import ArchiveError, IndexUnavailable, InvalidQuery
 from gateway.dimse import status, tls
 from gateway.dimse.sending import StoredRef, contexts_for
 from gateway.ops import metrics
+from gateway.ops.logs import request_id
 from gateway.peers import PeerRegistry
 from gateway.transfers.records import TransferBindings
 
@@ -65,6 +67,8 @@ class Handlers:
 
     # -- association ---------------------------------------------------------------
     def on_requested(self, event: Event) -> None:
+        # Every log line of this association (its own thread) carries one ID.
+        request_id.set(f"assoc-{uuid.uuid4().hex[:16]}")
         # The requestor's AE title is filled in only after this event: read the request.
         calling = str(event.assoc.requestor.primitive.calling_ae_title or "").strip()
         address = event.assoc.requestor.address

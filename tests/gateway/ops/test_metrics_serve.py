@@ -7,6 +7,8 @@ import re
 
 import httpx
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from tests.factories import ct_series
 from tests.servers import require_tool, run_tool, running_gateway
@@ -37,6 +39,10 @@ def test_metrics_across_processes_and_json_logs(tmp_path):
                 [storescu, "-aet", "STORESCU", "127.0.0.1", str(gw.dimse_port), *map(str, part)]
             )
             assert result.returncode == 0, result.stderr
+        # An unregistered AE is refused (and counted, and logged with its association ID).
+        ae = AE(ae_title="STRANGER")
+        ae.add_requested_context(Verification)
+        assert not ae.associate("127.0.0.1", gw.dimse_port, ae_title=gw.ae_title).is_established
         base = f"http://127.0.0.1:{gw.http_port}"
         with httpx.Client(base_url=base, timeout=30) as client:
             answer = client.get("/dicom-web/studies", headers={"X-Request-ID": "trace-me-1"})
@@ -56,9 +62,12 @@ def test_metrics_across_processes_and_json_logs(tmp_path):
         assert 0.9 * size < sample(text, "studybridge_bytes_received_total", door="dimse") <= size
         assert sample(text, "studybridge_ingest_seconds_count", door="dimse") == 12
         assert sample(text, "studybridge_dimse_associations_total", result="accepted") == 3
+        assert sample(text, "studybridge_dimse_associations_total", result="rejected") == 1
         assert sample(text, "studybridge_query_seconds_count", level="STUDY") >= 1
         assert gw.stop() == 0
     lines = [line for line in gw.log_text().splitlines() if line.startswith("{")]
     assert lines, gw.log_text()
     entries = [json.loads(line) for line in lines]
     assert all({"ts", "level", "logger", "message"} <= e.keys() for e in entries)
+    refused = [e for e in entries if "refused association" in e["message"]]
+    assert refused and re.fullmatch(r"assoc-[0-9a-f]{16}", refused[0]["request_id"])
