@@ -28,7 +28,7 @@ from gateway.transfers.records import (
 from gateway.transfers.report import held_instances, reconcile
 from tests.factories import ct_series, uid
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.production]
 
 
 def _transfer(archive: Archive, **kw: object) -> int:
