@@ -313,6 +313,8 @@ def test_reports_sr_text_and_pdf(site: Site, page: Page) -> None:
     assert "Findings" in text and FINDING in text
     assert "Impressions" in text and IMPRESSION in text
     assert "not verified" in text
+    assert page.page.locator("#preset").is_hidden()  # no image tools for a report
+    assert page.page.locator("#toggle-info").count() == 1
     shot(site, page, "report-sr")
     # The PDF comes through its BulkDataURI (it is larger than the inline threshold).
     with page.page.expect_response(lambda r: "/bulk/00420011" in r.url) as bulk:

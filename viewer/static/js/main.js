@@ -53,6 +53,10 @@ const app = {
   measurement: "",
   refreshTimer: null,
 };
+// Settles when the first image is on screen (or the study has none to show).
+app.firstImage = new Promise((resolve) => {
+  app.firstImageShown = resolve;
+});
 
 // -- start -----------------------------------------------------------------------------
 async function main() {
@@ -63,15 +67,15 @@ async function main() {
   ]) {
     ui[id] = $(id);
   }
-  let config = { dicomweb: "/dicom-web", languages: ["en", "ko"] };
-  try {
-    const response = await fetch("config.json", { credentials: "omit" });
-    if (response.ok) config = await response.json();
-  } catch {
-    /* the defaults above */
-  }
-  const lang = chooseLanguage(config.languages);
-  await setLanguage(lang);
+  // Configuration and language catalogue load together (the languages are known).
+  const defaults = { dicomweb: "/dicom-web", languages: ["en", "ko"] };
+  const lang = chooseLanguage(defaults.languages);
+  const [config] = await Promise.all([
+    fetch("config.json", { credentials: "omit" })
+      .then((response) => (response.ok ? response.json() : defaults))
+      .catch(() => defaults),
+    setLanguage(lang),
+  ]);
   ui.lang.value = lang;
   ui.lang.addEventListener("change", async () => {
     await setLanguage(ui.lang.value, { remember: true });
@@ -184,8 +188,14 @@ async function openStudy(study) {
   let found;
   let seriesList;
   try {
-    found = await app.api.studies({ StudyInstanceUID: study });
-    seriesList = found.length ? await app.api.series(study) : [];
+    // Both at once: an unknown study answers an empty list or 404 for its series.
+    [found, seriesList] = await Promise.all([
+      app.api.studies({ StudyInstanceUID: study }),
+      app.api.series(study).catch((error) => {
+        if (error instanceof ApiError && error.kind === "notfound") return [];
+        throw error;
+      }),
+    ]);
   } catch (error) {
     return fail(error, () => openStudy(study));
   }
@@ -291,7 +301,8 @@ function renderSeriesList() {
       thumb.append(thumbnailImage(entry));
     } else {
       thumb.classList.add("pending");
-      loadThumbnail(entry, thumb);
+      // Thumbnails wait for the first image: on a busy server it comes first.
+      app.firstImage.then(() => loadThumbnail(entry, thumb));
     }
     const label = document.createElement("span");
     label.className = "caption";
@@ -347,7 +358,11 @@ async function selectSeries(entry, { keepIndex = false } = {}) {
     entry.presetName = "default";
   }
   if (app.current !== entry) return;
-  if (entry.kind !== "image") return showDocuments(entry);
+  document.body.dataset.kind = entry.kind;
+  if (entry.kind !== "image") {
+    app.firstImageShown();
+    return showDocuments(entry);
+  }
   ui.document.hidden = true;
   ui.document.replaceChildren();
   ui.viewport.classList.remove("showing-document");
@@ -403,7 +418,8 @@ async function showSlice(index, { force = false } = {}) {
   updateAttributes(slice.ds);
   const cached = app.frames.has(req);
   if (!cached) ui.busy.hidden = false;
-  prefetch(entry, clamped);
+  // Neighbours are fetched once this slice is on screen, so they never delay it.
+  if (cached) prefetch(entry, clamped);
   let bitmap;
   try {
     bitmap = await app.frames.get(req);
@@ -433,6 +449,8 @@ async function showSlice(index, { force = false } = {}) {
   ui.canvas.dataset.sop = req.sop;
   ui.canvas.dataset.window = req.windowing ? `${req.windowing.center},${req.windowing.width}` : "stored";
   ui.canvas.dataset.ready = "true";
+  app.firstImageShown();
+  if (!cached) prefetch(entry, clamped);
 }
 
 function prefetch(entry, index) {
