@@ -9,6 +9,7 @@ when CI=true.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import os
@@ -36,6 +37,13 @@ def require_weed() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def _die_with_parent() -> None:
+    """In the child: the kernel kills weed if the test process dies (a killed pytest
+    would otherwise leave it running, as it has its own session)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -117,7 +125,12 @@ class SeaweedFS:
         ]
         log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - kept for the process lifetime
         self.proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.root,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         self._wait_ready(timeout)
