@@ -358,6 +358,22 @@ def test_phone_viewport(site: Site) -> None:
         page.page.locator("#document .report").wait_for()
         page.page.tap(f"[data-series='{site.study.ct_series}']")
         wait_until(page, lambda: canvas(page)["variance"] > 10, "CT again")
+        # Two fingers spreading apart zoom in (touch pointer events, as a phone sends).
+        zoom = page.page.evaluate(
+            """() => {
+              const c = document.getElementById('canvas');
+              const box = c.getBoundingClientRect();
+              const cx = box.left + box.width / 2, cy = box.top + box.height / 2;
+              const fire = (type, id, x) => c.dispatchEvent(new PointerEvent(type, {
+                pointerId: id, pointerType: 'touch', clientX: x, clientY: cy,
+                bubbles: true, cancelable: true, isPrimary: id === 1}));
+              fire('pointerdown', 1, cx - 40); fire('pointerdown', 2, cx + 40);
+              fire('pointermove', 1, cx - 80); fire('pointermove', 2, cx + 80);
+              fire('pointerup', 1, cx - 80); fire('pointerup', 2, cx + 80);
+              return document.querySelector('#ov-bl .zoom').textContent;
+            }"""
+        )
+        assert zoom == "Zoom 2.0\u00d7", zoom  # the multiplication sign
         shot(site, page, "phone")
         assert page.problems == []
     finally:

@@ -26,6 +26,8 @@ export class Viewport {
     this.measurements = new Map(); // image key -> [{a, b}]
     this.drawing = null; // measurement being drawn
     this.drag = null;
+    this.pointers = new Map(); // pointer id -> position, for two-finger gestures
+    this.pinch = null;
     this.formatLength = (mm) => `${mm.toFixed(1)} mm`;
     this.resizeObserver = new ResizeObserver(() => this.resize());
     this.resizeObserver.observe(canvas.parentElement);
@@ -247,8 +249,45 @@ export class Viewport {
     this.draw();
   }
 
+  // Two fingers on a touch screen: pinch to zoom, move together to pan, whatever
+  // the tool. Pointers are tracked by id; the gesture ends when one lifts.
+  pinchStart() {
+    const [a, b] = [...this.pointers.values()];
+    this.drag = null;
+    this.drawing = null;
+    this.pinch = {
+      distance: Math.max(1, Math.hypot(a.x - b.x, a.y - b.y)),
+      middle: { x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 },
+      zoom: this.zoom,
+      pan: { ...this.pan },
+    };
+  }
+
+  pinchMove() {
+    const [a, b] = [...this.pointers.values()];
+    const p = this.pinch;
+    const middle = { x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 };
+    const factor = Math.hypot(a.x - b.x, a.y - b.y) / p.distance;
+    // Keep the image point under the starting midpoint under the fingers' midpoint.
+    this.zoom = p.zoom;
+    this.pan = { ...p.pan };
+    const anchor = this.toImage(p.middle);
+    this.zoom = Math.min(MAX_ZOOM, Math.max(MIN_ZOOM, p.zoom * factor));
+    const moved = this.toScreen(anchor);
+    this.pan.x += middle.x - moved.x;
+    this.pan.y += middle.y - moved.y;
+    this.draw();
+  }
+
   pointerDown(e) {
     if (!this.image) return;
+    this.pointers.set(e.pointerId, this.point(e));
+    if (this.pointers.size === 2) {
+      this.pinchStart();
+      e.preventDefault();
+      return;
+    }
+    if (this.pointers.size > 2 || this.pinch) return;
     this.canvas.setPointerCapture(e.pointerId);
     this.canvas.parentElement.focus({ preventScroll: true });
     const tool = e.button === 2 ? "window" : e.button === 1 ? "pan" : this.tool;
@@ -259,6 +298,11 @@ export class Viewport {
   }
 
   pointerMove(e) {
+    if (this.pointers.has(e.pointerId)) this.pointers.set(e.pointerId, this.point(e));
+    if (this.pinch && this.pointers.size >= 2) {
+      this.pinchMove();
+      return;
+    }
     const drag = this.drag;
     if (!drag || !this.image) return;
     const p = this.point(e);
@@ -304,6 +348,11 @@ export class Viewport {
   }
 
   pointerUp(e) {
+    this.pointers.delete(e.pointerId);
+    if (this.pinch) {
+      if (this.pointers.size === 0) this.pinch = null;
+      return;
+    }
     const drag = this.drag;
     this.drag = null;
     if (!drag || !this.image) return;
