@@ -24,7 +24,7 @@ phase itself, in the association's thread, with blocking reads:
 
 ``request_stop`` (server shutdown) lets a message being received or stored finish
 and be answered, then aborts the association; an association waiting between
-messages is aborted at once.
+messages is aborted at once (over TLS: its connection is closed at once).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import struct
 import tempfile
 import threading
@@ -149,9 +150,12 @@ class StorageReceiver:
         with self._lock:
             self._stop = True
             if self._idle:
-                # Wakes the blocked read; the loop sees the stop and aborts.
+                # Wakes the blocked read; the loop sees the stop and sends an A-ABORT.
+                # Over TLS the session cannot be written while a read is pending in
+                # another thread, so the connection is simply closed there.
+                how = socket.SHUT_RDWR if isinstance(self.sock, ssl.SSLSocket) else socket.SHUT_RD
                 with contextlib.suppress(OSError):
-                    self.sock.shutdown(socket.SHUT_RD)
+                    socket.socket.shutdown(self.sock, how)
 
     # -- main loop ------------------------------------------------------------------
     def run(self) -> None:
@@ -169,8 +173,11 @@ class StorageReceiver:
             elif not self.outcome:
                 self.outcome = "closed"
         except OSError as exc:
-            log.info("storage association connection lost: %s", exc)
-            self.outcome = self.outcome or "closed"
+            if self._stop:  # the read woken by request_stop failed (TLS: an EOF error)
+                self._send_abort(_abort_pdu(0x00, 0x00))
+            else:
+                log.info("storage association connection lost: %s", exc)
+                self.outcome = self.outcome or "closed"
         finally:
             self._discard_partial()
             with contextlib.suppress(OSError):

@@ -226,3 +226,80 @@ def test_idle_peer_is_aborted_after_the_network_timeout(tmp_path: Path) -> None:
     h.receiver.sock.settimeout(0.3)
     assert _read_pdu(h.peer)[0] == 0x07
     assert h.finish() == "abort-sent"
+
+
+def _tls_pair(tmp: Path) -> tuple[socket.socket, socket.socket]:
+    """A connected pair of TLS sockets (server side first), self-signed certificate."""
+    import datetime as dt
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_file, cert_file = tmp / "node.key", tmp / "node.pem"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert_file, key_file)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    a, b = socket.socketpair()
+    server = server_ctx.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
+    client = client_ctx.wrap_socket(b, do_handshake_on_connect=False)
+    handshake = threading.Thread(target=server.do_handshake)
+    handshake.start()
+    client.do_handshake()
+    handshake.join(10)
+    return server, client
+
+
+def test_stop_over_tls_closes_an_idle_association_at_once(tmp_path: Path) -> None:
+    import ssl
+
+    server, client = _tls_pair(tmp_path)
+    stored: list[Path] = []
+    contexts = {1: SimpleNamespace(abstract_syntax=CT, transfer_syntax=[EXPLICIT])}
+    receiver = StorageReceiver(
+        server,
+        contexts,
+        lambda path: (stored.append(path), (0, ""))[1],
+        staging_dir=tmp_path,
+        network_timeout=30,
+        peer_max_pdu=0,
+    )
+    thread = threading.Thread(target=receiver.run, daemon=True)
+    thread.start()
+    client.settimeout(10)
+    client.sendall(_pdu((1, 0x03, _command()), (1, 0x02, b"\x08\x00\x16\x00UI\x02\x001\x00")))
+    assert _response(client).Status == 0  # TLS data phase works
+    time.sleep(0.2)
+    started = time.monotonic()
+    receiver.request_stop()
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - started < 2
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        _read_pdu(client)  # the connection is gone, not held open
+    client.close()
+    server.close()
