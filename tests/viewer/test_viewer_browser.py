@@ -420,3 +420,33 @@ def test_states(site: Site, page: Page) -> None:
         )
         assert words in page.page.locator("#state").inner_text().lower(), name
     assert page.problems == []
+
+
+def test_keyboard_only(site: Site, page: Page) -> None:
+    """Everything reachable with Tab, worked with Enter/Space and keys; no mouse."""
+    open_study(site, page)
+
+    def tab_to(selector: str, limit: int = 40) -> None:
+        for _ in range(limit):
+            page.page.keyboard.press("Tab")
+            if page.page.evaluate(f"document.activeElement.matches({selector!r})"):
+                return
+        raise AssertionError(f"Tab never reached {selector}")
+
+    page.page.keyboard.press("Tab")  # the skip link comes first
+    assert page.page.evaluate("document.activeElement.classList.contains('skip')")
+    page.page.keyboard.press("Enter")  # ... and jumps to the image
+    assert page.page.evaluate("document.activeElement.id") == "viewport"
+    assert site.study.study_uid in page.page.url  # the fragment still names the study
+    page.page.keyboard.press("PageDown")
+    wait_until(page, lambda: canvas(page)["slice"] == "10", "PageDown")
+    tab_to("button[data-tool='measure']")
+    page.page.keyboard.press("Enter")
+    assert page.page.get_attribute("button[data-tool='measure']", "aria-pressed") == "true"
+    tab_to(f"[data-series='{site.study.jpeg_series}']")
+    page.page.keyboard.press("Enter")
+    wait_until(page, lambda: page.page.locator("#lossy").is_visible(), "JPEG series by keyboard")
+    tab_to(f"[data-series='{site.study.sr_series}']")
+    page.page.keyboard.press(" ")
+    page.page.locator("#document .report").wait_for()
+    assert page.problems == []
