@@ -371,7 +371,7 @@ class Ingestor:
             else:
                 self._refuse_patient_mismatch(cand, source, patient_id, issuer)
 
-        key = f"studies/{cand.study_uid}/{cand.series_uid}/{cand.sop_uid}.{cand.sha256[:16]}.dcm"
+        key = _blob_key(cand)
         frame_offsets = _frame_offsets(cand)
         self.store.put_file(key, cand.path, move=cand.owned)
         # The staged file may now be gone (moved): the blob is the only copy.
@@ -694,6 +694,26 @@ class _FiledElsewhere(ArchiveError):
         super().__init__(what)
         self.what = what
         self.detail = detail
+
+
+def _blob_key(cand: _Candidate) -> str:
+    """Where an instance's blob goes: named by its data set hash *and* its file meta.
+
+    Two senders of one data set write different file meta (implementation UID,
+    version name, lengths), so their files differ while the data set is the same.
+    The index row records offsets into one particular file; were both files filed
+    under one key, gateways racing on a shared store could leave a row describing
+    the other file. With the meta's digest in the key each file has its own key;
+    the losing copy is deleted as a duplicate.
+    """
+    try:
+        with open(cand.path, "rb") as fh:
+            meta = hashlib.sha256(fh.read(cand.layout.dataset_offset)).hexdigest()[:8]
+    except OSError as exc:
+        raise StorageUnavailable(f"staged file unreadable: {exc.strerror}") from exc
+    return (
+        f"studies/{cand.study_uid}/{cand.series_uid}/{cand.sop_uid}.{cand.sha256[:16]}.{meta}.dcm"
+    )
 
 
 def _quarantine_key(cand: _Candidate) -> str:
