@@ -24,7 +24,7 @@ query each, never kept as counters.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
@@ -523,20 +523,29 @@ def _pn_condition(value: str) -> ColumnElement[bool] | None:
 
 # -- results ---------------------------------------------------------------------------
 def _computed(session: Any, rows: Sequence[Any], columns: _Columns) -> dict:
-    """Computed attributes of the returned rows, one grouped query per attribute.
+    """Computed attributes of the returned rows: grouped queries over the page's ids.
 
     A computed attribute belongs to a level (e.g. NumberOfStudyRelatedInstances to the
     study): asked at a lower level, it is the count of the row's study, not zero.
+    The study summary (modalities, numbers of series and instances; what every study
+    search returns) comes from one query, since each round trip to a database server
+    costs more than the counting.
     """
     out: dict[str, dict[int, Any]] = {}
     if not rows:
         return out
-    for keyword, owner_pos in columns.computed_owner.items():
+    wanted = dict(columns.computed_owner)
+    summary = [k for k in _STUDY_SUMMARY if k in wanted]
+    if summary:
+        ids = sorted({row[wanted[summary[0]]] for row in rows})
+        out.update(_study_summary(session, ids, summary))
+        for keyword in summary:
+            del wanted[keyword]
+    for keyword, owner_pos in wanted.items():
         ids = sorted({row[owner_pos] for row in rows})
         values: dict[int, Any] = {}
-        # In chunks: an unpaged C-FIND may return more rows than SQLite takes variables.
-        for start in range(0, len(ids), _ID_CHUNK):
-            stmt = _COMPUTED[keyword](ids[start : start + _ID_CHUNK])
+        for chunk in _chunks(ids):
+            stmt = _COMPUTED[keyword](chunk)
             if keyword.startswith("NumberOf"):
                 values.update(session.execute(stmt).all())
             else:
@@ -544,6 +553,45 @@ def _computed(session: Any, rows: Sequence[Any], columns: _Columns) -> dict:
                     values.setdefault(owner_id, []).append(value)
         out[keyword] = values
     return out
+
+
+_STUDY_SUMMARY = (
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)
+
+
+def _study_summary(session: Any, ids: list[int], keywords: list[str]) -> dict:
+    """Modalities, series and instance counts of studies, from one row per series."""
+    instances = (
+        select(func.count())
+        .where(Instance.series_fk == Series.id)
+        .correlate(Series)
+        .scalar_subquery()
+    )
+    modalities: dict[int, set[str]] = {}
+    series: dict[int, int] = {}
+    counts: dict[int, int] = {}
+    for chunk in _chunks(ids):
+        stmt = select(Series.study_fk, Series.modality, instances).where(Series.study_fk.in_(chunk))
+        for study, modality, number in session.execute(stmt):
+            if modality:
+                modalities.setdefault(study, set()).add(modality)
+            series[study] = series.get(study, 0) + 1
+            counts[study] = counts.get(study, 0) + number
+    values = {
+        "ModalitiesInStudy": {k: sorted(v) for k, v in modalities.items()},
+        "NumberOfStudyRelatedSeries": series,
+        "NumberOfStudyRelatedInstances": counts,
+    }
+    return {k: values[k] for k in keywords}
+
+
+def _chunks(ids: list[int]) -> Iterator[list[int]]:
+    # An unpaged C-FIND may return more rows than SQLite takes variables.
+    for start in range(0, len(ids), _ID_CHUNK):
+        yield ids[start : start + _ID_CHUNK]
 
 
 _ID_CHUNK = 1000
@@ -571,24 +619,6 @@ _COMPUTED: dict[str, Callable[[list[int]], Select[Any]]] = {
         .join(Instance, Instance.series_fk == Series.id)
         .where(Study.patient_fk.in_(ids))
         .group_by(Study.patient_fk)
-    ),
-    "NumberOfStudyRelatedSeries": lambda ids: (
-        select(Series.study_fk, func.count())
-        .where(Series.study_fk.in_(ids))
-        .group_by(Series.study_fk)
-    ),
-    "NumberOfStudyRelatedInstances": lambda ids: (
-        select(Series.study_fk, func.count())
-        .select_from(Series)
-        .join(Instance, Instance.series_fk == Series.id)
-        .where(Series.study_fk.in_(ids))
-        .group_by(Series.study_fk)
-    ),
-    "ModalitiesInStudy": lambda ids: (
-        select(Series.study_fk, Series.modality)
-        .where(Series.study_fk.in_(ids), Series.modality != "")
-        .distinct()
-        .order_by(Series.study_fk, Series.modality)
     ),
     "SOPClassesInStudy": lambda ids: (
         select(Series.study_fk, Instance.sop_class_uid)
