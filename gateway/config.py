@@ -139,6 +139,10 @@ class Settings(BaseSettings):
     pull_timezone: str = "UTC"
     pull_max_attempts: int = 8
     pull_backoff_seconds: float = 60.0
+    # How often (seconds) due transfer pulls and forwarding jobs are resumed: by the
+    # `serve` supervisor without a broker, by `studybridge worker --beat` with one.
+    # 0: never (run `studybridge tasks run studybridge.forward` yourself).
+    resume_interval: float = 60.0
     # Retention: years a study is kept from its Study Date (else from its arrival),
     # per record type (a modality: {"CR" = 5, "MG" = 10}); a study with several
     # modalities takes the longest. Others: retention_default_years.

@@ -194,6 +194,8 @@ class Supervisor:
                 f"data in {settings.data_dir.resolve()}"
             )
         threading.Thread(target=self._sweep_periodically, name="sweeper", daemon=True).start()
+        if not settings.task_broker_url and settings.resume_interval > 0:
+            threading.Thread(target=self._resume_periodically, name="resumer", daemon=True).start()
         restarts: list[float] = []
         while not self.stopping.is_set():
             self.stopping.wait(0.5)
@@ -234,6 +236,27 @@ class Supervisor:
                         archive.close()
             except Exception:
                 log.exception("periodic sweep failed; trying again next interval")
+
+    def _resume_periodically(self) -> None:
+        """Without a broker: resume due transfer pulls and forwarding jobs (their
+        state is in the index, so whatever a crash interrupted goes on from here)."""
+        from gateway.archive import Archive
+        from gateway.forward.tasks import forward
+        from gateway.tasks.registry import TaskContext
+        from gateway.transfers.tasks import transfer_pull
+
+        settings = self.settings
+        while not self.stopping.wait(settings.resume_interval):
+            try:
+                archive = Archive.open(settings)
+                try:
+                    context = TaskContext(archive, settings)
+                    transfer_pull(context, budget=settings.resume_interval)
+                    forward(context, budget=settings.resume_interval)
+                finally:
+                    archive.close()
+            except Exception:
+                log.exception("resuming pulls and forwards failed; trying again next interval")
 
     def _on_signal(self, _signum: int, _frame: Any) -> None:
         self.stopping.set()

@@ -4,8 +4,11 @@ A job names a study (or series), the peer, and optionally the identifiers the
 receiving institution wants (``reconcile``). Creating it lists the instances to
 send, one ``forward_items`` line each, through the one retrieve path. Running it:
 
-1. counts the attempt and sets the next retry time (doubling backoff, at most an
-   hour) before anything is sent, so a crash anywhere leaves a job to resume;
+1. counts the attempt and stores a lease (five minutes, renewed with each
+   confirmed instance) before anything is sent, so a crash anywhere leaves a job
+   the periodic resumer takes over once the lease ends, and two runs never push
+   the same job at once; a failed attempt sets the retry time (doubling backoff,
+   at most an hour);
 2. opens one association with presentation contexts for the stored transfer
    syntaxes plus uncompressed fallbacks (``dimse.sending.contexts_for``);
 3. sends each pending instance: as stored, streamed from the blob, when nothing is
@@ -51,6 +54,9 @@ from gateway.peers import Peer, PeerRegistry
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 3600.0
+# A run holds its job this long past its last confirmed instance: the periodic
+# resumer leaves it alone meanwhile, and takes it over once a crashed run's lease ends.
+RUN_LEASE = dt.timedelta(minutes=5)
 # C-STORE statuses that mean "stored" (success and the warnings of PS3.4 B.2.3).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
@@ -234,7 +240,7 @@ def run_job(
             return _finish(archive, job_id, "done", "")
         if attempt >= info.max_attempts:
             return _finish(archive, job_id, "failed", error)
-        _finish(archive, job_id, "queued", error)
+        _finish(archive, job_id, "queued", error, backoff(backoff_seconds, attempt))
         say(f"attempt {attempt} left {info.counts['pending']} pending: {error}")
 
 
@@ -245,16 +251,20 @@ def _begin_attempt(archive: Archive, job_id: int, base: float) -> int:
         assert job is not None
         job.attempts += 1
         job.status = "running"
-        job.next_attempt_at = now + backoff(base, job.attempts)
+        job.next_attempt_at = now + max(backoff(base, job.attempts), RUN_LEASE)
         job.updated_at = now
         return job.attempts
 
 
-def _finish(archive: Archive, job_id: int, status: str, error: str) -> JobInfo:
+def _finish(
+    archive: Archive, job_id: int, status: str, error: str, retry_in: dt.timedelta | None = None
+) -> JobInfo:
     with archive.db.writing() as session:
         job = session.get(ForwardJob, job_id)
         assert job is not None
         job.status = status
+        if retry_in is not None:
+            job.next_attempt_at = utcnow() + retry_in
         job.last_error = error[:2000]
         job.updated_at = utcnow()
         return _info(session, job)
@@ -264,6 +274,10 @@ def _record(
     archive: Archive, job_id: int, sop_uid: str, status: str, code: int | None, detail: str
 ) -> None:
     with archive.db.writing() as session:
+        # Heartbeat: while instances keep going out, no other run takes this job.
+        job = session.get(ForwardJob, job_id)
+        assert job is not None
+        job.next_attempt_at = max(job.next_attempt_at, utcnow() + RUN_LEASE)
         item = session.scalar(
             select(ForwardItem).where(ForwardItem.job_fk == job_id, ForwardItem.sop_uid == sop_uid)
         )

@@ -63,12 +63,30 @@ def make_celery(settings: Settings) -> Celery:
                 "task": "studybridge.sweep",
                 "schedule": settings.sweep_interval,
                 "options": {"queue": settings.task_queue},
-            }
+            },
+            **_resume_schedule(settings),
         },
     )
     for definition in all_tasks().values():
         _register(app, definition)
     return app
+
+
+def _resume_schedule(settings: Settings) -> dict[str, Any]:
+    """Due transfer pulls and forwarding jobs, resumed every ``resume_interval``."""
+    if settings.resume_interval <= 0:
+        return {}
+    return {
+        name: {
+            "task": task_name,
+            "schedule": settings.resume_interval,
+            "options": {"queue": settings.task_queue},
+        }
+        for name, task_name in (
+            ("transfer-pulls", "studybridge.transfer_pull"),
+            ("forwards", "studybridge.forward"),
+        )
+    }
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:

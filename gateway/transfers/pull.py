@@ -11,8 +11,10 @@ the transfer like any push from the clinic's AE title:
 - time windows: only inside the allowed windows (e.g. nights), in ``timezone``;
 - retries: a failed or partial C-MOVE (or no answer) is retried after a delay
   doubling from ``backoff_seconds`` (at most an hour), ``max_attempts`` times;
-- resumable: the attempt is counted and its retry time stored before the C-MOVE
-  is sent, so a crash anywhere leaves the item to be retried later, never lost.
+- resumable: the attempt is counted and a lease stored before the C-MOVE is sent
+  (two hours; the attempt's end sets the real retry time), so a crash anywhere
+  leaves the item to be retried later, never lost, and two runs (the CLI and the
+  periodic task) never send the same C-MOVE at once.
 
 The source must know our AE title as a move destination, and store its
 sub-operations calling with the transfer's source AE title (as PACS usually do).
@@ -42,6 +44,9 @@ from gateway.transfers.report import reconcile
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 3600.0
+# How long a C-MOVE under way keeps its item from other runs (a run that died
+# leaves it to be retried after this at the latest).
+MOVE_LEASE = dt.timedelta(hours=2)
 
 
 class PullError(ValueError):
@@ -323,7 +328,9 @@ def _begin_attempt(db: Database, item_id: int, policy: PullPolicy) -> int:
         item = session.get(TransferPull, item_id)
         assert item is not None
         item.attempts += 1
-        item.next_attempt_at = now + policy.backoff(item.attempts)
+        # A lease while the C-MOVE runs (no other run takes the item before it ends
+        # or expires); the end of the attempt sets the real retry time.
+        item.next_attempt_at = now + max(policy.backoff(item.attempts), MOVE_LEASE)
         item.updated_at = now
         return item.attempts
 
@@ -343,6 +350,7 @@ def _end_attempt(
         item.last_status = status
         item.last_error = "" if ok else detail
         item.updated_at = utcnow()
+        item.next_attempt_at = item.updated_at + policy.backoff(attempt)
         if ok:
             item.status = "done"
         elif attempt >= policy.max_attempts:

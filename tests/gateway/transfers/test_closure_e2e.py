@@ -43,7 +43,8 @@ def test_closure_incomplete_then_pulled_complete(tmp_path: Path) -> None:
     studies = _clinic_studies(tmp_path / "src")
     every = [p for paths in studies.values() for p in paths]
     with (
-        running_gateway(tmp_path) as gw,
+        # Resumption is driven by the test here (`tasks run`), not the supervisor.
+        running_gateway(tmp_path, {"STUDYBRIDGE_RESUME_INTERVAL": "0"}) as gw,
         dcmqrscp(tmp_path, move_destinations={"STUDYBRIDGE": gw.dimse_port}) as (qr_port, _),
     ):
         done = run_tool([storescu, "-aec", "CLINIC", "127.0.0.1", str(qr_port), *map(str, every)])
