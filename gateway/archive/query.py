@@ -17,8 +17,13 @@ translates the keys into SQL following PS3.4 C.2.2.2:
   value is empty also matches a non-universal key.
 
 Computed attributes (numbers of related series/instances, modalities and SOP
-classes in a study) are evaluated for the returned page only, in one grouped
-query each, never kept as counters.
+classes in a study) are evaluated for the returned page only, in grouped queries
+over the page's ids (a study's modalities and counts in one), never kept as
+counters.
+
+A page (``limit``) is read in one statement that picks the page's row ids first and
+then the returned columns of those rows; results are plain values (``QueryResult``),
+which QIDO-RS encodes as JSON directly and C-FIND turns into data sets.
 """
 
 from __future__ import annotations
