@@ -24,6 +24,7 @@ from gateway.cli_common import (
     open_archive,
     settings_from,
 )
+from gateway.consent_cli import audit_app, institutions_app, users_app
 from gateway.ops import commands as ops_commands
 from gateway.ops.doctor import redact_url
 from gateway.peers import PeerError, PeerRegistry
@@ -39,6 +40,9 @@ tasks_app = typer.Typer(help="Background tasks: backlog, running one now, submit
 app.add_typer(peers_app, name="peers")
 app.add_typer(db_app, name="db")
 app.add_typer(tasks_app, name="tasks")
+app.add_typer(audit_app, name="audit")
+app.add_typer(institutions_app, name="institutions")
+app.add_typer(users_app, name="users")
 
 _settings = settings_from
 _archive = open_archive

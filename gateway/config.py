@@ -173,6 +173,26 @@ class Settings(BaseSettings):
     sweep_interval: float = 3600.0
     sweep_grace: float = 24 * 3600.0
 
+    # Consent, share links and audit (consent/).
+    # Share links: default and longest lifetime (days).
+    share_link_default_days: float = 7.0
+    share_link_max_days: float = 30.0
+    # Access tokens (exchanged for a share link, or issued at sign-in): lifetime.
+    access_token_minutes: float = 60.0
+    # Wrong access codes before a link, or a client address, is locked out, and for how long.
+    access_code_max_failures: int = 5
+    access_code_max_failures_per_client: int = 10
+    access_code_lockout_minutes: float = 15.0
+    # Break-glass grants: longest duration (minutes).
+    break_glass_max_minutes: float = 240.0
+    # Audit: repeats of one attempt within this window make one record.
+    audit_window_seconds: float = 300.0
+    # Ed25519 key signing audit checkpoints, and where checkpoints are appended; keep
+    # the checkpoint file (or a copy) where database administrators cannot rewrite it.
+    # Empty: data_dir/audit/signing-key.pem and data_dir/audit/checkpoints.jsonl.
+    audit_key_file: Path | None = None
+    audit_checkpoint_file: Path | None = None
+
     # Profile: "production" refuses demo shortcuts; "demo" accepts any AE and says so.
     profile: Literal["default", "demo", "production"] = "default"
 
@@ -237,6 +257,15 @@ class Settings(BaseSettings):
         if self.profile == "production":
             return False
         return self.accept_unknown_peers or self.profile == "demo"
+
+    @property
+    def resolved_audit_key_file(self) -> Path:
+        return (self.audit_key_file or self.data_dir / "audit" / "signing-key.pem").resolve()
+
+    @property
+    def resolved_audit_checkpoint_file(self) -> Path:
+        path = self.audit_checkpoint_file or self.data_dir / "audit" / "checkpoints.jsonl"
+        return path.resolve()
 
     @property
     def effective_dimse_workers(self) -> int:

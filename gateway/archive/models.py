@@ -192,7 +192,8 @@ class Instance(Base):
     door: Mapped[str] = mapped_column(String(16), nullable=False, default="")
     source_ae: Mapped[str] = mapped_column(String(16), nullable=False, default="")
     source_host: Mapped[str] = mapped_column(String(64), nullable=False, default="")
-    source_institution: Mapped[str] = mapped_column(LO, nullable=False, default="")
+    # Indexed: the access rule "an institution sees what it sent" selects by it.
+    source_institution: Mapped[str] = mapped_column(LO, nullable=False, default="", index=True)
     transfer_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     # The patient identifiers exactly as this instance carried them.
     received_patient_id: Mapped[str] = mapped_column(LO, nullable=False, default="")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
+import consent.models  # noqa: F401  (consent's tables live on the same Base)
 from gateway.archive.models import Base
 from gateway.forward import models as _forward_models  # noqa: F401 - registers tables
 from gateway.transfers import models as _transfer_models  # noqa: F401 - registers tables

@@ -6,6 +6,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+import consent.models  # noqa: F401  (consent's tables are part of the schema)
 from gateway.archive import Archive
 from gateway.archive.models import Base
 from gateway.forward import models as _forward_models  # noqa: F401 - registers tables

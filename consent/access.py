@@ -1,0 +1,317 @@
+"""The one access decision: may this principal do this operation to these studies?
+
+Every door asks here, and the answer is a SQL condition on ``studies`` rows
+(``study_filter``) that the one query engine applies inside its query (through
+``Query.study_scope``), so paging and counts only ever see permitted studies. A
+retrieve checks the studies its instances belong to with the same condition
+(``permitted_studies``); a study the principal may not see is answered exactly like
+one that does not exist.
+
+Default deny. The rules:
+
+- an institution (its staff and its systems) sees the studies it sent: instances
+  record their source institution at ingest;
+- it sees a patient's studies the patient consented to (a permit consent naming the
+  institution, in its period, not revoked, for all studies or the named ones; a deny
+  consent overrides permits but not the institution's own studies);
+- a patient sees the studies of the archive patients linked to their account;
+- a share link's holder sees the link's studies while the link is live (view; whole
+  instances only if the link allows download);
+- a user with a live break-glass grant sees that patient's studies (flagged);
+- operators and auditors administer but read no images (break-glass aside);
+- the demo principal (demo profile only) sees everything.
+
+``Gate`` puts the decision and the audit trail together for the doors.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterable
+
+from sqlalchemy import ColumnElement, and_, exists, false, not_, or_, select, true
+from sqlalchemy.orm import aliased
+
+from consent.audit import Attempt, Auditor
+from consent.models import (
+    BreakGlass,
+    Consent,
+    ConsentStudy,
+    PatientLink,
+    ShareLink,
+    ShareLinkStudy,
+)
+from consent.principals import Kind, Operation, Principal, Role
+from gateway.archive.db import Database
+from gateway.archive.models import Instance, Patient, Series, Study, utcnow
+
+log = logging.getLogger(__name__)
+
+_READS = {Operation.SEARCH, Operation.VIEW, Operation.DOWNLOAD}
+# Staff roles that may store (send studies in); radiologists read.
+_STORING_ROLES = {Role.CLERK.value, Role.INSTITUTION_ADMIN.value}
+
+
+def study_filter(
+    principal: Principal, operation: Operation, now: dt.datetime | None = None
+) -> ColumnElement[bool]:
+    """Condition on ``Study`` rows this principal may ``operation``."""
+    now = now or utcnow()
+    kind = principal.kind
+    if kind is Kind.DEMO:
+        return true()
+    if operation not in _READS:
+        return false()  # storing is a permission of the principal (may_store), not a scope
+    if kind is Kind.PATIENT:
+        return _patient_studies(principal.id)
+    if kind is Kind.LINK:
+        if operation is Operation.DOWNLOAD and not principal.can_download:
+            return false()
+        return _link_studies(principal.id, now)
+    if kind in (Kind.STAFF, Kind.SYSTEM):
+        if not principal.institution:
+            return false()
+        clauses = [_institution_studies(principal.institution_id, principal.institution, now)]
+        if kind is Kind.STAFF:
+            clauses.append(_break_glass_studies(principal.id, now))
+        return or_(*clauses)
+    if kind is Kind.OPERATOR:
+        return _break_glass_studies(principal.id, now)
+    return false()  # auditors, and any kind added later until it gets a rule
+
+
+def break_glass_filter(principal: Principal, now: dt.datetime | None = None) -> ColumnElement[bool]:
+    """Studies this principal reaches through a live break-glass grant (for flagging)."""
+    if principal.kind not in (Kind.STAFF, Kind.OPERATOR):
+        return false()
+    return _break_glass_studies(principal.id, now or utcnow())
+
+
+def may_store(principal: Principal) -> bool:
+    """Whether the principal may send instances in (STOW-RS; C-STORE is decided by the
+    peer registry). What it stores is recorded as sent by its institution."""
+    if principal.kind is Kind.DEMO:
+        return True
+    if principal.kind is Kind.SYSTEM:
+        return bool(principal.institution)
+    if principal.kind is Kind.STAFF:
+        return principal.institution_id is not None and principal.role in _STORING_ROLES
+    return False
+
+
+def permitted_studies(
+    db: Database,
+    principal: Principal,
+    operation: Operation,
+    study_uids: Iterable[str],
+    now: dt.datetime | None = None,
+) -> set[str]:
+    """Which of ``study_uids`` (existing or not) the principal may ``operation``."""
+    wanted = sorted({u for u in study_uids if u})
+    if not wanted:
+        return set()
+    condition = study_filter(principal, operation, now)
+    with db.reading() as session:
+        return set(
+            session.scalars(
+                select(Study.study_uid).where(Study.study_uid.in_(wanted), condition)
+            ).all()
+        )
+
+
+# -- the rules as SQL --------------------------------------------------------------------
+# Every subquery works on aliases: the engine's outer query already has studies,
+# series and instances in its FROM list, and SQLAlchemy would otherwise correlate.
+def _linked_patient_studies(user_fk: object) -> tuple[object, object, object]:
+    s = aliased(Study)
+    p = aliased(Patient)
+    link = aliased(PatientLink)
+    join = (
+        select(s.id)
+        .join(p, s.patient_fk == p.id)
+        .join(
+            link,
+            and_(
+                link.issuer == p.issuer,
+                link.patient_id == p.patient_id,
+                p.unidentified_study_uid == "",
+            ),
+        )
+        .where(link.user_fk == user_fk, link.revoked_at.is_(None))
+    )
+    return join, s, link
+
+
+def _patient_studies(user_id: int) -> ColumnElement[bool]:
+    stmt, _s, _link = _linked_patient_studies(user_id)
+    return Study.id.in_(stmt)
+
+
+def _link_studies(link_id: int, now: dt.datetime) -> ColumnElement[bool]:
+    # The link's studies, and only while they are still the owner's (a revoked patient
+    # link takes its studies out of every share link made from it).
+    stmt, s, link = _linked_patient_studies(ShareLink.user_fk)
+    stmt = (
+        stmt.join(ShareLink, ShareLink.user_fk == link.user_fk)
+        .join(
+            ShareLinkStudy,
+            and_(ShareLinkStudy.link_fk == ShareLink.id, ShareLinkStudy.study_uid == s.study_uid),
+        )
+        .where(
+            ShareLink.id == link_id,
+            ShareLink.revoked_at.is_(None),
+            ShareLink.expires_at > now,
+        )
+    )
+    return Study.id.in_(stmt)
+
+
+def _institution_studies(
+    institution_id: int | None, institution: str, now: dt.datetime
+) -> ColumnElement[bool]:
+    series = aliased(Series)
+    inst = aliased(Instance)
+    sent = Study.id.in_(
+        select(series.study_fk)
+        .join(inst, inst.series_fk == series.id)
+        .where(inst.source_institution == institution)
+    )
+    if institution_id is None:
+        return sent  # a peer's institution not registered for consents: what it sent
+    return or_(
+        sent,
+        and_(
+            _consented(institution_id, "permit", now),
+            not_(_consented(institution_id, "deny", now)),
+        ),
+    )
+
+
+def _consented(institution_id: int, decision: str, now: dt.datetime) -> ColumnElement[bool]:
+    stmt, s, link = _linked_patient_studies(Consent.user_fk)
+    listed = exists().where(
+        ConsentStudy.consent_fk == Consent.id, ConsentStudy.study_uid == s.study_uid
+    )
+    stmt = stmt.join(Consent, Consent.user_fk == link.user_fk).where(
+        Consent.institution_fk == institution_id,
+        Consent.decision == decision,
+        Consent.revoked_at.is_(None),
+        Consent.period_start <= now,
+        or_(Consent.period_end.is_(None), Consent.period_end > now),
+        or_(Consent.all_studies, listed),
+    )
+    return Study.id.in_(stmt)
+
+
+def _break_glass_studies(user_id: int, now: dt.datetime) -> ColumnElement[bool]:
+    s = aliased(Study)
+    p = aliased(Patient)
+    stmt = (
+        select(s.id)
+        .join(p, s.patient_fk == p.id)
+        .join(
+            BreakGlass,
+            and_(
+                BreakGlass.issuer == p.issuer,
+                BreakGlass.patient_id == p.patient_id,
+                p.unidentified_study_uid == "",
+            ),
+        )
+        .where(
+            BreakGlass.user_fk == user_id,
+            BreakGlass.ended_at.is_(None),
+            BreakGlass.started_at <= now,
+            BreakGlass.expires_at > now,
+        )
+    )
+    return Study.id.in_(stmt)
+
+
+# -- decision plus audit, for the doors ----------------------------------------------------
+class Gate:
+    """What a door calls: scopes for queries and checks for retrieves, each audited."""
+
+    def __init__(self, db: Database, auditor: Auditor) -> None:
+        self.db = db
+        self.auditor = auditor
+
+    def search_scope(
+        self,
+        principal: Principal,
+        *,
+        door: str,
+        client: str = "",
+        purpose: str = "",
+        detail: str = "",
+    ) -> Callable[[], ColumnElement[bool]]:
+        """The ``Query.study_scope`` for a search, which is audited as attempted."""
+        self.auditor.record(
+            Attempt(
+                principal=principal,
+                door=door,
+                operation=Operation.SEARCH.value,
+                outcome="allowed",
+                purpose=purpose,
+                client=client,
+                detail=detail,
+            )
+        )
+        now = utcnow()
+        return lambda: study_filter(principal, Operation.SEARCH, now)
+
+    def check(
+        self,
+        principal: Principal,
+        operation: Operation,
+        study_uids: Iterable[str],
+        *,
+        door: str,
+        client: str = "",
+        purpose: str = "",
+    ) -> set[str]:
+        """The permitted subset of ``study_uids``; every study's outcome is audited."""
+        wanted = sorted({u for u in study_uids if u})
+        now = utcnow()
+        allowed = permitted_studies(self.db, principal, operation, wanted, now)
+        flagged: set[str] = set()
+        if allowed and principal.kind in (Kind.STAFF, Kind.OPERATOR):
+            with self.db.reading() as session:
+                flagged = set(
+                    session.scalars(
+                        select(Study.study_uid).where(
+                            Study.study_uid.in_(sorted(allowed)),
+                            break_glass_filter(principal, now),
+                        )
+                    ).all()
+                )
+        for uid in wanted:
+            self.auditor.record(
+                Attempt(
+                    principal=principal,
+                    door=door,
+                    operation=operation.value,
+                    outcome="allowed" if uid in allowed else "denied",
+                    study_uid=uid,
+                    purpose=purpose or ("ETREAT" if uid in flagged else ""),
+                    client=client,
+                    break_glass=uid in flagged,
+                )
+            )
+        return allowed
+
+    def check_store(
+        self, principal: Principal, *, door: str, client: str = "", study_uid: str = ""
+    ) -> bool:
+        allowed = may_store(principal)
+        self.auditor.record(
+            Attempt(
+                principal=principal,
+                door=door,
+                operation=Operation.STORE.value,
+                outcome="allowed" if allowed else "denied",
+                study_uid=study_uid,
+                client=client,
+            )
+        )
+        return allowed

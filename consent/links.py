@@ -1,0 +1,339 @@
+"""Share links: a patient hands a study to the next hospital instead of a CD.
+
+A link is a token (256 bits, ``sbl_`` prefix) shown once to its creator; the
+database keeps its SHA-256. The link travels in a URL *fragment*
+(``https://bridge/s#sbl_...``), which browsers never send to servers or put in
+``Referer``; the landing page posts it to ``exchange`` and receives a short-lived
+access token scoped to the link's studies. Showing the landing page (``describe``)
+never consumes a single-use link, so mail scanners that pre-fetch links do no harm.
+
+Rules checked on every exchange: not revoked, not expired, not locked out (wrong
+access codes counted per link and per client address in a sliding window), the
+access code, the recipient institution (the presenter must be signed in as staff or
+a system of it), and single use (consumed atomically by the one exchange that wins).
+A revoked or expired link stops its access tokens on their next request too, since
+those are resolved through the link (``consent.tokens.resolve``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+
+from consent.access import permitted_studies
+from consent.crypto import hash_secret, new_token, token_hash, verify_secret
+from consent.models import (
+    AccessCodeFailure,
+    AccessToken,
+    Institution,
+    ShareLink,
+    ShareLinkStudy,
+)
+from consent.notify import LinkOpened, LogNotifier, Notifier
+from consent.principals import ConsentError, Kind, Operation, Principal
+from consent.tokens import LINK_PREFIX, IssuedToken, issue_for_link
+from gateway.archive.db import Database
+from gateway.archive.models import utcnow
+from gateway.config import Settings
+
+REVOKE_NOTICE = (
+    "The link no longer works, from the next request on. Copies already downloaded "
+    "or forwarded with it cannot be recalled."
+)
+
+
+class LinkRefused(Exception):
+    """An exchange is refused; ``reason`` is a short code, the message safe to show."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LinkPolicy:
+    default_lifetime: dt.timedelta
+    max_lifetime: dt.timedelta
+    token_lifetime: dt.timedelta
+    max_failures: int
+    max_failures_per_client: int
+    lockout: dt.timedelta
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LinkPolicy:
+        return cls(
+            default_lifetime=dt.timedelta(days=settings.share_link_default_days),
+            max_lifetime=dt.timedelta(days=settings.share_link_max_days),
+            token_lifetime=dt.timedelta(minutes=settings.access_token_minutes),
+            max_failures=settings.access_code_max_failures,
+            max_failures_per_client=settings.access_code_max_failures_per_client,
+            lockout=dt.timedelta(minutes=settings.access_code_lockout_minutes),
+        )
+
+
+@dataclass(frozen=True)
+class LinkRules:
+    can_download: bool = False
+    single_use: bool = False
+    access_code: str | None = None
+    recipient_institution: str | None = None
+    lifetime: dt.timedelta | None = None
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """What a link's landing page may show before any exchange (no study data)."""
+
+    status: str  # usable | expired | revoked | used
+    needs_access_code: bool
+    single_use: bool
+    can_download: bool
+    recipient_institution: str
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class LinkView:
+    id: int
+    label: str
+    study_uids: list[str]
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    can_download: bool
+    single_use: bool
+    has_access_code: bool
+    recipient_institution: str
+    used_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+
+
+def create_link(
+    db: Database,
+    owner: Principal,
+    study_uids: list[str],
+    rules: LinkRules,
+    policy: LinkPolicy,
+    now: dt.datetime | None = None,
+) -> tuple[int, str]:
+    """Create a link for the owner's studies; returns (link id, token shown once)."""
+    now = now or utcnow()
+    if owner.kind is not Kind.PATIENT:
+        raise ConsentError("only patients create share links for their studies")
+    wanted = sorted({u.strip() for u in study_uids if u and u.strip()})
+    if not wanted:
+        raise ConsentError("a share link names at least one study")
+    mine = permitted_studies(db, owner, Operation.VIEW, wanted, now)
+    if set(wanted) - mine:
+        # Same answer whether the study exists or belongs to someone else.
+        raise ConsentError("a share link can only name your own studies")
+    lifetime = rules.lifetime or policy.default_lifetime
+    if lifetime <= dt.timedelta(0) or lifetime > policy.max_lifetime:
+        raise ConsentError(f"a share link lives at most {policy.max_lifetime.days} days")
+    code_hash = ""
+    if rules.access_code is not None:
+        code = rules.access_code.strip()
+        if len(code) < 4:
+            raise ConsentError("an access code has at least 4 characters")
+        code_hash = hash_secret(code)
+    token = LINK_PREFIX + new_token()
+    with db.writing() as session:
+        recipient = None
+        if rules.recipient_institution:
+            recipient = session.scalar(
+                select(Institution.id).where(Institution.name == rules.recipient_institution)
+            )
+            if recipient is None:
+                raise ConsentError(f"no institution named {rules.recipient_institution!r}")
+        link = ShareLink(
+            token_hash=token_hash(token),
+            user_fk=owner.id,
+            label=rules.label[:200],
+            can_download=rules.can_download,
+            single_use=rules.single_use,
+            access_code_hash=code_hash,
+            recipient_institution_fk=recipient,
+            created_at=now,
+            expires_at=now + lifetime,
+        )
+        session.add(link)
+        session.flush()
+        session.add_all([ShareLinkStudy(link_fk=link.id, study_uid=uid) for uid in wanted])
+        return link.id, token
+
+
+def _find(session: object, token: str) -> ShareLink | None:
+    if not token.startswith(LINK_PREFIX) or len(token) > 200:
+        return None
+    return session.scalar(  # type: ignore[attr-defined]
+        select(ShareLink).where(ShareLink.token_hash == token_hash(token))
+    )
+
+
+def _status(link: ShareLink, now: dt.datetime) -> str:
+    if link.revoked_at is not None:
+        return "revoked"
+    if link.expires_at <= now:
+        return "expired"
+    if link.single_use and link.used_at is not None:
+        return "used"
+    return "usable"
+
+
+def describe(db: Database, token: str, now: dt.datetime | None = None) -> LinkInfo | None:
+    """The landing page's view of a link: read-only, never consumes it."""
+    now = now or utcnow()
+    with db.reading() as session:
+        link = _find(session, token)
+        if link is None:
+            return None
+        recipient = (
+            session.get(Institution, link.recipient_institution_fk)
+            if link.recipient_institution_fk
+            else None
+        )
+        return LinkInfo(
+            status=_status(link, now),
+            needs_access_code=bool(link.access_code_hash),
+            single_use=link.single_use,
+            can_download=link.can_download,
+            recipient_institution=recipient.name if recipient else "",
+            expires_at=link.expires_at,
+        )
+
+
+def exchange(
+    db: Database,
+    token: str,
+    policy: LinkPolicy,
+    *,
+    client: str,
+    access_code: str | None = None,
+    presenter: Principal | None = None,
+    notifier: Notifier | None = None,
+    now: dt.datetime | None = None,
+) -> IssuedToken:
+    """Trade a share-link token for an access token scoped to the link's studies."""
+    now = now or utcnow()
+    client = client[:64]
+    with db.reading() as session:
+        link = _find(session, token)
+        if link is None:
+            raise LinkRefused("unknown", "this link is not valid")
+        status = _status(link, now)
+        if status != "usable":
+            raise LinkRefused(status, f"this link is {status}")
+        since = now - policy.lockout
+        per_link = session.scalar(
+            select(func.count())
+            .select_from(AccessCodeFailure)
+            .where(AccessCodeFailure.link_fk == link.id, AccessCodeFailure.at > since)
+        )
+        per_client = session.scalar(
+            select(func.count())
+            .select_from(AccessCodeFailure)
+            .where(AccessCodeFailure.client == client, AccessCodeFailure.at > since)
+        )
+        link_id, owner, expires = link.id, link.user_fk, link.expires_at
+        code_hash, single_use = link.access_code_hash, link.single_use
+        recipient = link.recipient_institution_fk
+    if per_link >= policy.max_failures:
+        raise LinkRefused("locked", "too many wrong access codes for this link; try again later")
+    if per_client >= policy.max_failures_per_client:
+        raise LinkRefused("locked", "too many wrong access codes from this address; try later")
+    if code_hash and (not access_code or not verify_secret(access_code.strip(), code_hash)):
+        with db.writing() as session:
+            session.add(AccessCodeFailure(link_fk=link_id, client=client, at=now))
+        raise LinkRefused("access-code", "the access code is not right")
+    acting_user = None
+    if recipient is not None:
+        if (
+            presenter is None
+            or presenter.kind not in (Kind.STAFF, Kind.SYSTEM)
+            or presenter.institution_id != recipient
+        ):
+            raise LinkRefused(
+                "recipient", "this link is for another institution: sign in as its staff"
+            )
+        acting_user = presenter.id if presenter.kind is Kind.STAFF else None
+    if single_use:
+        with db.writing() as session:
+            won = session.execute(
+                update(ShareLink)
+                .where(ShareLink.id == link_id, ShareLink.used_at.is_(None))
+                .values(used_at=now)
+            ).rowcount
+        if not won:
+            raise LinkRefused("used", "this link is used")
+    issued = issue_for_link(
+        db,
+        link_id,
+        policy.token_lifetime,
+        link_expires_at=expires,
+        client=client,
+        acting_user_id=acting_user,
+        now=now,
+    )
+    (notifier or LogNotifier()).link_opened(
+        LinkOpened(
+            link_id=link_id,
+            owner_user_id=owner,
+            at=now,
+            client=client,
+            opened_by=presenter.name if presenter else "anonymous holder",
+        )
+    )
+    return issued
+
+
+def revoke_link(
+    db: Database, owner: Principal, link_id: int, now: dt.datetime | None = None
+) -> str:
+    """Revoke one of the owner's links (and its access tokens); returns the notice."""
+    now = now or utcnow()
+    with db.writing() as session:
+        link = session.get(ShareLink, link_id)
+        if link is None or link.user_fk != owner.id or owner.kind is not Kind.PATIENT:
+            raise ConsentError("no such share link")
+        if link.revoked_at is None:
+            link.revoked_at = now
+        session.execute(
+            update(AccessToken)
+            .where(AccessToken.link_fk == link_id, AccessToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+    return REVOKE_NOTICE
+
+
+def list_links(db: Database, owner: Principal) -> list[LinkView]:
+    with db.reading() as session:
+        links = session.scalars(
+            select(ShareLink).where(ShareLink.user_fk == owner.id).order_by(ShareLink.id.desc())
+        ).all()
+        studies: dict[int, list[str]] = {}
+        if links:
+            for link_fk, uid in session.execute(
+                select(ShareLinkStudy.link_fk, ShareLinkStudy.study_uid)
+                .where(ShareLinkStudy.link_fk.in_([link.id for link in links]))
+                .order_by(ShareLinkStudy.study_uid)
+            ):
+                studies.setdefault(link_fk, []).append(uid)
+        names = dict(session.execute(select(Institution.id, Institution.name)).all())
+        return [
+            LinkView(
+                id=link.id,
+                label=link.label,
+                study_uids=studies.get(link.id, []),
+                created_at=link.created_at,
+                expires_at=link.expires_at,
+                can_download=link.can_download,
+                single_use=link.single_use,
+                has_access_code=bool(link.access_code_hash),
+                recipient_institution=names.get(link.recipient_institution_fk, ""),
+                used_at=link.used_at,
+                revoked_at=link.revoked_at,
+            )
+            for link in links
+        ]

@@ -1,0 +1,230 @@
+"""Who is asking: principal kinds, staff roles, operations, and the registry of them.
+
+Every request through every door resolves to exactly one ``Principal`` (or is
+refused). A principal is a value: the doors pass it to ``consent.access`` and
+``consent.audit`` and never look inside.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from consent.crypto import hash_secret, new_client_secret
+from consent.models import Institution, InstitutionSystem, User
+from gateway.archive.db import Database
+from gateway.archive.models import utcnow
+
+
+class Kind(StrEnum):
+    PATIENT = "patient"
+    STAFF = "staff"  # a person working for an institution
+    SYSTEM = "system"  # an institution's machine: DIMSE peer (AE title) or DICOMweb client
+    LINK = "link"  # whoever holds a share link's access token
+    OPERATOR = "operator"  # runs the installation; administers, does not read images
+    AUDITOR = "auditor"  # reads the audit trail
+    DEMO = "demo"  # anonymous requests in the demo profile only
+
+
+USER_KINDS = {Kind.PATIENT, Kind.STAFF, Kind.OPERATOR, Kind.AUDITOR}
+
+
+class Role(StrEnum):
+    RADIOLOGIST = "radiologist"
+    CLERK = "clerk"
+    INSTITUTION_ADMIN = "institution_admin"
+
+
+class Operation(StrEnum):
+    SEARCH = "search"  # QIDO-RS, C-FIND
+    VIEW = "view"  # metadata, frames, rendered, thumbnails, bulk data
+    DOWNLOAD = "download"  # whole instances: WADO-RS/URI as DICOM, C-MOVE, C-GET
+    STORE = "store"  # STOW-RS, C-STORE
+
+
+class ConsentError(ValueError):
+    """A consent-side request cannot be done as asked (message safe to show)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: Kind
+    id: int  # users.id, institution_systems.id or share_links.id; 0 for demo
+    name: str  # username, AE title / client id, or "link-<id>"
+    institution_id: int | None = None
+    institution: str = ""  # the institution's name (what instances record)
+    role: str = ""
+    # Share-link holders: whether the link permits downloading whole instances.
+    can_download: bool = True
+    # The access token this principal presented, if any (for auditing).
+    token_id: int | None = None
+
+    @property
+    def audit_id(self) -> str:
+        """How audit records name the principal (DIMSE peers by AE title)."""
+        return str(self.id) if self.id else self.name
+
+
+DEMO = Principal(kind=Kind.DEMO, id=0, name="demo (anonymous)")
+
+
+# -- registry ---------------------------------------------------------------------------
+def add_institution(db: Database, name: str, *, issuer: str = "", description: str = "") -> int:
+    name = name.strip()
+    if not name or len(name) > 64:
+        raise ConsentError("an institution name is 1 to 64 characters")
+    try:
+        with db.writing() as session:
+            row = Institution(name=name, issuer=issuer.strip(), description=description)
+            session.add(row)
+            session.flush()
+            return row.id
+    except IntegrityError as exc:
+        raise ConsentError(f"institution {name!r} already exists") from exc
+
+
+def institution_id(db: Database, name: str) -> int:
+    with db.reading() as session:
+        found = session.scalar(select(Institution.id).where(Institution.name == name.strip()))
+    if found is None:
+        raise ConsentError(f"no institution named {name!r}")
+    return found
+
+
+def add_user(
+    db: Database,
+    username: str,
+    kind: Kind,
+    *,
+    display_name: str = "",
+    institution: str | None = None,
+    role: Role | None = None,
+    password_hash: str = "",
+) -> int:
+    username = username.strip()
+    if not username or len(username) > 128 or not username.isprintable():
+        raise ConsentError("a username is 1 to 128 printable characters")
+    if kind not in USER_KINDS:
+        raise ConsentError(f"{kind} is not a kind of user account")
+    inst_id = None
+    if kind is Kind.STAFF:
+        if institution is None or role is None:
+            raise ConsentError("a staff account needs an institution and a role")
+        inst_id = institution_id(db, institution)
+    elif institution is not None or role is not None:
+        raise ConsentError("only staff accounts have an institution and a role")
+    try:
+        with db.writing() as session:
+            row = User(
+                username=username,
+                kind=kind.value,
+                display_name=display_name,
+                institution_fk=inst_id,
+                role=role.value if role else "",
+                password_hash=password_hash,
+            )
+            session.add(row)
+            session.flush()
+            return row.id
+    except IntegrityError as exc:
+        raise ConsentError(f"user {username!r} already exists") from exc
+
+
+def add_dicomweb_client(
+    db: Database, institution: str, client_id: str, description: str = ""
+) -> tuple[int, str]:
+    """A DICOMweb client of an institution; returns (id, secret). The secret is shown
+    once and stored only as a hash."""
+    inst_id = institution_id(db, institution)
+    client_id = client_id.strip()
+    if not client_id or len(client_id) > 64 or not client_id.isprintable():
+        raise ConsentError("a client id is 1 to 64 printable characters")
+    secret = new_client_secret()
+    try:
+        with db.writing() as session:
+            row = InstitutionSystem(
+                institution_fk=inst_id,
+                kind="dicomweb",
+                client_id=client_id,
+                secret_hash=hash_secret(secret),
+                description=description,
+            )
+            session.add(row)
+            session.flush()
+            return row.id, secret
+    except IntegrityError as exc:
+        raise ConsentError(f"client {client_id!r} already exists") from exc
+
+
+def user_principal(db: Database, user_id: int, *, token_id: int | None = None) -> Principal | None:
+    """The principal of an enabled user account (None if unknown or disabled)."""
+    with db.reading() as session:
+        row = session.get(User, user_id)
+        if row is None or row.disabled_at is not None:
+            return None
+        inst = session.get(Institution, row.institution_fk) if row.institution_fk else None
+        if inst is not None and inst.disabled_at is not None:
+            return None
+        return Principal(
+            kind=Kind(row.kind),
+            id=row.id,
+            name=row.username,
+            institution_id=inst.id if inst else None,
+            institution=inst.name if inst else "",
+            role=row.role,
+            token_id=token_id,
+        )
+
+
+def system_principal(
+    db: Database, system_id: int, *, token_id: int | None = None
+) -> Principal | None:
+    with db.reading() as session:
+        row = session.get(InstitutionSystem, system_id)
+        if row is None or row.disabled_at is not None:
+            return None
+        inst = session.get(Institution, row.institution_fk)
+        if inst is None or inst.disabled_at is not None:
+            return None
+        return Principal(
+            kind=Kind.SYSTEM,
+            id=row.id,
+            name=row.client_id,
+            institution_id=inst.id,
+            institution=inst.name,
+            token_id=token_id,
+        )
+
+
+def peer_principal(db: Database, ae_title: str, institution: str) -> Principal:
+    """The principal of a DIMSE peer. The peer registry binds its AE title to its host
+    (checked when the association opens) and names its institution; the institution's
+    consents apply once it is registered here too (``institutions add``)."""
+    institution = institution.strip()
+    inst_id = None
+    if institution:
+        with db.reading() as session:
+            inst = session.scalar(select(Institution).where(Institution.name == institution))
+        if inst is not None and inst.disabled_at is not None:
+            institution = ""  # a disabled institution sees nothing
+        elif inst is not None:
+            inst_id = inst.id
+    return Principal(
+        kind=Kind.SYSTEM,
+        id=0,
+        name=ae_title.strip(),
+        institution_id=inst_id,
+        institution=institution,
+    )
+
+
+def disable_user(db: Database, user_id: int, now: dt.datetime | None = None) -> None:
+    with db.writing() as session:
+        row = session.get(User, user_id)
+        if row is None:
+            raise ConsentError("no such user")
+        row.disabled_at = now or utcnow()

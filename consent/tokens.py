@@ -1,0 +1,161 @@
+"""Short-lived access tokens: opaque, random, looked up by hash on every request.
+
+Why opaque and not JWT: every request must see a revocation at once (a revoked share
+link stops on the next request), so the server consults the database per request
+anyway; a self-contained signed token would add a signing key to guard and an
+algorithm header to police (``alg: none``, RS/HS confusion) and buy nothing. An
+opaque token is one indexed lookup of its SHA-256.
+
+Tokens carry a prefix (``sbat_`` access token, ``sbl_`` share link) so log redaction
+can recognise them wherever they appear.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+
+from consent.crypto import new_token, token_hash, verify_secret
+from consent.models import AccessToken, InstitutionSystem, ShareLink
+from consent.principals import (
+    Kind,
+    Principal,
+    system_principal,
+    user_principal,
+)
+from gateway.archive.db import Database
+from gateway.archive.models import utcnow
+
+ACCESS_PREFIX = "sbat_"
+LINK_PREFIX = "sbl_"
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str  # shown to the client once, never stored
+    id: int
+    expires_at: dt.datetime
+
+
+def _issue(
+    db: Database,
+    ttl: dt.timedelta,
+    *,
+    client: str = "",
+    link_fk: int | None = None,
+    user_fk: int | None = None,
+    system_fk: int | None = None,
+    acting_user_fk: int | None = None,
+    expires_at: dt.datetime | None = None,
+    now: dt.datetime | None = None,
+) -> IssuedToken:
+    now = now or utcnow()
+    token = ACCESS_PREFIX + new_token()
+    expires = now + ttl
+    if expires_at is not None:
+        expires = min(expires, expires_at)
+    with db.writing() as session:
+        row = AccessToken(
+            token_hash=token_hash(token),
+            link_fk=link_fk,
+            user_fk=user_fk,
+            system_fk=system_fk,
+            acting_user_fk=acting_user_fk,
+            client=client[:64],
+            created_at=now,
+            expires_at=expires,
+        )
+        session.add(row)
+        session.flush()
+        return IssuedToken(token, row.id, expires)
+
+
+def issue_for_user(
+    db: Database, user_id: int, ttl: dt.timedelta, *, client: str = ""
+) -> IssuedToken:
+    """A token for a signed-in user (the sign-in itself is the caller's business)."""
+    return _issue(db, ttl, client=client, user_fk=user_id)
+
+
+def issue_for_system(
+    db: Database, system_id: int, ttl: dt.timedelta, *, client: str = ""
+) -> IssuedToken:
+    return _issue(db, ttl, client=client, system_fk=system_id)
+
+
+def issue_for_link(
+    db: Database,
+    link_id: int,
+    ttl: dt.timedelta,
+    *,
+    link_expires_at: dt.datetime,
+    client: str = "",
+    acting_user_id: int | None = None,
+    now: dt.datetime | None = None,
+) -> IssuedToken:
+    """Only ``consent.links.exchange`` calls this, after checking the link's rules."""
+    return _issue(
+        db,
+        ttl,
+        client=client,
+        link_fk=link_id,
+        acting_user_fk=acting_user_id,
+        expires_at=link_expires_at,
+        now=now,
+    )
+
+
+def authenticate_client(db: Database, client_id: str, secret: str) -> int | None:
+    """The system id of a DICOMweb client whose secret matches (client credentials)."""
+    with db.reading() as session:
+        row = session.scalar(
+            select(InstitutionSystem).where(
+                InstitutionSystem.kind == "dicomweb", InstitutionSystem.client_id == client_id
+            )
+        )
+    if row is None or row.disabled_at is not None or not row.secret_hash:
+        return None
+    return row.id if verify_secret(secret, row.secret_hash) else None
+
+
+def resolve(db: Database, token: str, now: dt.datetime | None = None) -> Principal | None:
+    """The principal behind a bearer token, or None (unknown, expired or revoked)."""
+    if not token.startswith(ACCESS_PREFIX) or len(token) > 200:
+        return None
+    now = now or utcnow()
+    with db.reading() as session:
+        row = session.scalar(select(AccessToken).where(AccessToken.token_hash == token_hash(token)))
+        if row is None or row.revoked_at is not None or row.expires_at <= now:
+            return None
+        if row.link_fk is not None:
+            link = session.get(ShareLink, row.link_fk)
+            if link is None or link.revoked_at is not None or link.expires_at <= now:
+                return None
+            acting = (
+                user_principal(db, row.acting_user_fk) if row.acting_user_fk is not None else None
+            )
+            return Principal(
+                kind=Kind.LINK,
+                id=link.id,
+                name=acting.name if acting else f"link-{link.id}",
+                institution_id=acting.institution_id if acting else None,
+                institution=acting.institution if acting else "",
+                can_download=link.can_download,
+                token_id=row.id,
+            )
+        if row.user_fk is not None:
+            return user_principal(db, row.user_fk, token_id=row.id)
+        if row.system_fk is not None:
+            return system_principal(db, row.system_fk, token_id=row.id)
+    return None
+
+
+def revoke_token(db: Database, token_id: int, now: dt.datetime | None = None) -> None:
+    with db.writing() as session:
+        session.execute(
+            update(AccessToken)
+            .where(AccessToken.id == token_id, AccessToken.revoked_at.is_(None))
+            .values(revoked_at=now or utcnow())
+        )

@@ -1,0 +1,257 @@
+"""Operator commands for consent and audit: ``studybridge audit|institutions|users ...``.
+
+``audit verify`` walks every hash chain and, when the signed checkpoint file exists,
+checks that no signed record has gone; ``audit checkpoint`` appends one (run it
+from cron or a timer; copy the file off the host). Secrets printed here (client
+secrets) are shown once and stored only as hashes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from sqlalchemy import select
+
+from consent import audit
+from consent.models import Institution, InstitutionSystem, User
+from consent.principals import (
+    ConsentError,
+    Kind,
+    Role,
+    add_dicomweb_client,
+    add_institution,
+    add_user,
+)
+from gateway.archive import Archive
+from gateway.cli_common import ConfigFile, DataDir, console, err, open_archive, settings_from
+from gateway.config import Settings
+from gateway.peers import PeerRegistry
+
+audit_app = typer.Typer(help="Verify, checkpoint and export the audit trail.")
+institutions_app = typer.Typer(help="Institutions and their DICOMweb clients.")
+users_app = typer.Typer(help="User accounts: patients, staff, operators, auditors.")
+
+
+def _open(data_dir: Path | None, config: Path | None) -> tuple[Settings, Archive]:
+    settings = settings_from(data_dir, config)
+    return settings, open_archive(settings)
+
+
+# -- audit ------------------------------------------------------------------------------------
+@audit_app.command("verify")
+def audit_verify(
+    checkpoints: Annotated[
+        Path | None, typer.Option(help="Signed checkpoint file (default: the configured one).")
+    ] = None,
+    public_key: Annotated[
+        Path | None,
+        typer.Option(help="Public key PEM (default: derived from the configured signing key)."),
+    ] = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Detect altered, deleted or reordered audit records, and a truncated tail."""
+    settings, archive = _open(data_dir, config)
+    try:
+        checkpoints = checkpoints or settings.resolved_audit_checkpoint_file
+        key = None
+        if public_key is not None:
+            key = audit.load_public_key(public_key.read_bytes())
+        elif settings.resolved_audit_key_file.exists():
+            key = audit.load_or_create_signing_key(settings.resolved_audit_key_file).public_key()
+        if checkpoints.exists() and key is None:
+            err.print("[red]checkpoints exist but no public key was given[/red]")
+            raise typer.Exit(2)
+        report = audit.verify(archive.db, checkpoints if checkpoints.exists() else None, key)
+    finally:
+        archive.close()
+    for problem in report.problems:
+        console.print(f"[red]PROBLEM[/red] {audit.escape_text(problem)}")
+    console.print(
+        f"{report.records} records in {report.chains} chains, "
+        f"{report.checkpoints} signed checkpoints checked"
+    )
+    if not checkpoints.exists():
+        console.print("no signed checkpoints yet: a truncated tail cannot be detected")
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print("audit trail intact")
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Append a signed checkpoint of every chain's head (creates the key if missing)."""
+    settings, archive = _open(data_dir, config)
+    try:
+        key = audit.load_or_create_signing_key(settings.resolved_audit_key_file)
+        entry = audit.write_checkpoint(archive.db, key, settings.resolved_audit_checkpoint_file)
+    finally:
+        archive.close()
+    console.print(
+        f"checkpoint of {len(entry['heads'])} chains appended to "
+        f"{settings.resolved_audit_checkpoint_file}"
+    )
+
+
+@audit_app.command("public-key")
+def audit_public_key(data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Print the checkpoint signing key's public half (PEM)."""
+    settings = settings_from(data_dir, config)
+    key = audit.load_or_create_signing_key(settings.resolved_audit_key_file)
+    typer.echo(audit.public_key_pem(key), nl=False)
+
+
+class ExportFormat(StrEnum):
+    FHIR = "fhir"
+    DICOM = "dicom"
+    TEXT = "text"
+
+
+@audit_app.command("export")
+def audit_export(
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="fhir, dicom or text")] = (
+        ExportFormat.FHIR
+    ),
+    since: Annotated[str | None, typer.Option(help="ISO date/time (UTC) to start at.")] = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Export records: FHIR AuditEvent (JSON lines), DICOM audit messages (PS3.15 A.5,
+    one per line) or escaped text lines."""
+    start = None
+    if since:
+        start = dt.datetime.fromisoformat(since)
+        start = start if start.tzinfo else start.replace(tzinfo=dt.UTC)
+    _settings, archive = _open(data_dir, config)
+    try:
+        for row in audit.iter_records(archive.db, since=start):
+            if fmt is ExportFormat.FHIR:
+                typer.echo(json.dumps(audit.to_fhir(row), ensure_ascii=False))
+            elif fmt is ExportFormat.DICOM:
+                typer.echo(audit.to_dicom_xml(row))
+            else:
+                typer.echo(audit.render_line(audit.row_values(row)))
+    finally:
+        archive.close()
+
+
+# -- institutions -----------------------------------------------------------------------------
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[red]{exc}[/red]")
+    return typer.Exit(1)
+
+
+@institutions_app.command("add")
+def institutions_add(
+    name: Annotated[str, typer.Argument(help="As the peer registry and ingest name it.")],
+    issuer: Annotated[str, typer.Option(help="Issuer of Patient ID it assigns.")] = "",
+    description: Annotated[str, typer.Option(help="Free text.")] = "",
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Register an institution."""
+    _s, archive = _open(data_dir, config)
+    try:
+        add_institution(archive.db, name, issuer=issuer, description=description)
+    except ConsentError as exc:
+        raise _fail(exc) from exc
+    finally:
+        archive.close()
+    console.print(f"institution {name} registered")
+
+
+@institutions_app.command("add-client")
+def institutions_add_client(
+    name: Annotated[str, typer.Argument(help="Institution.")],
+    client_id: Annotated[str, typer.Argument(help="DICOMweb client id.")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Create DICOMweb client credentials for an institution (secret shown once)."""
+    _s, archive = _open(data_dir, config)
+    try:
+        _id, secret = add_dicomweb_client(archive.db, name, client_id)
+    except ConsentError as exc:
+        raise _fail(exc) from exc
+    finally:
+        archive.close()
+    console.print(f"client {client_id} of {name}; secret (shown once): {secret}")
+
+
+@institutions_app.command("list")
+def institutions_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Institutions with their DIMSE peers (from the peer registry) and DICOMweb clients."""
+    _s, archive = _open(data_dir, config)
+    try:
+        with archive.db.reading() as session:
+            insts = session.scalars(select(Institution).order_by(Institution.name)).all()
+            systems = session.scalars(select(InstitutionSystem)).all()
+        peers = PeerRegistry(archive.db).list()
+    finally:
+        archive.close()
+    table = Table("institution", "issuer", "DIMSE peers", "DICOMweb clients")
+    for inst in insts:
+        clients = [s for s in systems if s.institution_fk == inst.id and s.disabled_at is None]
+        table.add_row(
+            inst.name,
+            inst.issuer,
+            ", ".join(p.ae_title for p in peers if p.institution == inst.name),
+            ", ".join(s.client_id for s in clients),
+        )
+    console.print(table)
+
+
+# -- users --------------------------------------------------------------------------------------
+@users_app.command("add")
+def users_add(
+    username: Annotated[str, typer.Argument()],
+    kind: Annotated[Kind, typer.Option(help="patient, staff, operator or auditor")],
+    institution: Annotated[str | None, typer.Option(help="Staff: institution.")] = None,
+    role: Annotated[Role | None, typer.Option(help="Staff: role.")] = None,
+    display_name: Annotated[str, typer.Option(help="Name shown in pages.")] = "",
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Create an account (sign-in methods come with the portal)."""
+    _s, archive = _open(data_dir, config)
+    try:
+        add_user(
+            archive.db,
+            username,
+            kind,
+            display_name=display_name,
+            institution=institution,
+            role=role,
+        )
+    except ConsentError as exc:
+        raise _fail(exc) from exc
+    finally:
+        archive.close()
+    console.print(f"{kind.value} account {username} created")
+
+
+@users_app.command("list")
+def users_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Accounts with their kind, institution and role."""
+    _s, archive = _open(data_dir, config)
+    try:
+        with archive.db.reading() as session:
+            rows = session.execute(
+                select(User, Institution.name)
+                .outerjoin(Institution, Institution.id == User.institution_fk)
+                .order_by(User.username)
+            ).all()
+    finally:
+        archive.close()
+    table = Table("user", "kind", "institution", "role", "disabled")
+    for user, inst in rows:
+        table.add_row(
+            user.username, user.kind, inst or "", user.role, "yes" if user.disabled_at else ""
+        )
+    console.print(table)

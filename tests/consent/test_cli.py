@@ -1,0 +1,119 @@
+"""``studybridge audit|institutions|users`` through the real command line (in-process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import delete, update
+from typer.testing import CliRunner
+
+from consent.audit import Attempt, Auditor
+from consent.models import AuditRecord
+from consent.principals import Kind, Principal
+from gateway.archive import Archive
+from gateway.cli import app
+
+pytestmark = pytest.mark.fast
+
+runner = CliRunner()
+
+
+def run(data_dir: Path, *args: str) -> tuple[int, str]:
+    result = runner.invoke(app, [*args, "--data-dir", str(data_dir)], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def fill(data_dir: Path, n: int = 5) -> None:
+    from gateway.config import Settings
+
+    archive = Archive.open(Settings(data_dir=data_dir), migrate_schema=True)
+    aud = Auditor(archive.db)
+    who = Principal(kind=Kind.STAFF, id=1, name="dr\r\nforged", institution="East")
+    for i in range(n):
+        aud.record(Attempt(who, "dicomweb", "view", "allowed", study_uid=f"1.2.{i}"))
+    archive.close()
+
+
+def tamper(data_dir: Path, stmt) -> None:
+    from gateway.config import Settings
+
+    archive = Archive.open(Settings(data_dir=data_dir))
+    with archive.db.write_conn() as conn:
+        conn.execute(stmt)
+    archive.close()
+
+
+def test_audit_verify_checkpoint_and_tampering(tmp_path: Path):
+    data = tmp_path / "var"
+    fill(data)
+    code, out = run(data, "audit", "verify")
+    assert code == 0 and "audit trail intact" in out and "cannot be detected" in out
+    code, out = run(data, "audit", "checkpoint")
+    assert code == 0 and "checkpoint of 1 chains" in out
+    code, out = run(data, "audit", "verify")
+    assert code == 0 and "1 signed checkpoints checked" in out
+    tamper(data, delete(AuditRecord).where(AuditRecord.seq == 5))  # the tail
+    code, out = run(data, "audit", "verify")
+    assert code == 1 and "truncated" in out
+    tamper(data, update(AuditRecord).where(AuditRecord.seq == 2).values(outcome="denied"))
+    code, out = run(data, "audit", "verify")
+    assert code == 1 and "record 2: altered" in out
+
+
+def test_audit_export_formats(tmp_path: Path):
+    data = tmp_path / "var"
+    fill(data, 2)
+    code, out = run(data, "audit", "export", "--format", "fhir")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2
+    assert json.loads(lines[0])["resourceType"] == "AuditEvent"
+    code, out = run(data, "audit", "export", "--format", "dicom")
+    assert code == 0 and len(out.splitlines()) == 2 and out.startswith("<AuditMessage>")
+    code, out = run(data, "audit", "export", "--format", "text")
+    assert code == 0 and len(out.splitlines()) == 2 and "dr\\x0d\\x0aforged" in out
+    code, out = run(data, "audit", "public-key")
+    assert code == 0 and "BEGIN PUBLIC KEY" in out
+
+
+def test_institutions_and_users(tmp_path: Path):
+    data = tmp_path / "var"
+    assert run(data, "institutions", "add", "North", "--issuer", "NORTH")[0] == 0
+    assert run(data, "institutions", "add", "North")[0] == 1
+    assert (
+        run(
+            data,
+            "peers",
+            "add",
+            "NORTHPACS",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "104",
+            "--institution",
+            "North",
+        )[0]
+        == 0
+    )
+    code, out = run(data, "institutions", "add-client", "North", "viewer")
+    assert code == 0 and "secret (shown once)" in out
+    code, out = run(data, "institutions", "list")
+    assert "NORTHPACS" in out and "viewer" in out
+    code, _ = run(
+        data,
+        "users",
+        "add",
+        "rad",
+        "--kind",
+        "staff",
+        "--institution",
+        "North",
+        "--role",
+        "radiologist",
+    )
+    assert code == 0
+    assert run(data, "users", "add", "pat", "--kind", "patient")[0] == 0
+    assert run(data, "users", "add", "bad", "--kind", "staff")[0] == 1
+    code, out = run(data, "users", "list")
+    assert "rad" in out and "radiologist" in out and "pat" in out
