@@ -1,32 +1,21 @@
-"""Keep tokens and secrets out of logs: a logging filter for every handler.
+"""Keep tokens and secrets out of every log handler, however it formats.
 
-It rewrites a record's message (after %-formatting) wherever a share-link or access
-token, a bearer credential, or a ``token=``/``code=``/``secret=`` parameter appears.
-``install`` adds it to the root logger's handlers and to uvicorn's access log.
+``gateway.ops.logs`` masks secrets in the handlers ``setup_logging`` installs; the
+patterns (passwords in URLs, ``token=``/``secret=``/``access_code=`` parameters,
+Bearer/Basic credentials, our ``sbl_``/``sbat_`` tokens anywhere) live there, once.
+This filter applies the same masking to records *before* any handler formats them,
+so handlers configured elsewhere (uvicorn's access log, a test's capture, a site's
+own logging config) never see a token either. ``install`` attaches it to the root
+logger's and uvicorn's handlers; the DICOMweb app calls it at startup.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 
-_PATTERNS = [
-    # Our own tokens, wherever they appear (URLs, fragments, bodies, exceptions).
-    re.compile(r"\bsb(?:at|l)_[A-Za-z0-9_\-]{8,}"),
-    # Any bearer/basic credential.
-    re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/\-=]+"),
-    # Query or form parameters that carry secrets.
-    re.compile(
-        r"(?i)\b(token|access_token|code|access_code|secret|client_secret|password)=[^&\s\"']+"
-    ),
-]
-REDACTED = "[REDACTED]"
+from gateway.ops.logs import redact
 
-
-def redact(text: str) -> str:
-    text = _PATTERNS[0].sub(REDACTED, text)
-    text = _PATTERNS[1].sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    return _PATTERNS[2].sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+__all__ = ["RedactingFilter", "install", "redact"]
 
 
 class RedactingFilter(logging.Filter):

@@ -34,6 +34,11 @@ _SECRETS = [
     ),
     # Authorization: Bearer xyz / Basic xyz
     (re.compile(r"(?P<keep>\b(?:Bearer|Basic)\s+)[A-Za-z0-9._~+/=-]+"), "***"),
+    # Share-link and access tokens (consent.tokens) wherever they appear: URL
+    # fragments, bodies, exception messages.
+    (re.compile(r"(?P<keep>)\bsb(?:at|l)_[A-Za-z0-9_-]{8,}"), "***"),
+    # Share-link access codes.
+    (re.compile(r"(?P<keep>\baccess_code\b['\"]?\s*[=:]\s*['\"]?)[^\s&'\",;]+"), "***"),
 ]
 
 
