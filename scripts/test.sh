@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs (Debian, Python and npm packages), then run it.
-# Usage: scripts/test.sh [pytest args...]   e.g. scripts/test.sh -m fast
+# Usage: scripts/test.sh [pytest args...]   e.g. scripts/test.sh -m "fast and not postgres"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

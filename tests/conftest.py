@@ -86,10 +86,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         "backend" in str(mark.args[0]) for mark in metafunc.definition.iter_markers("parametrize")
     )
     if "backend" in metafunc.fixturenames and not chosen:
-        backends = ["sqlite", "postgres"]
+        # Marks given here (not at setup) are what `-m` selects on: `-m "fast and not
+        # postgres"` is the quickest subset, with no server at all.
+        backends = [
+            pytest.param("sqlite"),
+            pytest.param("postgres", marks=pytest.mark.postgres),
+        ]
         marks = metafunc.definition
         if marks.get_closest_marker("production") and not marks.get_closest_marker("file_store"):
-            backends.append("production")
+            backends.append(pytest.param("production", marks=pytest.mark.postgres))
         metafunc.parametrize("backend", backends)
 
 
