@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -25,14 +26,18 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 DCMTK = Path("/usr/bin")
 
 
+def missing(message: str) -> NoReturn:
+    """A service or tool a test needs is absent: skip locally, fail in CI."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_tool(name: str) -> str:
     """Absolute path of a dcmtk tool; a missing tool skips locally and fails in CI."""
     path = DCMTK / name
     if not path.exists():
-        message = f"dcmtk's {name} is not installed (apt-get install dcmtk)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"dcmtk's {name} is not installed (apt-get install dcmtk)")
     return str(path)
 
 

@@ -29,7 +29,7 @@ from sqlalchemy import create_engine, select, text
 
 from gateway.archive.models import Instance
 from tests.factories import ct_slice, uid
-from tests.servers import IN_CI, free_port, running_gateway, wait_port
+from tests.servers import free_port, missing, running_gateway, wait_port
 
 pytestmark = [
     pytest.mark.integration,
@@ -42,9 +42,7 @@ RETRYABLE = {0xA700, 0xA701}
 
 
 def _missing(message: str) -> None:
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    missing(message)
 
 
 def _pg_bindir() -> Path:

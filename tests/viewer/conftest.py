@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import IN_CI, running_gateway
+from tests.servers import missing, running_gateway
 from tests.viewer.studies import ViewerStudy, make_study
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -30,9 +30,7 @@ CHROMIUM_ARGS = [
 
 
 def _missing(message: str) -> None:
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    missing(message)
 
 
 @dataclass

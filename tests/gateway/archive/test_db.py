@@ -12,6 +12,7 @@ from gateway.archive import Archive
 from gateway.archive.db import migrate
 from gateway.config import Settings
 from tests.conftest import PG_ADMIN_URL
+from tests.servers import missing
 
 pytestmark = [pytest.mark.postgres]
 
@@ -60,7 +61,7 @@ def test_gateways_starting_together_migrate_once():
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:  # the pg_url fixture decides skip/fail; here: same rule
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
+        missing(f"PostgreSQL not reachable: {exc}")
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     errors: list[BaseException] = []
     start = threading.Barrier(4)
