@@ -202,6 +202,19 @@ def peers_add(
         str, typer.Option(help="Issuer of Patient ID for its data sets that name none.")
     ] = "",
     description: Annotated[str, typer.Option(help="Free text.")] = "",
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="Open our associations to it with DICOM TLS (its certificate verified).",
+        ),
+    ] = False,
+    tls_ca_file: Annotated[
+        str, typer.Option(help="CA (PEM) verifying its certificate (default: tls_ca_file).")
+    ] = "",
+    tls_server_name: Annotated[
+        str, typer.Option(help="Name its certificate must carry (default: --host).")
+    ] = "",
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
@@ -215,13 +228,17 @@ def peers_add(
             institution=institution,
             issuer=issuer,
             description=description,
+            tls=tls,
+            tls_ca_file=tls_ca_file,
+            tls_server_name=tls_server_name,
         )
     except PeerError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
     finally:
         archive.close()
-    console.print(f"peer {peer.ae_title} at {peer.host}:{peer.port} registered")
+    how = " (DICOM TLS)" if peer.tls else ""
+    console.print(f"peer {peer.ae_title} at {peer.host}:{peer.port}{how} registered")
 
 
 @peers_app.command("list")
@@ -232,9 +249,10 @@ def peers_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
         peers = PeerRegistry(archive.db).list()
     finally:
         archive.close()
-    table = Table("AE title", "host", "port", "institution", "issuer")
+    table = Table("AE title", "host", "port", "TLS", "institution", "issuer")
     for p in peers:
-        table.add_row(p.ae_title, p.host, str(p.port), p.institution, p.issuer)
+        tls = (p.tls_server_name or "yes") if p.tls else ""
+        table.add_row(p.ae_title, p.host, str(p.port), tls, p.institution, p.issuer)
     console.print(table)
 
 

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    # Seconds to wait for a peer to accept the TCP connection of an association we open.
+    dimse_connect_timeout: float = 15.0
     # Seconds a stopping process waits for running associations/requests to finish.
     shutdown_grace: float = 10.0
     # Refuse unknown calling AE titles unless true (the demo profile sets it).
@@ -99,6 +101,12 @@ class Settings(BaseSettings):
     # peer must name the peer's host.
     tls_client_certs: Literal["none", "optional", "required"] = "none"
     tls_ca_file: Path | None = None
+    # Associations we open to peers registered with TLS (gateway.dimse.client): the
+    # peer's certificate is verified against the peer's own CA file or tls_ca_file;
+    # we present this certificate (default: tls_cert_file/tls_key_file). A client
+    # certificate needs the clientAuth extended key usage if it has any.
+    tls_client_cert_file: Path | None = None
+    tls_client_key_file: Path | None = None
     # Serve HTTP as HTTPS (same certificate and client certificate settings).
     http_tls: bool = False
 

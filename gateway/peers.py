@@ -12,7 +12,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
@@ -35,6 +36,10 @@ class Peer:
     institution: str = ""
     issuer: str = ""
     description: str = ""
+    # Associations we open to it speak DICOM TLS (gateway.dimse.client).
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_server_name: str = ""
 
 
 def validate_ae_title(value: str) -> str:
@@ -60,29 +65,37 @@ class PeerRegistry:
         institution: str = "",
         issuer: str = "",
         description: str = "",
+        tls: bool = False,
+        tls_ca_file: str = "",
+        tls_server_name: str = "",
     ) -> Peer:
         title = validate_ae_title(ae_title)
         if not host.strip():
             raise PeerError("a peer needs a host")
         if not 0 < port < 65536:
             raise PeerError("port must be between 1 and 65535")
+        if (tls_ca_file or tls_server_name) and not tls:
+            raise PeerError("--tls-ca-file and --tls-server-name need --tls")
+        if tls_ca_file and not Path(tls_ca_file).is_file():
+            raise PeerError(f"CA file {tls_ca_file} does not exist")
+        peer = Peer(
+            title,
+            host.strip(),
+            port,
+            institution,
+            issuer,
+            description,
+            tls,
+            str(Path(tls_ca_file).resolve()) if tls_ca_file else "",
+            tls_server_name.strip(),
+        )
         try:
             with self.db.writing() as session:
-                session.add(
-                    PeerRow(
-                        ae_title=title,
-                        host=host.strip(),
-                        port=port,
-                        institution=institution,
-                        issuer=issuer,
-                        description=description,
-                        created_at=utcnow(),
-                    )
-                )
+                session.add(PeerRow(**asdict(peer), created_at=utcnow()))
         except IntegrityError as exc:
             raise PeerError(f"peer {title} is already registered") from exc
         self._cache.pop(title, None)
-        return Peer(title, host.strip(), port, institution, issuer, description)
+        return peer
 
     def remove(self, ae_title: str) -> bool:
         with self.db.writing() as session:
@@ -151,4 +164,7 @@ def _to_peer(row: PeerRow) -> Peer:
         institution=row.institution,
         issuer=row.issuer,
         description=row.description,
+        tls=row.tls,
+        tls_ca_file=row.tls_ca_file,
+        tls_server_name=row.tls_server_name,
     )

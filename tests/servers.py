@@ -223,15 +223,24 @@ def running_worker(data_dir: Path, env: dict[str, str], log_path: Path) -> Itera
 
 @contextlib.contextmanager
 def storescp(
-    tmp: Path, ae_title: str = "DEST", *, accept_all: bool = True
+    tmp: Path,
+    ae_title: str = "DEST",
+    *,
+    accept_all: bool = True,
+    tls: tuple[Path, Path, Path] | None = None,
 ) -> Iterator[tuple[int, Path]]:
     """dcmtk's storescp writing into a folder; accepting every transfer syntax, or
-    (``accept_all=False``) only the uncompressed ones, as dcmtk does by default."""
+    (``accept_all=False``) only the uncompressed ones, as dcmtk does by default.
+    ``tls`` = (key, certificate, CA): DICOM TLS only, with the BCP 195 profile, and a
+    client certificate of that CA required (dcmtk's defaults for ``+tls``)."""
     exe = require_tool("storescp")
     port = free_port()
     out = tmp / f"storescp-{ae_title}"
     out.mkdir(parents=True, exist_ok=True)
     syntaxes = ["+xa"] if accept_all else []
+    if tls is not None:
+        key, cert, ca = tls
+        syntaxes += ["+tls", str(key), str(cert), "+cf", str(ca)]
     proc = subprocess.Popen(
         [exe, "-aet", ae_title, *syntaxes, "+uf", "-od", str(out), "--fork", str(port)],
         stdout=subprocess.DEVNULL,

@@ -17,6 +17,7 @@ import datetime as dt
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -235,6 +236,12 @@ class Peer(Base):
     # Issuer of Patient ID for datasets from this peer that do not name one.
     issuer: Mapped[str] = mapped_column(LO, nullable=False, default="")
     description: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    # Associations we open to this peer speak DICOM TLS (gateway.dimse.client): its
+    # certificate verified against tls_ca_file (else the gateway's CA) and checked to
+    # name tls_server_name (else host).
+    tls: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    tls_ca_file: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    tls_server_name: Mapped[str] = mapped_column(String(255), nullable=False, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
 

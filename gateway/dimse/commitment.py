@@ -30,8 +30,9 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pynetdicom import AE, build_role, evt
+from pynetdicom import build_role, evt
 from pynetdicom.events import Event
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import StorageCommitmentPushModel
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -40,6 +41,7 @@ from gateway.archive.db import Database
 from gateway.archive.models import Instance
 from gateway.archive.uids import is_valid_uid
 from gateway.config import Settings
+from gateway.dimse import client
 from gateway.peers import PeerRegistry
 
 log = logging.getLogger(__name__)
@@ -217,16 +219,14 @@ class CommitmentSCP:
         if peer is None:
             log.warning("storage commitment report for unregistered AE %r not sent", calling)
             return False
-        ae = AE(ae_title=self.settings.ae_title)
-        ae.acse_timeout = self.settings.acse_timeout
-        ae.dimse_timeout = self.settings.dimse_timeout
-        ae.network_timeout = self.settings.network_timeout
-        ae.add_requested_context(StorageCommitmentPushModel)
         # On an association we start, we are the SCP of Storage Commitment.
         role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, ext_neg=[role])
-        if not assoc.is_established:
-            log.warning("storage commitment: %s at %s:%d refused", calling, peer.host, peer.port)
+        try:
+            assoc = client.associate(
+                self.settings, peer, [build_context(StorageCommitmentPushModel)], ext_neg=[role]
+            )
+        except client.AssociationFailed as exc:
+            log.warning("storage commitment report not sent: %s", exc)
             return False
         try:
             return self._send(assoc, event_type, info)

@@ -28,7 +28,7 @@ from pynetdicom.events import Event
 from gateway.archive import Archive, Level, Query, RetrieveRequest, Source
 from gateway.archive.charsets import response_character_set
 from gateway.archive.errors import ArchiveError, IndexUnavailable, InvalidQuery
-from gateway.dimse import status, tls
+from gateway.dimse import client, status, tls
 from gateway.dimse.sending import StoredRef, contexts_for
 from gateway.ops import metrics
 from gateway.ops.logs import request_id
@@ -225,7 +225,13 @@ class Handlers:
             yield peer.host, peer.port
             yield status.query_failure(exc).Status, None
             return
-        yield peer.host, peer.port, {"contexts": contexts_for(instances)}
+        try:
+            target = client.destination(self.settings, peer, contexts_for(instances))
+        except tls.TLSConfigError as exc:
+            log.warning("C-MOVE to %s refused: %s", destination, exc)
+            yield None, None  # answered as 0xA801: we cannot reach the destination
+            return
+        yield target
         yield len(instances)
         yield from self._send_each(event, instances)
 

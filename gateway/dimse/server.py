@@ -37,7 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.archive import Archive
 from gateway.config import Settings
-from gateway.dimse import fastpath, negotiation, tls
+from gateway.dimse import client, fastpath, negotiation, tls
 from gateway.dimse.acceptor import Acceptor, AcceptorHandler
 from gateway.dimse.commitment import CommitmentSCP
 from gateway.dimse.handlers import Handlers
@@ -99,9 +99,8 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu_size
-    ae.acse_timeout = settings.acse_timeout
-    ae.dimse_timeout = settings.dimse_timeout
-    ae.network_timeout = settings.network_timeout
+    # Its timeouts also govern the associations of C-MOVE sub-operations.
+    client.configure(ae, settings)
     ae.require_called_aet = False
     ae.add_supported_context(Verification)
     for uid in _STORAGE_CLASSES.values():

@@ -19,6 +19,9 @@ no subjectAltName), just as the TCP address must (``certificate_names_host``).
 with the ACSE timeout, not in the accept loop: a client that connects and says
 nothing (or speaks plain DICOM to the TLS port) costs one thread for a few
 seconds, never the listener.
+
+Associations we open ourselves use the same profile (``hardened_context``) from
+``gateway.dimse.client``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class TLSConfigError(ValueError):
     """The TLS settings cannot make a working context (missing or unreadable files)."""
 
 
-def _hardened(purpose: int) -> ssl.SSLContext:
+def hardened_context(purpose: int) -> ssl.SSLContext:
+    """A context limited to the BCP 195 profile (server or client side)."""
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(BCP195_CIPHERS)
@@ -55,7 +59,7 @@ def server_context(settings: Settings) -> ssl.SSLContext:
     """The server context for the DIMSE TLS port (and HTTPS) from the settings."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         raise TLSConfigError("TLS needs tls_cert_file and tls_key_file (PEM)")
-    ctx = _hardened(ssl.PROTOCOL_TLS_SERVER)
+    ctx = hardened_context(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
     except (OSError, ssl.SSLError) as exc:
@@ -69,20 +73,6 @@ def server_context(settings: Settings) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as exc:
             raise TLSConfigError(f"cannot load the client CA file: {exc}") from exc
         ctx.verify_mode = ssl.CERT_REQUIRED if mode == "required" else ssl.CERT_OPTIONAL
-    return ctx
-
-
-def client_context(
-    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
-) -> ssl.SSLContext:
-    """A context for our own outgoing TLS associations (same protocol limits)."""
-    ctx = _hardened(ssl.PROTOCOL_TLS_CLIENT)
-    if ca_file:
-        ctx.load_verify_locations(cafile=ca_file)
-    else:
-        ctx.load_default_certs()
-    if cert_file:
-        ctx.load_cert_chain(cert_file, key_file)
     return ctx
 
 

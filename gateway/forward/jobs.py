@@ -39,17 +39,17 @@ from typing import Any
 
 import pydicom
 from pydicom.uid import UID
-from pynetdicom import AE
 from sqlalchemy import func, select
 
 from gateway.archive import Archive, Level, RetrieveRequest
 from gateway.archive.models import Patient, Study, utcnow
 from gateway.archive.retrieve import StoredInstance
 from gateway.config import Settings
+from gateway.dimse.client import AssociationFailed, associate
 from gateway.dimse.sending import StoredRef, contexts_for
 from gateway.forward.models import ForwardItem, ForwardJob
 from gateway.forward.reconcile import Reconciliation, coerce
-from gateway.peers import Peer, PeerRegistry
+from gateway.peers import PeerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -325,9 +325,10 @@ def _push(archive: Archive, settings: Settings, job_id: int, say: Callable[[str]
     if not todo:
         return ""
     issuer = _stored_issuer(archive, study_uid) if target.active else ""
-    assoc = _associate(settings, peer, todo)
-    if assoc is None:
-        return f"{peer.ae_title} at {peer.host}:{peer.port} refused or unreachable"
+    try:
+        assoc = associate(settings, peer, contexts_for(todo))
+    except AssociationFailed as exc:
+        return str(exc)
     error = ""
     try:
         for inst in todo:
@@ -352,15 +353,6 @@ def _push(archive: Archive, settings: Settings, job_id: int, say: Callable[[str]
         if assoc.is_established:
             assoc.release()
     return error
-
-
-def _associate(settings: Settings, peer: Peer, todo: list[StoredInstance]) -> Any:
-    ae = AE(ae_title=settings.ae_title)
-    ae.acse_timeout = settings.acse_timeout
-    ae.dimse_timeout = settings.dimse_timeout
-    ae.network_timeout = settings.network_timeout
-    assoc = ae.associate(peer.host, peer.port, contexts=contexts_for(todo), ae_title=peer.ae_title)
-    return assoc if assoc.is_established else None
 
 
 def _send_one(

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE
-from pynetdicom.association import Association
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as _FIND
 
 from gateway.config import Settings
+from gateway.dimse.client import AssociationFailed, PeerClient
 from gateway.peers import Peer
 from gateway.transfers.expected import ExpectedLine
 
@@ -52,37 +52,21 @@ class _Finder:
     """C-FIND over one association to the source, re-associating when it drops."""
 
     def __init__(self, settings: Settings, peer: Peer) -> None:
-        self.settings = settings
+        self.client = PeerClient(settings, peer, [build_context(_FIND)])
         self.peer = peer
-        self.ae = AE(ae_title=settings.ae_title)
-        self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        self.ae.acse_timeout = settings.acse_timeout
-        self.ae.dimse_timeout = settings.dimse_timeout
-        self.ae.network_timeout = settings.network_timeout
-        self.assoc: Association | None = None
         self.queries = 0
-
-    def _association(self) -> Association:
-        if self.assoc is None or not self.assoc.is_established:
-            assoc = self.ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title)
-            if not assoc.is_established:
-                raise CensusError(
-                    f"{self.peer.ae_title} at {self.peer.host}:{self.peer.port} refused or "
-                    "did not answer the association"
-                )
-            self.assoc = assoc
-        return self.assoc
 
     def find(self, query: Dataset) -> tuple[int, list[Dataset]]:
         """Final status and the identifiers answered."""
         for attempt in (1, 2):
-            assoc = self._association()
+            try:
+                assoc = self.client.association()
+            except AssociationFailed as exc:
+                raise CensusError(f"cannot ask the source: {exc}") from exc
             found: list[Dataset] = []
             final: int | None = None
             self.queries += 1
-            for status, identifier in assoc.send_c_find(
-                query, StudyRootQueryRetrieveInformationModelFind
-            ):
+            for status, identifier in assoc.send_c_find(query, _FIND):
                 if not status:  # no answer: association dropped or timed out
                     break
                 code = int(status.Status)
@@ -93,13 +77,13 @@ class _Finder:
                     final = code
             if final is not None:
                 return final, found
+            self.client.drop()
             if attempt == 2:
                 raise CensusError(f"{self.peer.ae_title} stopped answering a C-FIND")
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        if self.assoc is not None and self.assoc.is_established:
-            self.assoc.release()
+        self.client.close()
 
 
 def _text(ds: Dataset, keyword: str) -> str:

@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as _MOVE
 from sqlalchemy import select
 
 from gateway.archive.db import Database
 from gateway.archive.models import utcnow
 from gateway.config import Settings
+from gateway.dimse.client import AssociationFailed, PeerClient
 from gateway.peers import Peer
 from gateway.transfers.models import TransferPull
 from gateway.transfers.report import reconcile
@@ -196,32 +197,20 @@ class _Mover:
     """C-MOVE requests over one association to the source, re-associating as needed."""
 
     def __init__(self, settings: Settings, peer: Peer) -> None:
-        self.settings = settings
-        self.peer = peer
-        self.ae = AE(ae_title=settings.ae_title)
-        self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        self.ae.acse_timeout = settings.acse_timeout
-        self.ae.dimse_timeout = settings.dimse_timeout
-        self.ae.network_timeout = settings.network_timeout
-        self.assoc = None
+        self.destination = settings.ae_title
+        self.client = PeerClient(settings, peer, [build_context(_MOVE)])
 
     def move(self, identifier: Dataset) -> tuple[int | None, str]:
         """Final status of the C-MOVE (None: no answer) and a description."""
-        if self.assoc is None or not self.assoc.is_established:
-            assoc = self.ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title)
-            if not assoc.is_established:
-                self.assoc = None
-                return (
-                    None,
-                    f"{self.peer.ae_title} at {self.peer.host}:{self.peer.port} unreachable",
-                )
-            self.assoc = assoc
+        try:
+            assoc = self.client.association()
+        except AssociationFailed as exc:
+            return None, str(exc)
         final: int | None = None
         detail = ""
-        for status, _ident in self.assoc.send_c_move(
-            identifier, self.settings.ae_title, StudyRootQueryRetrieveInformationModelMove
-        ):
+        for status, _ident in assoc.send_c_move(identifier, self.destination, _MOVE):
             if not status:
+                self.client.drop()
                 return None, "the source stopped answering"
             code = int(status.Status)
             if code in (0xFF00, 0xFF01):
@@ -233,8 +222,7 @@ class _Mover:
         return final, detail
 
     def close(self) -> None:
-        if self.assoc is not None and self.assoc.is_established:
-            self.assoc.release()
+        self.client.close()
 
 
 def run_pull(
