@@ -58,7 +58,7 @@ from gateway.transfers.records import (
     get_transfer,
     list_transfers,
 )
-from gateway.transfers.report import held_instances, reconcile
+from gateway.transfers.report import held_instances, reconcile, transfer_report
 from gateway.transfers.retention import (
     RetentionError,
     apply_retention,
@@ -423,14 +423,15 @@ def report(
     archive = open_archive(settings_from(data_dir, config))
     try:
         get_transfer(archive.db, transfer_id)
-        rec = reconcile(archive.db, transfer_id)
+        full = transfer_report(archive.db, transfer_id)
     except TransferError as exc:
         raise fail(str(exc)) from exc
     finally:
         archive.close()
     if json_output:
-        console.out(json.dumps(rec.as_dict(), indent=2), highlight=False)
+        console.out(json.dumps(full.as_dict(), indent=2), highlight=False)
         return
+    rec = full.reconciliation
     counts = rec.counts()
     console.print(
         f"transfer {transfer_id}: {counts['complete_studies']} of {counts['expected_studies']} "
@@ -467,6 +468,20 @@ def report(
         console.print(
             f"[red]refused[/] {r.sop_uid or '(unreadable)'} x{r.times}: {escape(r.reason)}"
         )
+    for c in full.commitments:
+        sent = (
+            f"report sent {c.reported_at:%Y-%m-%d %H:%M:%S} UTC to {escape(c.reported_to)} "
+            f"({c.reported_how})"
+            if c.reported_at
+            else f"report not sent ({escape(c.report_error)})"
+        )
+        console.print(
+            f"storage commitment {c.transaction_uid} from {escape(c.calling_ae)} at "
+            f"{c.requested_at:%Y-%m-%d %H:%M:%S} UTC: {c.committed} committed, "
+            f"{c.failed} failed; {sent}"
+        )
+        for f in c.failures:
+            console.print(f"  [red]not committed[/] {f.sop_uid} (0x{f.failure_reason or 0:04X})")
 
 
 @transfer_app.command("finalize")

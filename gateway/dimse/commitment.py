@@ -16,9 +16,13 @@ another thread once the N-ACTION response is out: pynetdicom pauses the
 association's reactor for it); if the requester has released it, or does not
 answer the report within a few seconds (it was releasing as we sent), or sending
 fails, on a new association to the requester's registered peer address, where we
-take the SCP role of Storage Commitment (SCP/SCU role selection). A gateway crash
-between the two loses the report; the requester then asks again (PS3.4 J.3.3's
-transaction timeout), which is safe because the answer only reads the index.
+take the SCP role of Storage Commitment (SCP/SCU role selection).
+
+Each result is kept in the index before it is reported, with how the report went
+(``gateway.transfers.commitments``): the transfer report lists which instances
+were confirmed to whom and when. A gateway crash between the two leaves the result
+kept but unreported; the requester then asks again (PS3.4 J.3.3's transaction
+timeout), which is safe because the answer only reads the index.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from gateway.archive.uids import is_valid_uid
 from gateway.config import Settings
 from gateway.dimse import client
 from gateway.peers import PeerRegistry
+from gateway.transfers import commitments
 
 log = logging.getLogger(__name__)
 
@@ -173,24 +178,52 @@ class CommitmentSCP:
         self, assoc: Any, calling: str, transaction: str, refs: list[tuple[str, str]]
     ) -> None:
         event_type, info = commitment_result(self.db, transaction, refs)
-        how = "failed"
+        request_id = self._keep(transaction, calling, event_type, info)
+        how, to, error = "", "", ""
         try:
             if assoc.is_established and self._send_same(assoc, event_type, info):
                 how = "same-association"
-            elif self._send_new(calling, event_type, info):
-                how = "new-association"
-        except Exception:
+                to = f"{calling} at {assoc.requestor.address}:{assoc.requestor.port}"
+            else:
+                to, error = self._send_new(calling, event_type, info)
+                how = "" if error else "new-association"
+        except Exception as exc:
             log.exception("storage commitment report for %s failed", transaction)
+            error = f"{exc.__class__.__name__}: {exc}"
+        if request_id is not None:
+            try:
+                commitments.record_report(self.db, request_id, how=how, to=to, error=error)
+            except (OperationalError, DBAPIError) as exc:
+                log.warning("storage commitment report outcome not kept: %s", exc)
         log.info(
             "storage commitment %s for %s: %d held, %d not (%s)",
             transaction,
             calling,
             len(info.get("ReferencedSOPSequence", [])),
             len(info.get("FailedSOPSequence", [])),
-            how,
+            how or f"not sent: {error}",
         )
         if self.on_reported is not None:
-            self.on_reported(transaction, how)
+            self.on_reported(transaction, how or "failed")
+
+    def _keep(self, transaction: str, calling: str, event_type: int, info: Dataset) -> int | None:
+        """Keep the result before it is reported (None if the index cannot take it:
+        the report still goes out, the requester holds it)."""
+        committed = [
+            (str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID))
+            for i in info.get("ReferencedSOPSequence", [])
+        ]
+        failed = [
+            (str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID), int(i.FailureReason))
+            for i in info.get("FailedSOPSequence", [])
+        ]
+        try:
+            return commitments.record_result(
+                self.db, transaction, calling, event_type, committed, failed
+            )
+        except (OperationalError, DBAPIError) as exc:
+            log.warning("storage commitment result for %s not kept: %s", transaction, exc)
+            return None
 
     def _send_same(self, assoc: Any, event_type: int, info: Dataset) -> bool:
         """Report on the requesting association. A requester that released it just
@@ -214,11 +247,14 @@ class CommitmentSCP:
             return False
         return bool(status) and int(getattr(status, "Status", -1)) == 0x0000
 
-    def _send_new(self, calling: str, event_type: int, info: Dataset) -> bool:
+    def _send_new(self, calling: str, event_type: int, info: Dataset) -> tuple[str, str]:
+        """Report on a new association to the requester's registered address:
+        where it went, and the error ('' when it was answered with success)."""
         peer = self.peers.get(calling)
         if peer is None:
             log.warning("storage commitment report for unregistered AE %r not sent", calling)
-            return False
+            return "", f"{calling} is not a registered peer"
+        to = f"{peer.ae_title} at {peer.host}:{peer.port}"
         # On an association we start, we are the SCP of Storage Commitment.
         role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
         try:
@@ -227,9 +263,11 @@ class CommitmentSCP:
             )
         except client.AssociationFailed as exc:
             log.warning("storage commitment report not sent: %s", exc)
-            return False
+            return to, str(exc)
         try:
-            return self._send(assoc, event_type, info)
+            if self._send(assoc, event_type, info):
+                return to, ""
+            return to, "the requester did not answer the report with success"
         finally:
             if assoc.is_established:
                 assoc.release()

@@ -124,3 +124,49 @@ class StudyRetention(Base):
     hold_reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
     hold_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class CommitmentRequest(Base):
+    """A Storage Commitment request we answered (PS3.4 Annex J), and its report.
+
+    Written when the result is computed, before the N-EVENT-REPORT goes out, so what
+    was confirmed to whom survives a restart and shows in the transfer report.
+    ``transfer_fk`` is the latest transfer of the requester's AE title, if any.
+    """
+
+    __tablename__ = "commitment_requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(UID, nullable=False, index=True)
+    calling_ae: Mapped[str] = mapped_column(String(16), nullable=False)
+    transfer_fk: Mapped[int | None] = mapped_column(
+        ForeignKey("transfers.id"), nullable=True, index=True
+    )
+    requested_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False)
+    # Event Type ID of the report: 1 all committed, 2 failures exist.
+    event_type: Mapped[int] = mapped_column(Integer, nullable=False)
+    committed: Mapped[int] = mapped_column(Integer, nullable=False)
+    failed: Mapped[int] = mapped_column(Integer, nullable=False)
+    # pending (not sent yet), sent, unsent (every way of sending failed).
+    report_status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    # same-association or new-association, where it went (AE title at host:port).
+    reported_how: Mapped[str] = mapped_column(String(32), nullable=False, default="")
+    reported_to: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    reported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    report_error: Mapped[str] = mapped_column(Text, nullable=False, default="")
+
+
+class CommitmentItem(Base):
+    """One instance of a commitment request: committed, or failed with its reason."""
+
+    __tablename__ = "commitment_items"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_fk: Mapped[int] = mapped_column(
+        ForeignKey("commitment_requests.id"), nullable=False, index=True
+    )
+    sop_class_uid: Mapped[str] = mapped_column(UID, nullable=False)
+    sop_uid: Mapped[str] = mapped_column(UID, nullable=False)
+    committed: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    # Failure Reason (PS3.3 C.14.1.1) when not committed.
+    failure_reason: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 
 from gateway.archive.db import Database
 from gateway.archive.models import Instance, TransferArrival
+from gateway.transfers.commitments import CommitmentInfo, commitments
 from gateway.transfers.expected import expected_lines
 
 HELD = ("stored", "duplicate", "alternate-syntax", "reconciled-copy")
@@ -255,3 +256,21 @@ def reconcile(db: Database, transfer_id: int) -> Reconciliation:
         )
     rejected = _rejections(db, transfer_id, {h.sop_uid for h in held})
     return Reconciliation(transfer_id, studies, held, rejected, duplicates, arrivals)
+
+
+@dataclass
+class TransferReport:
+    """The transfer report: the reconciliation and the Storage Commitment answers."""
+
+    reconciliation: Reconciliation
+    commitments: list[CommitmentInfo]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.reconciliation.as_dict(),
+            "commitments": [c.as_dict() for c in self.commitments],
+        }
+
+
+def transfer_report(db: Database, transfer_id: int) -> TransferReport:
+    return TransferReport(reconcile(db, transfer_id), commitments(db, transfer_id=transfer_id))

@@ -8,6 +8,7 @@ new association to the registered peer when the requester released it.
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -68,6 +69,11 @@ def test_commitment_same_and_new_association(tmp_path: Path) -> None:
     pacs_port = free_port()
     with running_gateway(tmp_path) as gw:
         gw.cli("peers", "add", "PACS", "--host", "127.0.0.1", "--port", str(pacs_port))
+        created = gw.cli(
+            "transfer", "create", "--institution", "Lac", "--issuer", "LAC", "--ae", "PACS",
+            "--json",
+        )  # fmt: skip
+        transfer_id = json.loads(created.stdout)["id"]
         gw.start("--dimse-workers", "1")
         done = run_tool(
             [storescu, "-aet", "PACS", "-aec", "STUDYBRIDGE", "127.0.0.1", str(gw.dimse_port)]
@@ -133,3 +139,20 @@ def test_commitment_same_and_new_association(tmp_path: Path) -> None:
         assoc.release()
         assert status.Status == 0x0115
         assert gw.stop() == 0
+
+        # The results outlive the gateway: the transfer report lists both answers.
+        report = json.loads(gw.cli("transfer", "report", str(transfer_id), "--json").stdout)
+        first, second = report["commitments"]
+        assert (first["committed"], first["failed"], first["event_type"]) == (2, 1, 2)
+        assert first["report"]["status"] == "sent"
+        assert first["report"]["how"] == "same-association"
+        assert first["report"]["to"].startswith("PACS at 127.0.0.1:")
+        assert first["failures"] == [
+            {"sop_uid": never_sent, "sop_class_uid": CTImageStorage, "failure_reason": 0x0112}
+        ]
+        assert (second["committed"], second["failed"], second["event_type"]) == (2, 0, 1)
+        assert second["report"]["how"] == "new-association"
+        assert second["report"]["to"] == f"PACS at 127.0.0.1:{pacs_port}"
+        assert second["transaction_uid"] == request.TransactionUID
+        text = gw.cli("transfer", "report", str(transfer_id)).stdout
+        assert "storage commitment" in text and never_sent in text
