@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 from sqlalchemy import func, select
 
-from gateway.archive.db import migrate
+from gateway.archive.db import Database, migrate
 from gateway.archive.models import IngestEvent, Instance, Patient, Series, Study
 from gateway.cli_common import (
     ConfigFile,
@@ -394,6 +394,18 @@ def db_upgrade(data_dir: DataDir = None, config: ConfigFile = None) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.resolved_database_url)
     console.print("index schema is up to date")
+
+
+@db_app.command("analyze")
+def db_analyze(data_dir: DataDir = None, config: ConfigFile = None) -> None:
+    """Refresh PostgreSQL's planner statistics (after a bulk load or a restore)."""
+    settings = _settings(data_dir, config)
+    db = Database(settings.resolved_database_url)
+    try:
+        done = db.analyze()
+    finally:
+        db.dispose()
+    console.print("statistics refreshed" if done else "SQLite index: nothing to do")
 
 
 # Command groups kept in modules of their own (they use the helpers above).

@@ -49,6 +49,11 @@ EXIT_INTERRUPTED = 130
 _NAME_WIDTH = 40
 
 
+# A bulk import (a migration from another archive, not one CD): PostgreSQL's planner
+# statistics are refreshed at its end rather than when autovacuum next comes by.
+BULK_IMPORT = 1000
+
+
 def run_import(
     archive: Archive,
     path: Path,
@@ -115,6 +120,8 @@ def run_import(
                 "continue: files already imported are reported as duplicates."
             )
         return EXIT_INTERRUPTED
+    if report.imported >= BULK_IMPORT and archive.db.analyze() and not json_output:
+        console.print("Index statistics refreshed (ANALYZE) after a bulk import.")
     _print_report(console, report, json_output)
     return EXIT_SOME_FAILED if report.failed else EXIT_OK
 

@@ -180,6 +180,22 @@ class Database:
         with self._writer(), self._write_engine.begin() as conn:
             yield conn
 
+    def analyze(self) -> bool:
+        """Refresh PostgreSQL's planner statistics of the index (False: SQLite, nothing done).
+
+        The query engine relies on them: without statistics PostgreSQL guesses that a
+        modality matches 0.5% of series and a date range 0.5% of studies, and picks
+        plans ten times slower (see gateway/archive/query.py). Autovacuum refreshes
+        them on its own schedule; after a bulk import or a restore, do it at once.
+        ANALYZE runs outside a transaction block here: run inside one that is then
+        rolled back, its statistics would be discarded.
+        """
+        if self.is_sqlite:
+            return False
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("ANALYZE")
+        return True
+
     def dispose(self) -> None:
         self.engine.dispose()
         if self._writer_lock is not None:

@@ -242,8 +242,15 @@ def run_query(db: Database, query: Query) -> QueryResult:
         return_keys.append("PatientID")
 
     columns = _Columns(return_keys)
+    # With another key selecting studies, ModalitiesInStudy probes just those studies.
+    narrowed = any(
+        _ATTRS[k].kind not in ("computed", "constant") for k in match_keys if k != _MODALITIES
+    )
     conditions = [
-        _condition(_ATTRS[k], v, query.empty_value_matching) for k, v in match_keys.items()
+        _modalities_condition(v, probe=narrowed)
+        if k == _MODALITIES
+        else _condition(_ATTRS[k], v, query.empty_value_matching)
+        for k, v in match_keys.items()
     ]
     conditions = [c for c in conditions if c is not None]
     if query.study_scope is not None:
@@ -445,17 +452,37 @@ def _match_condition(attr: Attr, value: str) -> ColumnElement[bool] | None:
     if attr.kind == "pn-folded":
         return _string_match(attr.match_column, fold(value.rstrip("^")))
     if attr.kind == "computed":
-        if attr.keyword == "ModalitiesInStudy":
-            modalities = [m.strip() for m in value.split("\\") if m.strip()]
-            if not modalities or any(_is_universal(m) for m in modalities):
-                return None
-            # An alias: at the SERIES and IMAGE levels the outer query has Series too,
-            # and the subquery must not correlate to the outer series row.
-            other = aliased(Series)
-            clauses = [_string_match(other.modality, m) for m in modalities]
-            return exists().where(other.study_fk == Study.id, or_(*clauses))
+        if attr.keyword == _MODALITIES:
+            return _modalities_condition(value, probe=False)
         raise InvalidQuery(f"matching on {attr.keyword} is not supported")
     raise AssertionError(attr.kind)
+
+
+_MODALITIES = "ModalitiesInStudy"
+
+
+def _modalities_condition(value: str, *, probe: bool) -> ColumnElement[bool] | None:
+    """Studies with a series of one of the modalities (a list, wildcards allowed).
+
+    With ``probe`` (other keys already select the studies, e.g. a date range), the
+    subquery is fenced with ``OFFSET 0`` so PostgreSQL cannot turn it into a semi-join:
+    it stays a per-study probe of the (study, modality) index over the studies the
+    other keys found. Unfenced, a planner without fresh statistics (which guess 0.5%
+    of series for any modality) hashed every CT series of the archive first: 50-130 ms
+    instead of 3 ms at 100,000 studies. Alone, the key stays a semi-join, which the
+    planner may drive from the modality index when a modality is rare.
+    """
+    modalities = [m.strip() for m in value.split("\\") if m.strip()]
+    if not modalities or any(_is_universal(m) for m in modalities):
+        return None
+    # An alias: at the SERIES and IMAGE levels the outer query has Series too, and
+    # the subquery must not correlate to the outer series row.
+    other = aliased(Series)
+    clauses = [_string_match(other.modality, m) for m in modalities]
+    match = select(other.id).where(other.study_fk == Study.id, or_(*clauses))
+    if probe:
+        match = match.offset(0)
+    return match.exists()
 
 
 def _wildcard_regex(value: str) -> str:

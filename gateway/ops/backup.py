@@ -130,3 +130,12 @@ def restore(url: str, source: Path) -> None:
         env,
         "pg_restore",
     )
+    # pg_restore brings back rows, not the planner's statistics: without them the
+    # first queries of the restored index plan as if every table were tiny.
+    from gateway.archive.db import Database
+
+    db = Database(url)
+    try:
+        db.analyze()
+    finally:
+        db.dispose()

@@ -14,7 +14,7 @@ from enum import Enum
 
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from gateway.archive.db import Database, alembic_config
 from gateway.config import Settings
@@ -51,6 +51,7 @@ def check_index(settings: Settings) -> list[Finding]:
         with db.read_conn() as conn:
             conn.execute(text("SELECT 1"))
             current = MigrationContext.configure(conn).get_current_revision()
+            statistics = None if db.is_sqlite else _statistics(conn)
     except Exception as exc:
         return [Finding("index", Status.FAILURE, f"cannot reach {shown}: {_why(exc)}")]
     finally:
@@ -72,7 +73,41 @@ def check_index(settings: Settings) -> list[Finding]:
         )
     else:
         found.append(Finding("schema", Status.OK, f"at the newest revision ({head})"))
+    if statistics is not None:
+        found.append(statistics)
     return found
+
+
+def _statistics(conn: Connection) -> Finding:
+    """PostgreSQL plans the index's queries well only with fresh planner statistics."""
+    autovacuum = conn.execute(text("SHOW autovacuum")).scalar_one()
+    never = (
+        conn.execute(
+            text(
+                "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' "
+                "AND c.relnamespace = current_schema()::regnamespace AND c.relname IN "
+                "('patients', 'studies', 'series', 'instances') AND pg_relation_size(c.oid) > 0 "
+                "AND NOT EXISTS (SELECT 1 FROM pg_stats s WHERE s.schemaname = current_schema() "
+                "AND s.tablename = c.relname) ORDER BY c.relname"
+            )
+        )
+        .scalars()
+        .all()
+    )
+    if never:
+        return Finding(
+            "statistics",
+            Status.WARNING,
+            f"no planner statistics for {', '.join(never)}: queries may run ten times "
+            "slower; run `studybridge db analyze` (and keep autovacuum on)",
+        )
+    if autovacuum != "on":
+        return Finding(
+            "statistics",
+            Status.WARNING,
+            "autovacuum is off: run `studybridge db analyze` after bulk loads, or turn it on",
+        )
+    return Finding("statistics", Status.OK, "planner statistics present; autovacuum on")
 
 
 def check_blob_store(settings: Settings) -> list[Finding]:

@@ -102,3 +102,45 @@ def test_doctor_command_on_s3_up_and_down(tmp_path: Path, s3_server: SeaweedFS):
     store = next(c for c in report["checks"] if c["check"] == "blob store")
     assert store["status"] == "FAIL" and "unreachable" in store["detail"]
     assert s3_server.settings()["s3_secret_key"] not in bad.stdout + bad.stderr
+
+
+@pytest.mark.postgres
+def test_missing_planner_statistics_are_reported_and_fixed(tmp_path: Path, pg_url: str):
+    """PostgreSQL without statistics plans the index's queries blind: doctor says so,
+    and `studybridge db analyze` mends it."""
+    from sqlalchemy import create_engine, insert, text
+
+    from gateway.archive.models import Patient, utcnow
+    from tests.conftest import truncate_pg
+
+    truncate_pg(pg_url)
+    engine = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(
+                insert(Patient),
+                [
+                    {"issuer": "X", "patient_id": f"P{i}", "created_at": utcnow()}
+                    for i in range(200)
+                ],
+            )
+            conn.execute(text("DELETE FROM pg_statistic WHERE starelid = 'patients'::regclass"))
+        settings = Settings(data_dir=tmp_path / "var", database_url=pg_url)
+        found = {f.check: f for f in diagnose(settings)}
+        assert found["statistics"].status is Status.WARNING
+        assert "patients" in found["statistics"].detail
+        assert "studybridge db analyze" in found["statistics"].detail
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "db", "analyze", "--data-dir", str(tmp_path)],
+            env={**os.environ, "PYTHONPATH": os.getcwd(), "STUDYBRIDGE_DATABASE_URL": pg_url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "statistics refreshed" in done.stdout
+        found = {f.check: f for f in diagnose(settings)}
+        assert "no planner statistics" not in found["statistics"].detail
+    finally:
+        truncate_pg(pg_url)
+        engine.dispose()
