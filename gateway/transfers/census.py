@@ -4,11 +4,17 @@ The clinic's PACS is asked at STUDY level over a date range (Study Root, StudyDa
 range matching). PACS cap the number of C-FIND results (often a few hundred), so a
 range whose answer reaches the cap (or that the PACS refuses as too large, 0xA700,
 or cancels) is split in halves and asked again, down to single days; a single day
-still at the cap is reported as a warning. Each study is then asked at SERIES
-level, and each series counted by Number of Series Related Instances, or at IMAGE
-level when the PACS does not give that count (or when asked to).
+still at the cap is split by Study Time ranges (halves, down to one minute). Each
+study is then asked at SERIES level, and each series counted by Number of Series
+Related Instances, or at IMAGE level (SOP Instance UIDs counted) when the PACS does
+not give that count (or when asked to); a series whose IMAGE answer reaches the cap
+is split by Content Time ranges the same way.
 
-Studies without a Study Date are not found by range matching; the census says so.
+A PACS that ignores the time key answers the same instances for two disjoint time
+ranges: the split stops there and the census warns that the cap may hide some. So
+does a range still at the cap at one minute. Studies without a Study Date (or,
+once a day is split, a Study Time; instances without a Content Time in a split
+series) are not found by range matching; the census says so.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -32,6 +39,9 @@ log = logging.getLogger(__name__)
 _PENDING = (0xFF00, 0xFF01)
 # Statuses that say "too many matches" in practice: out of resources, cancelled.
 _TOO_MANY = (0xA700, 0xFE00)
+_DAY_SECONDS = 24 * 3600
+# The narrowest time range a split asks for (seconds).
+_MIN_SPAN = 60
 
 
 class CensusError(RuntimeError):
@@ -150,7 +160,7 @@ def _studies(
         q.PatientID = ""
         q.NumberOfStudyRelatedInstances = ""
         status, answers = finder.find(q)
-        too_many = status in _TOO_MANY or len(answers) >= cap
+        too_many = _too_many(status, answers, cap)
         if too_many and start < end:
             mid = start + (end - start) // 2
             ranges += [(mid + dt.timedelta(days=1), end), (start, mid)]
@@ -158,9 +168,13 @@ def _studies(
         if status not in (0x0000,) and not too_many:
             raise CensusError(f"C-FIND for studies {q.StudyDate} failed with status 0x{status:04X}")
         if too_many:
+            day = f"{start:%Y-%m-%d}"
+            answers = _split_by_time(
+                finder, q, "StudyTime", "StudyInstanceUID", cap, census, day, answers
+            )
             census.warnings.append(
-                f"{start:%Y-%m-%d}: the source answered {len(answers)} studies (cap {cap}); "
-                "that day may hold more"
+                f"{start:%Y-%m-%d}: split by Study Time ({len(answers)} studies); studies of "
+                "that day without a Study Time are not found that way"
             )
         for ds in answers:
             uid = _text(ds, "StudyInstanceUID")
@@ -223,10 +237,78 @@ def _image_count(finder: _Finder, study_uid: str, series_uid: str, cap: int, cen
     q.SeriesInstanceUID = series_uid
     q.SOPInstanceUID = ""
     status, answers = finder.find(q)
-    if status != 0x0000:
+    too_many = _too_many(status, answers, cap)
+    if status != 0x0000 and not too_many:
         raise CensusError(f"C-FIND for the instances of {series_uid} failed: 0x{status:04X}")
-    if len(answers) >= cap:
+    if too_many:
+        q.ContentTime = ""
+        answers = _split_by_time(
+            finder, q, "ContentTime", "SOPInstanceUID", cap, census, f"series {series_uid}", answers
+        )
         census.warnings.append(
-            f"series {series_uid}: {len(answers)} instances answered (cap {cap}); may hold more"
+            f"series {series_uid}: split by Content Time ({len(answers)} instances); "
+            "instances without a Content Time are not found that way"
         )
     return len({_text(a, "SOPInstanceUID") for a in answers if _text(a, "SOPInstanceUID")})
+
+
+def _too_many(status: int, answers: list[Dataset], cap: int) -> bool:
+    return status in _TOO_MANY or len(answers) >= cap
+
+
+def _time(seconds: int) -> str:
+    return f"{seconds // 3600:02d}{seconds % 3600 // 60:02d}{seconds % 60:02d}"
+
+
+def _split_by_time(
+    finder: _Finder,
+    base: Dataset,
+    keyword: str,
+    uid_keyword: str,
+    cap: int,
+    census: Census,
+    label: str,
+    whole: list[Dataset],
+    start: int = 0,
+    end: int = _DAY_SECONDS - 1,
+) -> list[Dataset]:
+    """The answers to ``base`` asked over halves of the time range [start, end] of
+    ``keyword`` (a TM key), halving again where an answer still reaches the cap.
+    ``whole`` is the answer without the time key, kept when the source refuses or
+    ignores the key."""
+    mid = (start + end) // 2
+    halves = []
+    for low, high in ((start, mid), (mid + 1, end)):
+        q = deepcopy(base)
+        setattr(q, keyword, f"{_time(low)}-{_time(high)}")
+        status, answers = finder.find(q)
+        too_many = _too_many(status, answers, cap)
+        if status != 0x0000 and not too_many:
+            census.warnings.append(
+                f"{label}: the source refused {keyword} ranges (0x{status:04X}); it may hold "
+                f"more than the {len(whole)} answered (cap {cap})"
+            )
+            return whole
+        halves.append((low, high, too_many, answers))
+    uids = [{_text(a, uid_keyword) for a in h[3]} - {""} for h in halves]
+    if uids[0] and uids[0] == uids[1]:
+        # Two disjoint ranges cannot match the same entities: the key is ignored.
+        census.warnings.append(
+            f"{label}: the source ignores {keyword} ranges; it may hold more than the "
+            f"{len(whole)} answered (cap {cap})"
+        )
+        return whole
+    found: list[Dataset] = []
+    for low, high, too_many, answers in halves:
+        if too_many and high - low + 1 > _MIN_SPAN:
+            found += _split_by_time(
+                finder, base, keyword, uid_keyword, cap, census, label, answers, low, high
+            )
+            continue
+        if too_many:
+            census.warnings.append(
+                f"{label} {_time(low)}-{_time(high)}: {len(answers)} answered (cap {cap}); "
+                "may hold more"
+            )
+        found += answers
+    return found
