@@ -180,6 +180,13 @@ def user_principal(db: Database, user_id: int, *, token_id: int | None = None) -
         )
 
 
+def principal_by_username(db: Database, username: str) -> Principal | None:
+    """The principal of an enabled user account named ``username`` (None otherwise)."""
+    with db.reading() as session:
+        user_id = session.scalar(select(User.id).where(User.username == username.strip()))
+    return user_principal(db, user_id) if user_id is not None else None
+
+
 def system_principal(
     db: Database, system_id: int, *, token_id: int | None = None
 ) -> Principal | None:

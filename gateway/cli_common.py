@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from consent.audit import Auditor
+from consent.principals import Kind, Principal, principal_by_username
 from gateway.archive import Archive
 from gateway.config import Settings, load_settings
 
@@ -44,3 +47,45 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     """Print ``message`` as an error; the Exit to raise with ``code``."""
     err.print(f"[red]{escape(message)}[/red]")
     return typer.Exit(code)
+
+
+# -- who runs a command (audited CLI actions) -----------------------------------------------
+ActAs = Annotated[
+    str | None,
+    typer.Option(
+        "--as",
+        help="User account acting (audited); default: the local operator (your login), "
+        "refused in the production profile.",
+        show_default=False,
+    ),
+]
+
+
+def acting_principal(settings: Settings, archive: Archive, username: str | None) -> Principal:
+    """Who runs an audited command: the enabled account ``--as`` names, or the local
+    operator (shell access to the data folder is the operator's power anyway),
+    named after the login so the audit trail says who. The production profile
+    requires an account."""
+    if username:
+        principal = principal_by_username(archive.db, username)
+        if principal is None:
+            raise fail(f"no enabled user account {username!r}")
+        return principal
+    if settings.profile == "production":
+        raise fail("the production profile needs --as USER (an operator or staff account)")
+    try:
+        login = getpass.getuser()
+    except (KeyError, OSError):
+        login = "unknown"
+    return Principal(kind=Kind.OPERATOR, id=0, name=f"local:{login}")
+
+
+def need_operator(principal: Principal) -> None:
+    """Refuse a command that only the installation's operators may run."""
+    if principal.kind is not Kind.OPERATOR:
+        raise fail(f"{principal.name} is a {principal.kind.value} account; operators only", 1)
+
+
+def cli_auditor(settings: Settings, archive: Archive) -> Auditor:
+    """The audit writer of one CLI command (``close()`` it to write repeat counts)."""
+    return Auditor(archive.db, window_seconds=settings.audit_window_seconds)

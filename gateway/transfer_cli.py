@@ -25,12 +25,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from gateway.cli_common import (
+    ActAs,
     ConfigFile,
     DataDir,
     JsonOut,
+    acting_principal,
+    cli_auditor,
     console,
     err,
     fail,
+    need_operator,
     open_archive,
     settings_from,
 )
@@ -62,6 +66,7 @@ from gateway.transfers.report import held_instances, reconcile, transfer_report
 from gateway.transfers.retention import (
     RetentionError,
     apply_retention,
+    delete_due,
     retention_lines,
     set_hold,
 )
@@ -645,6 +650,60 @@ def retention_report(
     console.print(table)
     what = "on legal hold" if holds else "due"
     console.print(f"{len(lines)} studies {what}")
+
+
+@retention_app.command("delete")
+def retention_delete(
+    study: Annotated[
+        list[str] | None, typer.Option("--study", help="Only this study (repeatable).")
+    ] = None,
+    due_on: Annotated[
+        str | None, typer.Option(help="Delete what is due on this date (default today).")
+    ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Really delete (without it: list what would go).")
+    ] = False,
+    act_as: ActAs = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    json_output: JsonOut = False,
+) -> None:
+    """Delete studies past their retention date and not on legal hold (operators;
+    each deletion audited). Without --yes, only lists what would be deleted."""
+    settings = settings_from(data_dir, config)
+    archive = open_archive(settings)
+    auditor = None
+    try:
+        principal = acting_principal(settings, archive, act_as)
+        need_operator(principal)
+        day = _date(due_on, "--due-on")
+        if not yes:
+            lines = retention_lines(archive.db, due_on=day)
+            if study:
+                lines = [line for line in lines if line.study_uid in set(study)]
+            for line in lines:
+                console.print(f"would delete {line.study_uid} (kept until {line.retain_until})")
+            console.print(f"{len(lines)} studies due; run again with --yes to delete them")
+            return
+        auditor = cli_auditor(settings, archive)
+        done = delete_due(archive, principal, auditor, due_on=day, study_uids=study or None)
+    finally:
+        if auditor is not None:
+            auditor.close()
+        archive.close()
+    if json_output:
+        console.out(json.dumps([d.as_dict() for d in done], indent=2), highlight=False)
+    else:
+        for d in done:
+            if d.outcome == "deleted":
+                left = f", {d.blobs_left} blobs left to the sweep" if d.blobs_left else ""
+                console.print(f"deleted {d.study_uid}: {d.instances} instances{left}")
+            else:
+                console.print(f"[red]refused[/] {d.study_uid}: {escape(d.reason)}")
+        deleted = sum(1 for d in done if d.outcome == "deleted")
+        console.print(f"{deleted} studies deleted (audited as {escape(principal.name)})")
+    if any(d.outcome != "deleted" for d in done):
+        raise typer.Exit(1)
 
 
 @retention_app.command("hold")

@@ -7,9 +7,12 @@ study arrived when it has no valid Study Date. A transfer's studies get their da
 when the transfer is finalized (custodianship passes to the archive); any other
 study by ``studybridge retention apply``.
 
-Nothing here deletes anything. The retention report lists studies past their date
-and not on legal hold; deleting them stays an explicit operator action (not built
-yet), which must be audited when the audit trail exists.
+The retention report lists studies past their date and not on legal hold. Only
+``delete_due``, an explicit operator command (``studybridge retention delete``),
+deletes, and only those: each study is audited (``consent.audit``) before it goes,
+its retention row is re-read and locked in the transaction that deletes its index
+rows (a hold placed meanwhile wins), and its blobs are deleted after that commit
+(``gateway.archive.removal``: the durable order).
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from consent.audit import Attempt, Auditor
+from consent.principals import Principal
+from gateway.archive import Archive
 from gateway.archive.db import Database
-from gateway.archive.models import Patient, Series, Study, utcnow
+from gateway.archive.models import Instance, Patient, Series, Study, utcnow
+from gateway.archive.removal import remove_blobs, remove_study_rows
 from gateway.config import Settings
 from gateway.transfers.models import StudyRetention
 
@@ -171,3 +178,111 @@ def retention_lines(
         )
     with db.read_conn() as conn:
         return [RetentionLine(*row) for row in conn.execute(stmt)]
+
+
+DELETE_OPERATION = "retention-delete"
+
+
+@dataclass(frozen=True)
+class Deletion:
+    study_uid: str
+    # deleted, or refused (not due, on legal hold, unknown)
+    outcome: str
+    instances: int = 0
+    bytes: int = 0
+    reason: str = ""
+    # Blobs the store could not delete now (the orphan sweep removes them).
+    blobs_left: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def delete_due(
+    archive: Archive,
+    principal: Principal,
+    auditor: Auditor,
+    *,
+    due_on: dt.date | None = None,
+    study_uids: Iterable[str] | None = None,
+    door: str = "cli",
+) -> list[Deletion]:
+    """Delete the studies due on ``due_on`` (all of them, or those of ``study_uids``
+    that are due), each audited first; named studies that are not due are refused
+    (and audited as denied)."""
+    day = due_on or dt.date.today()
+    due = {line.study_uid: line for line in retention_lines(archive.db, due_on=day)}
+    wanted = list(due) if study_uids is None else list(dict.fromkeys(study_uids))
+    done: list[Deletion] = []
+    for uid in wanted:
+        line = due.get(uid)
+        if line is None:
+            done.append(_refuse(auditor, principal, door, uid, "not due, on legal hold or unknown"))
+            continue
+        instances, size = _extent(archive.db, uid)
+        # Fail closed: if the record cannot be written, nothing is deleted.
+        _audit(
+            auditor,
+            principal,
+            door,
+            uid,
+            "allowed",
+            f"retain_until={line.retain_until.isoformat()}; record_type={line.record_type}; "
+            f"instances={instances}; bytes={size}",
+        )
+        done.append(_delete_one(archive, principal, auditor, door, uid, day))
+    return done
+
+
+def _extent(db: Database, study_uid: str) -> tuple[int, int]:
+    with db.reading() as session:
+        count, size = session.execute(
+            select(func.count(Instance.id), func.coalesce(func.sum(Instance.size), 0))
+            .join(Series, Series.id == Instance.series_fk)
+            .join(Study, Study.id == Series.study_fk)
+            .where(Study.study_uid == study_uid)
+        ).one()
+    return int(count), int(size)
+
+
+def _delete_one(
+    archive: Archive, principal: Principal, auditor: Auditor, door: str, uid: str, day: dt.date
+) -> Deletion:
+    try:
+        with archive.db.writing() as session:
+            row = session.scalar(
+                select(StudyRetention).where(StudyRetention.study_uid == uid).with_for_update()
+            )
+            if row is None or row.legal_hold or row.retain_until > day:
+                removed = None
+            else:
+                removed = remove_study_rows(session, uid)
+                session.delete(row)
+    except Exception as exc:
+        detail = f"index rows not deleted: {exc.__class__.__name__}"
+        _audit(auditor, principal, door, uid, "error", detail)
+        raise
+    if removed is None:
+        return _refuse(auditor, principal, door, uid, "placed on legal hold meanwhile")
+    remove_blobs(archive.store, removed)
+    return Deletion(uid, "deleted", removed.instances, removed.bytes, blobs_left=len(removed.left))
+
+
+def _refuse(auditor: Auditor, principal: Principal, door: str, uid: str, reason: str) -> Deletion:
+    _audit(auditor, principal, door, uid, "denied", reason)
+    return Deletion(uid, "refused", reason=reason)
+
+
+def _audit(
+    auditor: Auditor, principal: Principal, door: str, uid: str, outcome: str, detail: str
+) -> None:
+    auditor.record(
+        Attempt(
+            principal=principal,
+            door=door,
+            operation=DELETE_OPERATION,
+            outcome=outcome,
+            study_uid=uid,
+            detail=detail,
+        )
+    )
