@@ -161,11 +161,14 @@ def running_gateway(tmp: Path, env_extra: dict[str, str] | None = None) -> Itera
         env=env,
         log_path=tmp / "serve.log",
     )
-    yield gw
-    if gw.proc is not None and gw.proc.poll() is None:
-        gw.stop()
-    if gw.proc is not None and process_group_alive(gw.proc.pid):
-        os.killpg(gw.proc.pid, signal.SIGKILL)
+    try:
+        yield gw
+    finally:  # also when the test fails: a leaked gateway keeps its ports and a core busy
+        if gw.proc is not None and gw.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                gw.stop()
+        if gw.proc is not None and process_group_alive(gw.proc.pid):
+            os.killpg(gw.proc.pid, signal.SIGKILL)
 
 
 class Worker:
