@@ -33,6 +33,33 @@ def missing(message: str) -> NoReturn:
     pytest.skip(message)
 
 
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def require_redis() -> None:
+    """Redis at 127.0.0.1:6379 (the production broker): skip locally, fail in CI."""
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        if sock.connect_ex(("127.0.0.1", 6379)) != 0:
+            missing("Redis at 127.0.0.1:6379 is not running")
+
+
+def production_env(pg_url: str, s3_env: dict[str, str]) -> dict[str, str]:
+    """Settings (as STUDYBRIDGE_* variables) of gateways and a worker on the production
+    combination: PostgreSQL at ``pg_url``, the S3 store of ``s3_env``, and Celery over
+    Redis on a queue of their own (a worker must run: see ``running_worker``)."""
+    import uuid
+
+    require_redis()
+    return {
+        "STUDYBRIDGE_DATABASE_URL": pg_url,
+        **s3_env,
+        "STUDYBRIDGE_TASK_BROKER_URL": REDIS_URL,
+        "STUDYBRIDGE_TASK_QUEUE": f"sbtest-{uuid.uuid4().hex[:10]}",
+        "STUDYBRIDGE_TASK_SERIES_PAUSE": "1",
+    }
+
+
 def require_tool(name: str) -> str:
     """Absolute path of a dcmtk tool; a missing tool skips locally and fails in CI."""
     path = DCMTK / name

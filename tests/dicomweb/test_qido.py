@@ -31,7 +31,11 @@ from gateway.config import Settings
 from tests.dicomweb.conftest import LiveServer, StudyRefs, ingest_study
 from tests.servers import free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.production,
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
 
 # tags
 STUDY_UID = "0020000D"

@@ -13,7 +13,6 @@ containers: PostgreSQL, SeaweedFS S3, Redis, two gateways and one
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 import uuid
@@ -35,10 +34,10 @@ from tests.conftest import truncate_pg
 from tests.factories import ct_series, uid
 from tests.s3server import seaweedfs
 from tests.servers import (
-    IN_CI,
     Gateway,
     Worker,
     dataset_bytes,
+    production_env,
     require_tool,
     run_tool,
     running_gateway,
@@ -70,15 +69,6 @@ class Stack:
     worker: Worker | None = None
 
 
-def require_redis() -> None:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        if sock.connect_ex(("127.0.0.1", 6379)) != 0:
-            if IN_CI:
-                pytest.fail("Redis at 127.0.0.1:6379 is not running")
-            pytest.skip("Redis at 127.0.0.1:6379 is not running")
-
-
 @pytest.fixture(params=["shared-folder", "production"])
 def stack(request: pytest.FixtureRequest, pg_url: str, tmp_path: Path) -> Iterator[Stack]:
     require_tool("storescu")
@@ -86,14 +76,8 @@ def stack(request: pytest.FixtureRequest, pg_url: str, tmp_path: Path) -> Iterat
     env = {"STUDYBRIDGE_DATABASE_URL": pg_url}
     with contextlib.ExitStack() as stack:
         if request.param == "production":
-            require_redis()
             s3 = stack.enter_context(seaweedfs(tmp_path / "s3"))
-            env.update(s3.env(bucket=f"sb-scale-{uuid.uuid4().hex[:8]}"))
-            env.update(
-                STUDYBRIDGE_TASK_BROKER_URL="redis://127.0.0.1:6379/0",
-                STUDYBRIDGE_TASK_QUEUE=f"sbtest-{uuid.uuid4().hex[:10]}",
-                STUDYBRIDGE_TASK_SERIES_PAUSE="1",
-            )
+            env = production_env(pg_url, s3.env(bucket=f"sb-scale-{uuid.uuid4().hex[:8]}"))
         else:
             env["STUDYBRIDGE_BLOB_DIR"] = str(tmp_path / "shared-blobs")
         (tmp_path / "a").mkdir()

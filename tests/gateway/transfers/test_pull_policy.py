@@ -15,7 +15,7 @@ from gateway.transfers.pull import PullError, PullPolicy, Window, plan_pull
 from gateway.transfers.records import create_transfer
 from tests.factories import ct_series
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.production]
 
 UTC = dt.UTC
 

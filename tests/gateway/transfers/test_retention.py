@@ -31,7 +31,7 @@ from gateway.transfers.retention import (
 )
 from tests.factories import ct_slice, uid, write
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.production]
 
 
 def _study(archive: Archive, tmp: Path, modality: str, date: str, patient: str = "PAT001") -> str:
