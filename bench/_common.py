@@ -51,6 +51,19 @@ def wait_for_port(
     raise RuntimeError(f"port {port} not open after {timeout:.0f} s{log_tail(log)}")
 
 
+def wait_for_line(text: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Wait until ``log`` holds ``text`` (a server saying it is ready); fail early if
+    ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}{log_tail(log)}")
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"no {text!r} after {timeout:.0f} s{log_tail(log)}")
+
+
 def log_tail(log: Path | None, lines: int = 15) -> str:
     if log is None or not log.exists():
         return ""

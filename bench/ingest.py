@@ -99,6 +99,7 @@ from _common import (
     RssWatch,
     free_port,
     log_tail,
+    wait_for_line,
     wait_for_port,
 )
 
@@ -487,6 +488,9 @@ class Studybridge(Target):
         if self.backend is not None:
             self.backend.start_worker(procs, run_dir, env)
         proc = procs.start(argv, log=log, env=env, cwd=run_dir)
+        # The port listens before the receiving processes run: wait until all of them
+        # do, or the first one would take every association of the parallel run.
+        wait_for_line("studybridge ready", proc, log, START_TIMEOUT_S)
 
         def count() -> int:
             return sum(1 for _ in (data / "blobs" / "studies").rglob("*.dcm"))

@@ -32,6 +32,8 @@ from gateway.runtime import configure_serving_process
 log = logging.getLogger("studybridge.serve")
 
 _PR_SET_PDEATHSIG = 1
+# Connections waiting to be accepted by a receiving process (socketserver's default is 5).
+_BACKLOG = 128
 
 
 def _die_with_parent() -> None:
@@ -42,12 +44,18 @@ def _die_with_parent() -> None:
         pass
 
 
-def _dimse_child(settings: Settings, index: int, ready: Any) -> None:
+def _dimse_child(
+    settings: Settings,
+    index: int,
+    ready: Any,
+    listeners: dict[str, socket.socket],
+    counts: Any,
+) -> None:
     _die_with_parent()
     setup_logging(settings.log_level, settings.log_format)
     from gateway.dimse.server import run_worker
 
-    run_worker(settings, index, ready)
+    run_worker(settings, index, ready, listeners, counts)
 
 
 def _http_child(settings: Settings, ready: Any) -> None:
@@ -108,12 +116,23 @@ def _signal_when_started(server: Any, ready: Any) -> None:
 
 
 def check_port_free(host: str, port: int, what: str) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+    listen_on(host, port, what, backlog=0).close()
+
+
+def listen_on(host: str, port: int, what: str, *, backlog: int = _BACKLOG) -> socket.socket:
+    """A listening socket on ``host:port`` (SystemExit, in plain words, if taken)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise SystemExit(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from exc
+        sock.bind((host, port))
+        if backlog:
+            # Accepted connections inherit it: C-STORE responses must not wait for Nagle.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from exc
+    return sock
 
 
 def clear_staging(settings: Settings) -> None:
@@ -131,6 +150,11 @@ class Supervisor:
         self.ctx = mp.get_context("spawn")
         self.children: dict[str, Any] = {}
         self.stopping = threading.Event()
+        # The DIMSE listening sockets, bound here once and shared by every receiving
+        # process, and how many connections each process serves: the least busy one
+        # accepts (gateway.dimse.balance).
+        self.listeners: dict[str, socket.socket] = {}
+        self.counts = self.ctx.RawArray("i", max(settings.effective_dimse_workers, 1))
 
     def _start(self, name: str) -> Any:
         ready = self.ctx.Event()
@@ -142,7 +166,7 @@ class Supervisor:
             index = int(name.split("-")[1])
             proc = self.ctx.Process(
                 target=_dimse_child,
-                args=(self.settings, index, ready),
+                args=(self.settings, index, ready, self.listeners, self.counts),
                 name=name,
                 daemon=False,
             )
@@ -151,11 +175,20 @@ class Supervisor:
         return ready
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            for sock in self.listeners.values():
+                sock.close()
+
+    def _run(self) -> int:
         settings = self.settings
-        check_port_free(settings.dimse_host, settings.dimse_port, "DIMSE")
         check_port_free(settings.http_host, settings.http_port, "HTTP")
+        self.listeners["dimse"] = listen_on(settings.dimse_host, settings.dimse_port, "DIMSE")
         if settings.dimse_tls_port:
-            check_port_free(settings.dimse_host, settings.dimse_tls_port, "DICOM TLS")
+            self.listeners["dimse-tls"] = listen_on(
+                settings.dimse_host, settings.dimse_tls_port, "DICOM TLS"
+            )
         if settings.dimse_tls_port or settings.http_tls:
             from gateway.dimse.tls import TLSConfigError, server_context
 

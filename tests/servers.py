@@ -147,6 +147,12 @@ class Gateway:
         )
         wait_port(self.dimse_port, 60, self.proc)
         wait_port(self.http_port, 60, self.proc)
+        # The supervisor listens on the DIMSE port before its receiving processes run.
+        deadline = time.monotonic() + 60
+        while "studybridge ready" not in self.log_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"serve not ready: {self.log_text()[-2000:]}")
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 30) -> int:
         assert self.proc is not None

@@ -1,8 +1,10 @@
 """One receiving process of the DICOM node.
 
 pynetdicom serves each association in a Python thread under one GIL, so
-``studybridge serve`` starts several of these processes on the same port: each
-binds with ``SO_REUSEPORT`` and the kernel spreads new connections across them.
+``studybridge serve`` starts several of these processes on the same port. The
+supervisor binds the listening socket once and every process accepts from it, the
+least busy one first (``balance``). A process started on its own (``run_worker``
+without a listening socket, as in tests) binds with ``SO_REUSEPORT`` instead.
 pynetdicom negotiates every association; the data phase of storage-only
 associations is served by ``receive.StorageReceiver`` (see ``acceptor``), the rest
 by pynetdicom. Incoming data sets stream to a staging file, never into memory, and
@@ -39,6 +41,7 @@ from gateway.archive import Archive
 from gateway.config import Settings
 from gateway.dimse import client, fastpath, negotiation, tls
 from gateway.dimse.acceptor import Acceptor, AcceptorHandler
+from gateway.dimse.balance import AcceptBalance
 from gateway.dimse.commitment import CommitmentSCP
 from gateway.dimse.handlers import Handlers
 from gateway.peers import PeerRegistry
@@ -79,10 +82,50 @@ class ReusePortServer(ThreadedAssociationServer):
 
     store_instance: Callable[[Path, Any], tuple[int, str]] | None = None
 
+    def __init__(
+        self,
+        *args: Any,
+        listener: socket.socket | None = None,
+        balance: AcceptBalance | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # A listening socket shared with the other receiving processes (made by
+        # ``serve``), and this process's share of the accepting; None: bind our own
+        # socket with SO_REUSEPORT.
+        self.listener = listener
+        self.balance = balance
+        super().__init__(*args, **kwargs)
+
     def server_bind(self) -> None:
+        if self.listener is not None:
+            self.socket.close()
+            self.socket = self.listener
+            # Non-blocking: when another process wins the race for a connection,
+            # accept() fails at once (socketserver ignores the error) instead of
+            # blocking this process's accept loop until the next connection.
+            self.socket.setblocking(False)
+            self.server_address = self.socket.getsockname()
+            return
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().server_bind()
+
+    def server_activate(self) -> None:
+        if self.listener is None:  # a shared socket is listening already
+            super().server_activate()
+
+    def get_request(self) -> Any:
+        if self.balance is None:
+            return super().get_request()
+        self.balance.wait()
+        request, address = super().get_request()
+        self.balance.opened(request)
+        return request, address
+
+    def shutdown_request(self, request: Any) -> None:
+        if self.balance is not None:
+            self.balance.closed(request)
+        super().shutdown_request(request)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # Small C-STORE responses must not wait for Nagle's algorithm.
@@ -118,9 +161,17 @@ class TLSReusePortServer(tls.TLSServerMixin, ReusePortServer):
 
 
 def make_server(
-    settings: Settings, archive: Archive, *, port: int | None = None, ssl_context: Any = None
+    settings: Settings,
+    archive: Archive,
+    *,
+    port: int | None = None,
+    ssl_context: Any = None,
+    listener: socket.socket | None = None,
+    balance: AcceptBalance | None = None,
 ) -> ReusePortServer:
-    """The association server on the DIMSE port, or (with ``ssl_context``) the TLS one."""
+    """The association server on the DIMSE port, or (with ``ssl_context``) the TLS one;
+    on ``listener`` when given (a socket the receiving processes share, accepted
+    from as ``balance`` says)."""
     ae = build_ae(settings)
     peers = PeerRegistry(archive.db)
     handlers = Handlers(archive, peers)
@@ -131,6 +182,8 @@ def make_server(
         server_class=ReusePortServer if ssl_context is None else TLSReusePortServer,
         request_handler=AcceptorHandler,
         ssl_context=ssl_context,
+        listener=listener,
+        balance=balance if listener is not None else None,
     )
     server.store_instance = handlers.store_instance  # type: ignore[attr-defined]
     if ssl_context is not None:
@@ -140,19 +193,38 @@ def make_server(
     return server  # type: ignore[return-value]
 
 
-def run_worker(settings: Settings, index: int, ready: Any = None) -> None:
-    """Entry point of one receiving process: serve until SIGTERM, then drain."""
+def run_worker(
+    settings: Settings,
+    index: int,
+    ready: Any = None,
+    listeners: dict[str, socket.socket] | None = None,
+    counts: Any = None,
+) -> None:
+    """Entry point of one receiving process: serve until SIGTERM, then drain.
+
+    ``listeners`` ("dimse", "dimse-tls") are listening sockets shared by the
+    receiving processes of ``serve`` and ``counts`` their connection counts (one slot
+    each, ``balance``); without them this process binds its own sockets."""
+    listeners = listeners or {}
+    balance = AcceptBalance(counts, index) if listeners and counts is not None else None
     configure_pynetdicom()
     settings.staging_dir.mkdir(parents=True, exist_ok=True)
     # pynetdicom's chunked receive writes to tempfile's folder: keep it beside the
     # blobs so that storing is a rename on the same filesystem.
     tempfile.tempdir = str(settings.staging_dir)
     archive = Archive.open(settings, post_ingest=True)
-    servers = [make_server(settings, archive)]
+    servers = [make_server(settings, archive, listener=listeners.get("dimse"), balance=balance)]
     if settings.dimse_tls_port:
         context = tls.server_context(settings)
         servers.append(
-            make_server(settings, archive, port=settings.dimse_tls_port, ssl_context=context)
+            make_server(
+                settings,
+                archive,
+                port=settings.dimse_tls_port,
+                ssl_context=context,
+                listener=listeners.get("dimse-tls"),
+                balance=balance,
+            )
         )
     stop = threading.Event()
 
