@@ -2,8 +2,8 @@
 
 ``SeaweedFS`` runs ``weed server -s3`` on free loopback ports with one access key,
 waits until the S3 API answers, and can be stopped and started again on the same
-ports and data (for fault tests). Without ``weed`` a test skips locally and fails
-when CI=true.
+ports and data (for fault tests). SSE-S3 is enabled (a key-encryption key per server).
+Without ``weed`` a test skips locally and fails when CI=true.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ class SeaweedFS:
     weed: str
     ports: dict[str, int] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    # 256-bit key-encryption key of SSE-S3, kept across a stop and start.
+    sse_kek: str = field(default_factory=lambda: os.urandom(32).hex())
 
     @property
     def endpoint(self) -> str:
@@ -128,6 +130,9 @@ class SeaweedFS:
             args,
             stdout=log,
             stderr=subprocess.STDOUT,
+            # SeaweedFS serves SSE-S3 (x-amz-server-side-encryption: AES256) only with a
+            # key-encryption key; without one such a PUT fails with a 500.
+            env={**os.environ, "WEED_S3_SSE_KEK": self.sse_kek},
             start_new_session=True,
             cwd=self.root,
             preexec_fn=_die_with_parent,

@@ -73,6 +73,10 @@ class S3Store:
             raise ValueError(f"S3 part size must be at least {MIN_PART_SIZE} bytes")
         if sse == "kms" and not kms_key_id:
             raise ValueError("SSE-KMS needs a KMS key id")
+        if sse == "kms" and not secure:
+            # The S3 protocol (and the minio client) send KMS requests over TLS only:
+            # refused here, at start, rather than on every upload.
+            raise ValueError("SSE-KMS needs TLS to the object store (s3_secure = true)")
         self.endpoint = endpoint
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
