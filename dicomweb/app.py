@@ -59,8 +59,22 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
         CORSMiddleware,
         allow_origins=settings.cors_origins,
         allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
-        allow_headers=["Authorization", "Accept", "Content-Type", "If-None-Match"],
-        expose_headers=["Warning", "ETag", "Content-Location", "X-Request-ID"],
+        allow_headers=[
+            "Authorization",
+            "Accept",
+            "Content-Type",
+            "If-None-Match",
+            "Range",
+            "If-Range",
+        ],
+        expose_headers=[
+            "Warning",
+            "ETag",
+            "Content-Location",
+            "X-Request-ID",
+            "Content-Range",
+            "Accept-Ranges",
+        ],
     )
     app.add_middleware(RequestIDs)  # outermost: every answer and log line has its ID
 

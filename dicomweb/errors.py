@@ -26,10 +26,17 @@ _STATUS: list[tuple[type[errors.ArchiveError], int]] = [
 class HTTPError(Exception):
     """A protocol-level refusal (bad media type, size limit, malformed request)."""
 
-    def __init__(self, status: int, message: str, reason: str = "bad-request") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        reason: str = "bad-request",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
+        self.headers = headers
 
 
 def status_for(exc: errors.ArchiveError) -> int:
@@ -61,4 +68,6 @@ async def index_error_handler(_request: Request, exc: Exception) -> JSONResponse
 
 async def http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPError)
-    return JSONResponse(error_body(exc.reason, str(exc)), status_code=exc.status)
+    return JSONResponse(
+        error_body(exc.reason, str(exc)), status_code=exc.status, headers=exc.headers
+    )

@@ -38,13 +38,18 @@ class BatchedStream(StreamingResponse):
         content_length: int | None = None,
         batch_size: int = BATCH_SIZE,
         background: BackgroundTask | None = None,
+        status_code: int = 200,
     ) -> None:
         all_headers = dict(headers or {})
         if content_length is not None:
             # A known length spares the chunked transfer coding (and its copy).
             all_headers["Content-Length"] = str(content_length)
         super().__init__(
-            _never(), media_type=media_type, headers=all_headers, background=background
+            _never(),
+            status_code=status_code,
+            media_type=media_type,
+            headers=all_headers,
+            background=background,
         )
         self._chunks = chunks
         self._batch_size = batch_size

@@ -33,6 +33,8 @@ JSON); ``Cross-Origin-Resource-Policy`` is added by ``dicomweb.middleware``.
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -40,12 +42,14 @@ from functools import partial
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from pydicom.uid import UID
 
 from dicomweb import rendered
 from dicomweb.deps import requested_accept
 from dicomweb.dicomjson import choose_json_type
 from dicomweb.errors import HTTPError
 from dicomweb.multipart import MultipartWriter, Part, parse_accept
+from dicomweb.ranges import ranged_multipart, stable_writer
 from dicomweb.streaming import BatchedStream
 from dicomweb.urls import service_url
 from gateway.archive import Archive
@@ -220,9 +224,14 @@ def _retrieve(request: Request, req: RetrieveRequest, *, single: bool = False) -
         etag = _etag(inst, "" if syntax == inst.transfer_syntax_uid else f"dicom:{syntax}")
         if _not_modified(request, etag):
             return _304(etag)
-    writer = MultipartWriter(DICOM)
     store = archive.store
     parts = [_dicom_part(store, inst, syntax) for inst, syntax in plan]
+    if single:
+        assert etag is not None
+        return ranged_multipart(
+            request, stable_writer(DICOM, etag), parts, etag, _cache_headers(etag)
+        )
+    writer = MultipartWriter(DICOM)
     return BatchedStream(
         writer.iter_body(parts),
         media_type=writer.content_type,
@@ -364,11 +373,13 @@ def bulkdata(request: Request, study: str, series: str, instance: str, tag_path:
     etag = _etag(inst, f"bulk:{tag_path}")
     if _not_modified(request, etag):
         return _304(etag)
-    writer = MultipartWriter(OCTET_STREAM)
-    part = Part(f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_LE}", [value])
-    return StreamingResponse(
-        writer.iter_body([part]), media_type=writer.content_type, headers=_cache_headers(etag)
+    part = Part(
+        f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_LE}",
+        size=len(value),
+        source=partial(io.BytesIO, value),
     )
+    writer = stable_writer(OCTET_STREAM, etag)
+    return ranged_multipart(request, writer, [part], etag, _cache_headers(etag))
 
 
 def _bulk_value(reader: FrameReader, tags: list[int], items: list[int]) -> bytes:
@@ -409,9 +420,21 @@ def _pixel_bulkdata(request: Request, reader: FrameReader, tag: int) -> Response
     etag = _etag(inst, f"pixels:{choice.mode}")
     if _not_modified(request, etag):
         return _304(etag)
-    writer = MultipartWriter(choice.media_type)
     if choice.mode == "stored":
         return _frames_response(reader, numbers, choice, etag)
+    native = _native_pixels(reader)
+    if native is not None:
+        # The stored pixel bytes are the answer: one sized part, so Range works.
+        offset, size = native
+        part = Part(
+            f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_LE}",
+            size=size,
+            source=partial(reader.store.open, inst.blob_key),
+            offset=offset,
+        )
+        writer = stable_writer(OCTET_STREAM, etag)
+        return ranged_multipart(request, writer, [part], etag, _cache_headers(etag))
+    writer = MultipartWriter(choice.media_type)
 
     def body() -> Iterator[bytes]:
         for number in numbers:
@@ -422,6 +445,17 @@ def _pixel_bulkdata(request: Request, reader: FrameReader, tag: int) -> Response
     return StreamingResponse(
         writer.iter_body([part]), media_type=writer.content_type, headers=_cache_headers(etag)
     )
+
+
+def _native_pixels(reader: FrameReader) -> tuple[int, int] | None:
+    """(offset, length) of a native little-endian instance's frames in its blob, when
+    they lie back to back (their uncompressed form is then exactly those bytes)."""
+    if reader.encapsulated or reader.deflated or not UID(reader.transfer_syntax).is_little_endian:
+        return None
+    ranges = reader.ranges
+    if not ranges or any(a[0] + a[1] != b[0] for a, b in itertools.pairwise(ranges)):
+        return None
+    return ranges[0][0], sum(length for _, length in ranges)
 
 
 # -- frames ----------------------------------------------------------------------------
