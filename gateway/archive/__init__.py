@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from gateway.archive.blobstore import BlobStore, FileStore
 from gateway.archive.db import Database, PoolSettings, migrate
 from gateway.archive.errors import ArchiveError, StorageUnavailable
-from gateway.archive.ingest import Ingestor, IngestResult, Outcome, Source
+from gateway.archive.ingest import Digests, Ingestor, IngestResult, Outcome, Source
 from gateway.archive.query import Level, Query, QueryResult, run_query
 from gateway.archive.retrieve import RetrieveRequest, StoredInstance, find_instances
 from gateway.config import Settings
@@ -69,10 +69,12 @@ class Archive:
             self._post_ingest = PostIngest(self.tasks, self.settings)
             self.ingestor.after_store.append(self._post_ingest)
 
-    def ingest_file(self, path: Path, source: Source, *, owned: bool = False) -> IngestResult:
+    def ingest_file(
+        self, path: Path, source: Source, *, owned: bool = False, digests: Digests | None = None
+    ) -> IngestResult:
         started = time.perf_counter()
         try:
-            result = self.ingestor.ingest_file(path, source, owned=owned)
+            result = self.ingestor.ingest_file(path, source, owned=owned, digests=digests)
         except ArchiveError as exc:
             metrics.observe_failure(source.door, exc.reason)
             raise
@@ -143,6 +145,7 @@ def make_blob_store(settings: Settings) -> BlobStore:
 
 __all__ = [
     "Archive",
+    "Digests",
     "IngestResult",
     "Level",
     "Outcome",

@@ -8,7 +8,9 @@ set from an old disc) and:
 2. parses the header attributes and validates them: SOP Class, SOP Instance,
    Study and Series Instance UIDs present and well-formed, a storage SOP class,
    file meta agreeing with the data set;
-3. hashes the data set bytes (everything after the file meta) with SHA-256;
+3. hashes the data set bytes (everything after the file meta) with SHA-256, unless
+   the caller wrote the file and hashed it on the way (``Digests``: the DIMSE
+   receiver hashes the PDUs as they arrive, so the file is not read again);
 4. decides against what is already stored (see "Rules" below);
 5. writes the blob durably, then commits the index, and only then returns success.
 
@@ -137,6 +139,20 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Digests:
+    """SHA-256 digests (hex) of a file taken by the code that wrote it, as it wrote it.
+
+    ``meta`` covers the bytes before ``dataset_offset`` (preamble and file meta),
+    ``dataset`` the rest. Used only when ``dataset_offset`` is where the file's own
+    structure says the data set starts; otherwise the file is hashed as usual.
+    """
+
+    dataset_offset: int
+    meta: str
+    dataset: str
+
+
+@dataclass(frozen=True)
 class IngestResult:
     outcome: Outcome
     sop_class_uid: str
@@ -174,6 +190,7 @@ class _Candidate:
     transfer_syntax: str
     sha256: str
     size: int
+    meta_sha256: str | None = None
 
 
 class Ingestor:
@@ -194,17 +211,20 @@ class Ingestor:
         staging_dir.mkdir(parents=True, exist_ok=True)
 
     # -- public -------------------------------------------------------------------
-    def ingest_file(self, path: Path, source: Source, *, owned: bool = False) -> IngestResult:
+    def ingest_file(
+        self, path: Path, source: Source, *, owned: bool = False, digests: Digests | None = None
+    ) -> IngestResult:
         """Ingest the instance in ``path``.
 
         With ``owned`` the file is ours to consume (moved into the store or deleted);
-        otherwise it is left untouched. Raises an ArchiveError subclass on refusal.
+        otherwise it is left untouched. ``digests``: the file's hashes, taken by the
+        caller as it wrote the file. Raises an ArchiveError subclass on refusal.
         """
         path = Path(path)
         staged: Path | None = None
         cand: _Candidate | None = None
         try:
-            cand = self._examine(path, owned)
+            cand = self._examine(path, owned, digests)
             if cand.layout.file_meta is None:
                 staged = self._wrap_bare_dataset(cand)
                 cand.path, cand.owned = staged, True
@@ -249,7 +269,7 @@ class Ingestor:
         return self.ingest_file(Path(name), source, owned=True)
 
     # -- examination --------------------------------------------------------------
-    def _examine(self, path: Path, owned: bool) -> _Candidate:
+    def _examine(self, path: Path, owned: bool, digests: Digests | None = None) -> _Candidate:
         try:
             size = path.stat().st_size
             fh = open(path, "rb")  # noqa: SIM115 - closed below
@@ -306,7 +326,10 @@ class Ingestor:
                     raise InvalidDataset(
                         "file meta Media Storage SOP Instance UID differs from SOP Instance UID"
                     )
-            digest = _hash_from(fh, layout.dataset_offset)
+            if digests is not None and digests.dataset_offset == layout.dataset_offset:
+                digest, meta_digest = digests.dataset, digests.meta
+            else:
+                digest, meta_digest = _hash_from(fh, layout.dataset_offset), None
         return _Candidate(
             path=path,
             owned=owned,
@@ -319,6 +342,7 @@ class Ingestor:
             transfer_syntax=ts,
             sha256=digest,
             size=size - layout.dataset_offset,
+            meta_sha256=meta_digest,
         )
 
     def _wrap_bare_dataset(self, cand: _Candidate) -> Path:
@@ -706,11 +730,14 @@ def _blob_key(cand: _Candidate) -> str:
     the other file. With the meta's digest in the key each file has its own key;
     the losing copy is deleted as a duplicate.
     """
-    try:
-        with open(cand.path, "rb") as fh:
-            meta = hashlib.sha256(fh.read(cand.layout.dataset_offset)).hexdigest()[:8]
-    except OSError as exc:
-        raise StorageUnavailable(f"staged file unreadable: {exc.strerror}") from exc
+    meta = cand.meta_sha256
+    if meta is None:
+        try:
+            with open(cand.path, "rb") as fh:
+                meta = hashlib.sha256(fh.read(cand.layout.dataset_offset)).hexdigest()
+        except OSError as exc:
+            raise StorageUnavailable(f"staged file unreadable: {exc.strerror}") from exc
+    meta = meta[:8]
     return (
         f"studies/{cand.study_uid}/{cand.series_uid}/{cand.sop_uid}.{cand.sha256[:16]}.{meta}.dcm"
     )

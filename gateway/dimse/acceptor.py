@@ -33,6 +33,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import _STORAGE_CLASSES
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from gateway.archive import Digests
 from gateway.dimse.receive import VERIFICATION, StorageReceiver, StoreResult
 
 _STORAGE = frozenset(str(uid) for uid in _STORAGE_CLASSES.values())
@@ -174,8 +175,8 @@ class Acceptor(Association):
         self.dul.state_machine.current_state = "Sta1"
         self.kill()
 
-    def _store(self, path: Path) -> StoreResult:
-        return self._server.store_instance(path, self)  # type: ignore[union-attr]
+    def _store(self, path: Path, digests: Digests) -> StoreResult:
+        return self._server.store_instance(path, self, digests)  # type: ignore[union-attr]
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         self._serving = True

@@ -25,7 +25,7 @@ from pydicom.valuerep import PersonName
 from pynetdicom import evt
 from pynetdicom.events import Event
 
-from gateway.archive import Archive, Level, Query, RetrieveRequest, Source
+from gateway.archive import Archive, Digests, Level, Query, RetrieveRequest, Source
 from gateway.archive.charsets import response_character_set
 from gateway.archive.errors import ArchiveError, IndexUnavailable, InvalidQuery
 from gateway.dimse import client, status, tls
@@ -143,14 +143,16 @@ class Handlers:
         code, comment = self.store_instance(path, event.assoc)
         return status.status_dataset(code, comment) if comment else code
 
-    def store_instance(self, path: Path, assoc: Any) -> tuple[int, str]:
+    def store_instance(
+        self, path: Path, assoc: Any, digests: Digests | None = None
+    ) -> tuple[int, str]:
         """Ingest the staged data set at ``path`` (consumed): DIMSE status and comment.
 
         Used by pynetdicom's C-STORE event and by the storage data phase of
-        ``receive.StorageReceiver``.
+        ``receive.StorageReceiver`` (which hashed the file as it wrote it: ``digests``).
         """
         try:
-            self.archive.ingest_file(path, self._source(assoc), owned=True)
+            self.archive.ingest_file(path, self._source(assoc), owned=True, digests=digests)
         except ArchiveError as exc:
             log.info("C-STORE refused (%s): %s", exc.reason, exc)
             return status.store_failure_status(exc)

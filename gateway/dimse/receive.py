@@ -12,10 +12,11 @@ phase itself, in the association's thread, with blocking reads:
   set is at most ``MAX_COMMAND`` bytes); data set fragments of a C-STORE go from the
   socket into a reused buffer and from there into the staging file, whose preamble
   and file meta information were written first (so memory does not grow with the
-  size of the instance);
-- a complete C-STORE goes to ``store(path)`` (the archive's one ingest, through the
-  DIMSE handlers) and its status is answered with the byte-level C-STORE-RSP
-  encoder; C-ECHO is answered at once;
+  size of the instance), and are hashed (SHA-256) on the way, while the sender is
+  still sending: the archive need not read the file again to hash it;
+- a complete C-STORE goes to ``store(path, digests)`` (the archive's one ingest,
+  through the DIMSE handlers) and its status is answered with the byte-level
+  C-STORE-RSP encoder; C-ECHO is answered at once;
 - A-RELEASE-RQ is answered with A-RELEASE-RP; A-ABORT closes; anything else (an
   unknown or unexpected PDU, a PDV of a context that was not accepted, a command
   other than C-STORE/C-ECHO, a malformed item) is answered with an A-ABORT (source:
@@ -30,6 +31,7 @@ messages is aborted at once (over TLS: its connection is closed at once).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -41,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.archive import Digests
 from gateway.dimse.fastpath import FastFileMeta, encode_c_response, encode_file_meta
 
 log = logging.getLogger(__name__)
@@ -115,7 +118,7 @@ class StorageReceiver:
         self,
         sock: socket.socket,
         contexts: dict[int, Any],
-        store: Callable[[Path], StoreResult],
+        store: Callable[[Path, Digests], StoreResult],
         *,
         staging_dir: Path,
         network_timeout: float | None,
@@ -143,6 +146,9 @@ class StorageReceiver:
         self._context = 0
         self._file: Any = None
         self._path: Path | None = None
+        self._meta_offset = 0
+        self._meta_digest = ""
+        self._digest: Any = None  # SHA-256 of the data set bytes received so far
 
     # -- control from other threads -------------------------------------------------
     def request_stop(self) -> None:
@@ -267,7 +273,11 @@ class StorageReceiver:
         self._path = Path(name)
         self._file = open(fd, "wb", buffering=0)  # noqa: SIM115 - closed by _finish/_discard
         meta = FastFileMeta(_ui(fields, 0x0002), _ui(fields, 0x1000), self.contexts[context_id][1])
-        self._write(_PREAMBLE + encode_file_meta(meta))
+        head = _PREAMBLE + encode_file_meta(meta)
+        self._write(head)
+        self._meta_offset = len(head)
+        self._meta_digest = hashlib.sha256(head).hexdigest()
+        self._digest = hashlib.sha256()
 
     def _write(self, data: Any) -> None:
         view = memoryview(data)
@@ -287,6 +297,7 @@ class StorageReceiver:
                 raise _Closed
             try:
                 self._write(part[:got])
+                self._digest.update(part[:got])
             except OSError as exc:
                 # Keep reading the data set (the sender is still sending it), answer
                 # with a retryable failure at the end.
@@ -312,8 +323,9 @@ class StorageReceiver:
         path, staged = self._path, self._file is not None
         self._close_file()
         if staged and path is not None:
+            digests = Digests(self._meta_offset, self._meta_digest, self._digest.hexdigest())
             try:
-                code, comment = self.store(path)
+                code, comment = self.store(path, digests)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)

@@ -80,7 +80,7 @@ class ReusePortServer(ThreadedAssociationServer):
     ``make_server``) is what their storage data phase calls for each instance.
     """
 
-    store_instance: Callable[[Path, Any], tuple[int, str]] | None = None
+    store_instance: Callable[[Path, Any, Any], tuple[int, str]] | None = None
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from gateway.archive import Archive, Outcome, Source
+from gateway.archive import Archive, Digests, Outcome, Source
 from gateway.archive.errors import (
     ArchiveError,
     InstanceConflict,
@@ -111,6 +111,27 @@ def test_new_instance_is_stored_with_its_bytes_and_provenance(archive: Archive, 
     assert blob_keys(archive) == [row.blob_key]
     assert (count(archive, Patient), count(archive, Study), count(archive, Series)) == (1, 1, 1)
     assert all_files(archive.settings.staging_dir) == []
+
+
+@pytest.mark.fast
+def test_digests_taken_by_the_writer_are_used_only_where_the_data_set_starts(
+    archive: Archive, tmp_path: Path
+):
+    first, second = ct_slice(), ct_slice()
+    marker = Digests(0, "e" * 64, "d" * 64)  # not this file's: shows whether it was used
+    path = write(first, tmp_path / "a.dcm")
+    offset = len(path.read_bytes()) - len(dataset_bytes(path))
+    archive.ingest_file(path, SOURCE, digests=Digests(offset, marker.meta, marker.dataset))
+    row = instance(archive, first.SOPInstanceUID)
+    assert row is not None and row.sha256 == marker.dataset
+    assert row.blob_key.endswith(f".{'d' * 16}.eeeeeeee.dcm")
+    # Digests of another layout (the data set does not start there) are ignored.
+    path = write(second, tmp_path / "b.dcm")
+    archive.ingest_file(path, SOURCE, digests=Digests(offset + 2, marker.meta, marker.dataset))
+    row = instance(archive, second.SOPInstanceUID)
+    assert row is not None and row.sha256 == sha256(dataset_bytes(path))
+    meta = hashlib.sha256(path.read_bytes()[:offset]).hexdigest()
+    assert row.blob_key.endswith(f".{row.sha256[:16]}.{meta[:8]}.dcm")
 
 
 @pytest.mark.fast

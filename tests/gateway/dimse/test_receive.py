@@ -8,6 +8,7 @@ the protocol edges: fragments, release, aborts, malformed items, shutdown.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import socket
 import struct
@@ -23,6 +24,7 @@ from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode, encode
 
+from gateway.archive import Digests
 from gateway.dimse.receive import StorageReceiver
 
 pytestmark = pytest.mark.fast
@@ -83,6 +85,7 @@ class Harness:
         self.ours, self.peer = socket.socketpair()
         self.peer.settimeout(10)
         self.stored: list[bytes] = []
+        self.digests: list[Digests] = []
         self.status = status
         contexts = {1: SimpleNamespace(abstract_syntax=CT, transfer_syntax=[EXPLICIT])}
         self.receiver = StorageReceiver(
@@ -97,8 +100,9 @@ class Harness:
         self.thread.start()
         self.tmp = tmp
 
-    def _store(self, path: Path) -> tuple[int, str]:
+    def _store(self, path: Path, digests: Digests) -> tuple[int, str]:
         self.stored.append(path.read_bytes())
+        self.digests.append(digests)
         path.unlink()
         return self.status
 
@@ -135,6 +139,11 @@ def test_store_in_fragments_then_release(harness: Harness) -> None:
     stored = harness.stored[0]
     assert stored[128:132] == b"DICM"
     assert stored.endswith(dataset)
+    # Hashed on the way: the digests describe the very file handed over.
+    digests = harness.digests[0]
+    assert digests.dataset_offset == len(stored) - len(dataset)
+    assert digests.meta == hashlib.sha256(stored[: digests.dataset_offset]).hexdigest()
+    assert digests.dataset == hashlib.sha256(dataset).hexdigest()
     harness.send(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
     assert _read_pdu(harness.peer)[0] == 0x06
     assert harness.finish() == "released"
@@ -284,7 +293,7 @@ def test_stop_over_tls_closes_an_idle_association_at_once(tmp_path: Path) -> Non
     receiver = StorageReceiver(
         server,
         contexts,
-        lambda path: (stored.append(path), (0, ""))[1],
+        lambda path, _digests: (stored.append(path), (0, ""))[1],
         staging_dir=tmp_path,
         network_timeout=30,
         peer_max_pdu=0,
