@@ -1,7 +1,8 @@
 """The FastAPI application served by ``studybridge serve``.
 
 Operational endpoints: ``/healthz`` (the process is up), ``/readyz`` (the index
-and the blob store answer) and ``/metrics`` (Prometheus, every serving process).
+and the blob store answer) and ``/metrics`` (Prometheus, every serving process; only
+for the holder of ``metrics_token`` or, without one, for clients on this machine).
 The DICOMweb services (QIDO-RS, WADO-RS, STOW-RS, WADO-URI) are routers mounted
 under ``settings.dicomweb_prefix``; archive errors become HTTP statuses through the
 one table in ``dicomweb.errors``.
@@ -9,6 +10,8 @@ one table in ``dicomweb.errors``.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -98,7 +101,8 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     task_metrics = metrics.task_registry(settings)
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics_endpoint() -> Response:
+    def metrics_endpoint(request: Request) -> Response:
+        _check_scraper(request, settings)
         body, content_type = metrics.exposition(task_metrics)
         return Response(body, media_type=content_type)
 
@@ -123,3 +127,36 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
         return JSONResponse({"status": "ready"})
 
     return app
+
+
+_PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def _check_scraper(request: Request, settings: Settings) -> None:
+    """Who may read /metrics: the holder of ``metrics_token`` or, without one, a client
+    on this machine that came through no proxy (the metrics name peers, institutions and
+    failure causes: operations data, not for the public side)."""
+    token = settings.metrics_token.get_secret_value()
+    if token:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            raise HTTPError(
+                401,
+                "metrics need the scrape token (Authorization: Bearer)",
+                reason="unauthorized",
+                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
+        return
+    host = request.client.host if request.client else ""
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if not local or any(h in request.headers for h in _PROXY_HEADERS):
+        raise HTTPError(
+            403,
+            "metrics are served to this machine only; set metrics_token for a remote scraper",
+            reason="forbidden",
+        )

@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     public_base_url: str = ""
     # Honour X-Forwarded-Proto/Host (only behind a proxy that sets them).
     trust_forwarded_headers: bool = False
+    # GET /metrics: with a token, only for requests bearing it (Authorization: Bearer,
+    # a Prometheus scrape config's credentials); without one, only for requests made
+    # on this machine that did not come through a proxy.
+    metrics_token: SecretStr = SecretStr("")
     # Origins allowed to call the HTTP API from a browser ("*" for any).
     cors_origins: list[str] = ["*"]
 

@@ -994,7 +994,9 @@ def test_range_requests_on_an_instance_and_bulk_data(live_server: LiveServer, wo
     assert pixel_bytes == item.ds.PixelData
     size = len(full.content)
     middle = _ranged(pixels_url, {}, f"bytes={size // 2}-{size // 2 + 4095}")
-    assert middle.status_code == 206 and middle.content == full.content[size // 2 : size // 2 + 4096]
+    assert (
+        middle.status_code == 206 and middle.content == full.content[size // 2 : size // 2 + 4096]
+    )
     # An attribute's bulk data value.
     private = world["ct_private"]
     value_url = _instance_url(live_server, private) + "/bulk/00091001"

@@ -26,7 +26,8 @@ def value(text: str, name: str, **labels: str) -> float:
 
 
 def scrape(settings: Settings, archive: Archive) -> str:
-    with TestClient(create_app(settings, archive)) as client:
+    # A scraper on this machine (/metrics is refused to remote clients without a token).
+    with TestClient(create_app(settings, archive), client=("127.0.0.1", 50000)) as client:
         answer = client.get("/metrics")
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/plain")
