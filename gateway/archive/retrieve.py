@@ -124,29 +124,31 @@ def find_instances(
         Study.id, Series.series_number, Series.id, Instance.instance_number, Instance.id
     )
     with db.reading() as session:
-        found = [
-            StoredInstance(
-                sop_class_uid=inst.sop_class_uid,
-                sop_uid=inst.sop_uid,
-                study_uid=study_uid,
-                series_uid=series_uid,
-                transfer_syntax_uid=inst.transfer_syntax_uid,
-                blob_key=inst.blob_key,
-                dataset_offset=inst.dataset_offset,
-                size=inst.size,
-                sha256=inst.sha256,
-                number_of_frames=inst.number_of_frames,
-                instance_id=inst.id,
-                instance_number=inst.instance_number,
-                rows=inst.rows,
-                columns=inst.columns,
-                frame_offsets=inst.frame_offsets,
-            )
-            for inst, series_uid, study_uid in session.execute(stmt).all()
-        ]
+        found = [stored(*row) for row in session.execute(stmt).all()]
     if require and not found:
         raise NotFound(_not_found_message(level, studies, series, sops))
     return found
+
+
+def stored(inst: Instance, series_uid: str, study_uid: str) -> StoredInstance:
+    """What a door needs of an instance row to read it."""
+    return StoredInstance(
+        sop_class_uid=inst.sop_class_uid,
+        sop_uid=inst.sop_uid,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        transfer_syntax_uid=inst.transfer_syntax_uid,
+        blob_key=inst.blob_key,
+        dataset_offset=inst.dataset_offset,
+        size=inst.size,
+        sha256=inst.sha256,
+        number_of_frames=inst.number_of_frames,
+        instance_id=inst.id,
+        instance_number=inst.instance_number,
+        rows=inst.rows,
+        columns=inst.columns,
+        frame_offsets=inst.frame_offsets,
+    )
 
 
 def _not_found_message(

@@ -12,6 +12,10 @@ in ``gateway.tasks.hooks`` coalesces per series). It builds
 Both are keyed by content, so running the task twice, or for a series that changed
 meanwhile, does no harm. An image no installed decoder reads gets no thumbnail
 (the door answers 406 for it anyway).
+
+``studybridge.backfill_frame_offsets`` records the frame byte ranges of images indexed
+before ingest recorded them (``gateway.archive.frame_backfill``); run it once after
+upgrading such an archive (``studybridge tasks run`` or ``tasks submit``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from gateway.archive import Archive, metadata
+from gateway.archive import Archive, frame_backfill, metadata
 from gateway.archive.errors import InvalidDataset, NotFound
 from gateway.archive.frames import FrameReader, can_decode
 from gateway.archive.query import Level
@@ -30,6 +34,7 @@ from gateway.tasks.registry import TaskContext, task
 log = logging.getLogger(__name__)
 
 PREPARE_SERIES = "studybridge.prepare_series"
+BACKFILL_FRAME_OFFSETS = "studybridge.backfill_frame_offsets"
 
 
 @task(PREPARE_SERIES)
@@ -49,6 +54,15 @@ def prepare_series(ctx: TaskContext, study_uid: str, series_uid: str) -> None:
     for inst in chosen.values():
         if inst.series_uid == series_uid:
             _thumbnail(archive, scratch, inst)
+
+
+@task(BACKFILL_FRAME_OFFSETS)
+def backfill_frame_offsets(ctx: TaskContext, batch: int = 200) -> dict[str, int]:
+    """Record frame byte ranges of images indexed before they were recorded."""
+    report = frame_backfill.backfill_frame_offsets(
+        ctx.archive.db, ctx.archive.store, batch=int(batch)
+    )
+    return report.as_dict()
 
 
 def _thumbnail(archive: Archive, scratch: Path, inst: StoredInstance) -> None:
