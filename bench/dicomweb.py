@@ -713,6 +713,9 @@ class Studybridge(Target):
                 "STUDYBRIDGE_HTTP_HOST": LOOPBACK,
                 "STUDYBRIDGE_HTTP_PORT": str(port),
                 "STUDYBRIDGE_LOG_LEVEL": "WARNING",
+                # Anonymous requests as the demo principal (sees everything; each
+                # request still runs the access decision and the audit).
+                "STUDYBRIDGE_PROFILE": "demo",
                 "PYTHONPATH": os.pathsep.join(
                     filter(None, [str(BENCH_DIR.parent), os.environ.get("PYTHONPATH")])
                 ),

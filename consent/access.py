@@ -100,6 +100,19 @@ def may_store(principal: Principal) -> bool:
     return False
 
 
+def may_add_to_study(db: Database, principal: Principal, study_uid: str) -> bool:
+    """Whether ``principal`` may store instances into ``study_uid``: a new study, or one
+    it already sees. Storing into another sender's study would otherwise make that
+    study visible to it (an institution sees what it sent)."""
+    if principal.kind is Kind.DEMO:
+        return True
+    with db.reading() as session:
+        found = session.scalar(select(Study.id).where(Study.study_uid == study_uid))
+    if found is None:
+        return True
+    return bool(permitted_studies(db, principal, Operation.SEARCH, [study_uid]))
+
+
 def permitted_studies(
     db: Database,
     principal: Principal,

@@ -15,12 +15,16 @@ import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
+from consent import redact
+from consent.access import Gate
+from consent.audit import Auditor
 from dicomweb import capabilities, imports, qido, stow, wado
+from dicomweb.access import require_principal
 from dicomweb.errors import (
     HTTPError,
     archive_error_handler,
@@ -40,14 +44,23 @@ from viewer import pages as viewer_pages
 def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     archive = archive or Archive.open(settings, post_ingest=True)
 
+    # Every route of the DICOMweb routers asks consent.access through this gate, and
+    # every attempt lands in this process's audit chain.
+    auditor = Auditor(archive.db, window_seconds=settings.audit_window_seconds)
+    gate = Gate(archive.db, auditor)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        redact.install()  # tokens never reach a log handler
+        auditor.start_flusher()
         yield
+        auditor.close()
         archive.close()
 
     app = FastAPI(title="studybridge", version=__version__, lifespan=lifespan)
     app.state.archive = archive
     app.state.settings = settings
+    app.state.gate = gate
     app.add_exception_handler(ArchiveError, archive_error_handler)
     app.add_exception_handler(HTTPError, http_error_handler)
     app.add_exception_handler(SQLAlchemyError, index_error_handler)
@@ -81,12 +94,17 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     )
     app.add_middleware(RequestIDs)  # outermost: every answer and log line has its ID
 
-    app.include_router(qido.router, prefix=prefix, tags=["QIDO-RS"])
-    app.include_router(wado.router, prefix=prefix, tags=["WADO-RS"])
-    app.include_router(stow.router, prefix=prefix, tags=["STOW-RS"])
-    app.include_router(imports.router, tags=["Import"])
+    # Exactly one principal per request, or 401 (see dicomweb.access).
+    signed_in = [Depends(require_principal)]
+    app.include_router(qido.router, prefix=prefix, tags=["QIDO-RS"], dependencies=signed_in)
+    app.include_router(wado.router, prefix=prefix, tags=["WADO-RS"], dependencies=signed_in)
+    app.include_router(stow.router, prefix=prefix, tags=["STOW-RS"], dependencies=signed_in)
+    # TODO(consent): imports need the store permission and the principal's institution
+    # (as STOW-RS); until checked they are signed-in only.
+    app.include_router(imports.router, tags=["Import"], dependencies=signed_in)
 
     # The viewer's pages: a separate door that reads this API over HTTP like any viewer.
+    # TODO(consent): the viewer must obtain and send an access token.
     app.mount("/viewer", viewer_pages.create_app(settings))
 
     services = {"QIDO-RS": qido, "WADO-RS": wado, "STOW-RS": stow}

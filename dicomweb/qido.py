@@ -41,6 +41,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from dicomweb import dicomjson
+from dicomweb.access import search_scope
 from dicomweb.deps import get_archive, requested_accept
 from dicomweb.errors import HTTPError
 from dicomweb.urls import service_url
@@ -203,6 +204,8 @@ def _search(
         offset=search.offset,
         strict_levels=True,
         empty_value_matching=search.empty_value_matching,
+        # Only what this principal may see, inside the query (paging and counts too).
+        study_scope=search_scope(request),
     )
     result = archive.query(query)
     base = service_url(request, settings)

@@ -57,7 +57,7 @@ import logging
 import os
 import tempfile
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from consent.access import may_add_to_study
+from dicomweb.access import client_address, gate_of, principal_of
 from dicomweb.deps import get_archive
 from dicomweb.errors import error_body
 from dicomweb.multipart_parser import (
@@ -105,6 +107,7 @@ PATIENT_MISMATCH = 0xC011
 STUDY_MISMATCH = 0xC409
 PROCESSING_FAILURE = 0x0110
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+NOT_AUTHORIZED = 0x0124  # PS3.7 C.4.2.1.3 Refused: Not Authorized
 
 # Warning Reason (0008,1196) values, PS3.18 table I.2-1.
 # The instance's own identifiers are kept in its bytes, but it is filed under the
@@ -182,9 +185,24 @@ async def _store(request: Request, archive: Archive, target: str | None) -> Resp
         # The body was not read: do not let the client go on sending it.
         return _error(exc, close=True)
 
+    principal = principal_of(request)
+    client = client_address(request)
+    allowed = await run_in_threadpool(
+        gate_of(request).check_store, principal, door="dicomweb", client=client
+    )
+    if not allowed:
+        return _error(_Refused(403, "forbidden", "this principal may not store"), close=True)
+
     base = service_url(request, settings)
-    source = Source(door="stow", host=request.client.host if request.client else "")
-    stow = _Transaction(archive, source, target, base)
+    # What is stored counts as sent by the principal's institution (consent.access).
+    source = Source(door="stow", host=client, institution=principal.institution)
+    stow = _Transaction(
+        archive,
+        source,
+        target,
+        base,
+        may_store_into=lambda study: may_add_to_study(archive.db, principal, study),
+    )
     parser = MultipartParser(boundary)
     try:
         chunks = _counted(request.stream(), limit)
@@ -414,11 +432,20 @@ def _part_problem(start: PartStart) -> str | None:
 class _Transaction:
     """The parts of one STOW-RS request: staging, ingest, and the answer."""
 
-    def __init__(self, archive: Archive, source: Source, target: str | None, base: str) -> None:
+    def __init__(
+        self,
+        archive: Archive,
+        source: Source,
+        target: str | None,
+        base: str,
+        may_store_into: Callable[[str], bool] | None = None,
+    ) -> None:
         self.archive = archive
         self.source = source
         self.target = target
         self.base = base
+        self._may_store_into = may_store_into
+        self._study_allowed: dict[str, bool] = {}
         self.results: list[_PartResult] = []
         self._index = 0
         self._fh: Any = None
@@ -522,6 +549,11 @@ class _Transaction:
             if self.target is not None and peek.study_uid != self.target:
                 _unlink(path)
                 return self._mismatch(index, peek)
+            if peek.study_uid and not self._may_store_into_study(peek.study_uid):
+                _unlink(path)
+                return _failed(
+                    index, peek, NOT_AUTHORIZED, "the study belongs to another sender; not stored"
+                )
             result = self.archive.ingest_file(path, self.source, owned=True)
         except archive_errors.ArchiveError as exc:
             _unlink(path)
@@ -531,6 +563,15 @@ class _Transaction:
             log.exception("STOW-RS part %d: unexpected error during ingest", index)
             return _failed(index, peek, PROCESSING_FAILURE, "internal error while storing")
         return _stored(index, result)
+
+    def _may_store_into_study(self, study_uid: str) -> bool:
+        # Adding to a study someone else sent would make it this sender's (an
+        # institution sees what it sent), so only new or already visible studies.
+        if self._may_store_into is None:
+            return True
+        if study_uid not in self._study_allowed:
+            self._study_allowed[study_uid] = self._may_store_into(study_uid)
+        return self._study_allowed[study_uid]
 
     def _mismatch(self, index: int, peek: _Peek) -> _PartResult:
         if peek.study_uid is None:

@@ -44,7 +44,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydicom.uid import UID
 
+from consent.principals import Operation
 from dicomweb import rendered
+from dicomweb.access import authorize, not_found
 from dicomweb.deps import requested_accept
 from dicomweb.dicomjson import choose_json_type
 from dicomweb.errors import HTTPError
@@ -216,7 +218,7 @@ def _plan(instances: Sequence[StoredInstance], syntaxes: Sequence[str]) -> list[
 
 def _retrieve(request: Request, req: RetrieveRequest, *, single: bool = False) -> Response:
     archive = _archive(request)
-    instances = find_instances(archive.db, req, require=True)
+    instances = _permitted(request, Operation.DOWNLOAD, req)
     plan = _plan(instances, dicom_syntaxes(requested_accept(request)))
     etag = None
     if single:
@@ -281,12 +283,30 @@ def retrieve_instance(request: Request, study: str, series: str, instance: str) 
 
 
 def _instance(request: Request, study: str, series: str, instance: str) -> StoredInstance:
-    return get_instance(
+    """The instance the path names, if the principal may view it (else its 404)."""
+    inst = get_instance(
         _archive(request).db,
         _uid(study, "Study Instance UID"),
         _uid(series, "Series Instance UID"),
         _uid(instance, "SOP Instance UID"),
     )
+    authorize(request, Operation.VIEW, [inst.study_uid], not_found(Level.IMAGE, inst.sop_uid))
+    return inst
+
+
+def _permitted(
+    request: Request, operation: Operation, req: RetrieveRequest
+) -> list[StoredInstance]:
+    """The instances a retrieve names, if the principal may ``operation`` them all;
+    otherwise exactly the answer for instances that do not exist."""
+    instances = find_instances(_archive(request).db, req, require=True)
+    uid = {
+        Level.STUDY: req.study_uids,
+        Level.SERIES: req.series_uids,
+        Level.IMAGE: req.sop_uids,
+    }[req.level][0]
+    authorize(request, operation, {i.study_uid for i in instances}, not_found(req.level, uid))
+    return instances
 
 
 # -- metadata --------------------------------------------------------------------------
@@ -309,6 +329,7 @@ def study_metadata(request: Request, study: str) -> Response:
     media = _json_type(request)
     archive = _archive(request)
     series = archive_metadata.study_series(archive.db, study)
+    authorize(request, Operation.VIEW, [study], not_found(Level.STUDY, study))
     body = b"".join(
         archive_metadata.iter_study_metadata(
             archive.db, archive.store, _scratch(request), study, series_uids=series
@@ -324,6 +345,8 @@ def series_metadata(request: Request, study: str, series: str) -> Response:
     series = _uid(series, "Series Instance UID")
     media = _json_type(request)
     archive = _archive(request)
+    archive_metadata.series_marker(archive.db, study, series)  # NotFound if not there
+    authorize(request, Operation.VIEW, [study], not_found(Level.SERIES, series))
     body = archive_metadata.series_metadata(
         archive.db, archive.store, _scratch(request), study, series
     )
@@ -713,7 +736,7 @@ def _representative(instances: Sequence[StoredInstance]) -> StoredInstance:
 def study_thumbnail(request: Request, study: str, viewport: str | None = None) -> Response:
     options = _thumbnail_options(request, viewport)
     req = RetrieveRequest(Level.STUDY, study_uids=[_uid(study, "Study Instance UID")])
-    inst = _representative(find_instances(_archive(request).db, req, require=True))
+    inst = _representative(_permitted(request, Operation.VIEW, req))
     return _image_response(request, inst, 1, options, thumbnail=True)
 
 
@@ -727,7 +750,7 @@ def series_thumbnail(
         study_uids=[_uid(study, "Study Instance UID")],
         series_uids=[_uid(series, "Series Instance UID")],
     )
-    inst = _representative(find_instances(_archive(request).db, req, require=True))
+    inst = _representative(_permitted(request, Operation.VIEW, req))
     return _image_response(request, inst, 1, options, thumbnail=True)
 
 
@@ -791,6 +814,7 @@ def wado_uri(
     inst = _instance(request, studyUID, seriesUID, objectUID)
     media = _wado_content_type(contentType, inst)
     if media == DICOM:
+        authorize(request, Operation.DOWNLOAD, [inst.study_uid], not_found(Level.IMAGE, objectUID))
         return _wado_dicom(request, inst, transferSyntax)
     number = 1
     if frameNumber:

@@ -25,6 +25,9 @@ from pydicom.valuerep import PersonName
 from pynetdicom import evt
 from pynetdicom.events import Event
 
+from consent.access import Gate
+from consent.audit import Auditor
+from consent.principals import DEMO, Operation, Principal, peer_principal
 from gateway.archive import Archive, Digests, Level, Query, RetrieveRequest, Source
 from gateway.archive.charsets import response_character_set
 from gateway.archive.errors import ArchiveError, IndexUnavailable, InvalidQuery
@@ -53,6 +56,11 @@ class Handlers:
         self.archive = archive
         self.peers = peers
         self.settings = archive.settings
+        # C-FIND, C-MOVE and C-GET see what the calling AE's institution may see
+        # (consent.access); every attempt goes to this process's audit chain.
+        auditor = Auditor(archive.db, window_seconds=self.settings.audit_window_seconds)
+        auditor.start_flusher()
+        self.gate = Gate(archive.db, auditor)
         self.transfers = TransferBindings(archive.db)
 
     def bindings(self) -> list[tuple[Any, Any]]:
@@ -114,6 +122,31 @@ class Handlers:
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
         event.assoc.kill()
 
+    def _principal(self, event: Event) -> Principal:
+        """The calling AE as a principal: its registered institution, or (accepted
+        unknown peers) the demo principal in the demo profile and nobody otherwise."""
+        calling = (event.assoc.requestor.ae_title or "").strip()
+        peer = self.peers.get(calling)
+        if peer is None:
+            return (
+                DEMO
+                if self.settings.profile == "demo"
+                else peer_principal(self.archive.db, calling, "")
+            )
+        return peer_principal(self.archive.db, peer.ae_title, peer.institution)
+
+    def _permitted(self, event: Event, instances: list[Any]) -> list[Any]:
+        """The instances of studies the caller may retrieve; the others are treated as
+        not there (zero sub-operations), exactly like studies we do not hold."""
+        allowed = self.gate.check(
+            self._principal(event),
+            Operation.DOWNLOAD,
+            {inst.study_uid for inst in instances},
+            door="dimse",
+            client=str(event.assoc.requestor.address),
+        )
+        return [inst for inst in instances if inst.study_uid in allowed]
+
     def _source(self, assoc: Any) -> Source:
         ae_title = (assoc.requestor.ae_title or "").strip()
         peer = self.peers.get(ae_title)
@@ -166,6 +199,12 @@ class Handlers:
         try:
             identifier = event.identifier
             query = self._query_from(identifier, event.request.AffectedSOPClassUID)
+            query.study_scope = self.gate.search_scope(
+                self._principal(event),
+                door="dimse",
+                client=str(event.assoc.requestor.address),
+                detail=" ".join(f"{k}={v}" for k, v in query.keys.items() if v),
+            )
             requested = identifier.get("SpecificCharacterSet")
             result = self.archive.query(query)
         except ArchiveError as exc:
@@ -222,7 +261,7 @@ class Handlers:
             return
         try:
             request = self._retrieve_request(event.identifier, event.request.AffectedSOPClassUID)
-            instances = self.archive.find_instances(request)
+            instances = self._permitted(event, self.archive.find_instances(request))
         except ArchiveError as exc:
             yield peer.host, peer.port
             yield status.query_failure(exc).Status, None
@@ -240,7 +279,7 @@ class Handlers:
     def on_get(self, event: Event) -> Iterator[Any]:
         try:
             request = self._retrieve_request(event.identifier, event.request.AffectedSOPClassUID)
-            instances = self.archive.find_instances(request)
+            instances = self._permitted(event, self.archive.find_instances(request))
         except ArchiveError as exc:
             yield 0
             yield status.query_failure(exc).Status, None

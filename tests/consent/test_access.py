@@ -249,3 +249,16 @@ def test_a_dimse_peer_acts_for_its_registered_institution(site: Site):
     assert visible(site, peer_principal(site.db, "LONER", "")) == set()
     consents.grant(site.db, site.p("alice"), institution="East")
     assert visible(site, peer_principal(site.db, "EASTPACS", "East")) == {"a1", "a2", "a3"}
+
+
+def test_storing_into_another_senders_study_is_refused(site: Site):
+    from consent.access import may_add_to_study
+    from consent.principals import peer_principal
+
+    north = peer_principal(site.db, "NORTHPACS", "North")
+    assert may_add_to_study(site.db, north, "1.2.3.4.5.6.7")  # a new study
+    assert may_add_to_study(site.db, north, site.studies["a1"])  # its own
+    assert not may_add_to_study(site.db, north, site.studies["c1"])  # South's
+    consents.grant(site.db, site.p("alice"), institution="North")
+    assert may_add_to_study(site.db, north, site.studies["a3"])  # visible by consent
+    assert may_add_to_study(site.db, DEMO, site.studies["c1"])

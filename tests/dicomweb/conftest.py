@@ -11,11 +11,20 @@ The app reads ``settings`` per request, so a test may change a setting (e.g.
 ``settings.qido_max_limit = 3``) before or after the server starts.
 
 Put data in with ``ingest_study`` / ``ingest_datasets`` (synthetic data sets from
-``tests/factories.py`` through the archive's one ingest, ``Source(door="test")``).
+``tests/factories.py`` through the archive's one ingest, ``TEST_SOURCE``: sent by
+the institution ``TEST_INSTITUTION``).
+
+Every DICOMweb request needs a principal (``dicomweb.access``). The live server's
+clients act as ``TEST_INSTITUTION``'s DICOMweb client: the server is wrapped so a
+request without an ``Authorization`` header gets that client's real access token
+(``LiveServer.token``), which then goes through the real token resolution, scope and
+audit. A request that must arrive anonymous sends the header ``X-Test-Anonymous: 1``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import socket
 import threading
 import time
@@ -28,12 +37,15 @@ import pytest
 import uvicorn
 from pydicom.dataset import Dataset
 
+from consent.principals import ConsentError, add_dicomweb_client, add_institution
+from consent.tokens import issue_for_system
 from dicomweb.app import create_app
 from gateway.archive import Archive, IngestResult, Source
 from gateway.config import Settings
 from tests.factories import ct_slice, uid, write
 
-TEST_SOURCE = Source(door="test")
+TEST_INSTITUTION = "Test Hospital"
+TEST_SOURCE = Source(door="test", institution=TEST_INSTITUTION)
 
 
 @dataclass
@@ -43,6 +55,7 @@ class LiveServer:
     archive: Archive
     settings: Settings
     tmp_path: Path
+    token: str = ""  # TEST_INSTITUTION's client token, sent unless a request has its own
 
     def ingest(self, *datasets: Dataset) -> list[IngestResult]:
         return ingest_datasets(self.archive, self.tmp_path, *datasets)
@@ -129,10 +142,36 @@ def _serve(app: Any) -> tuple[uvicorn.Server, threading.Thread, int]:
     return server, thread, port
 
 
+def institution_token(archive: Archive, institution: str = TEST_INSTITUTION) -> str:
+    """A real access token of a DICOMweb client of ``institution`` (registered here)."""
+    with contextlib.suppress(ConsentError):  # already registered
+        add_institution(archive.db, institution)
+    system_id, _secret = add_dicomweb_client(archive.db, institution, f"client-{uid()[-12:]}")
+    return issue_for_system(archive.db, system_id, dt.timedelta(days=1)).token
+
+
+class _DefaultToken:
+    """ASGI wrapper: requests without credentials carry ``token`` (the test client's)."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.header = (b"authorization", f"Bearer {token}".encode())
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = list(scope["headers"])
+            names = {name.lower() for name, _ in headers}
+            if b"x-test-anonymous" not in names and b"authorization" not in names:
+                scope = {**scope, "headers": [*headers, self.header]}
+        await self.app(scope, receive, send)
+
+
 @pytest.fixture
 def live_server(settings: Settings, archive: Archive, tmp_path: Path) -> Iterator[LiveServer]:
-    """``create_app(settings, archive)`` served by uvicorn on 127.0.0.1 (both backends)."""
-    server, thread, port = _serve(create_app(settings, archive))
+    """``create_app(settings, archive)`` served by uvicorn on 127.0.0.1 (both backends),
+    its clients acting as ``TEST_INSTITUTION``'s DICOMweb client."""
+    token = institution_token(archive)
+    server, thread, port = _serve(_DefaultToken(create_app(settings, archive), token))
     url = f"http://127.0.0.1:{port}"
     try:
         yield LiveServer(
@@ -141,6 +180,7 @@ def live_server(settings: Settings, archive: Archive, tmp_path: Path) -> Iterato
             archive=archive,
             settings=settings,
             tmp_path=tmp_path,
+            token=token,
         )
     finally:
         server.should_exit = True

@@ -23,7 +23,8 @@ def test_dead_index_answers_503(tmp_path: Path) -> None:
     archive = Archive(settings, Database(url), FileStore(tmp_path / "blobs"))
     with TestClient(create_app(settings, archive), raise_server_exceptions=False) as client:
         for path in ("/dicom-web/studies", "/dicom-web/studies/1.2.3/metadata"):
-            response = client.get(path)
+            # A token to resolve: the principal is looked up in the (dead) index too.
+            response = client.get(path, headers={"Authorization": "Bearer sbat_" + "x" * 43})
             assert response.status_code == 503, (path, response.text)
             assert response.headers["retry-after"]
             assert response.json()["error"] == "index-unavailable"

@@ -212,7 +212,9 @@ def environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
     env = {"STUDYBRIDGE_CORS_ORIGINS": json.dumps([site_origin])}
     with running_gateway(tmp, env) as gw:
         gw.cli("import", str(tmp / "data"))
-        gw.start()
+        # Demo profile: OHIF's requests arrive anonymous and are served as the demo
+        # principal (what OHIF with ?token= sends is not tested here yet).
+        gw.start("--demo")
         site = _OHIFSite(url=site_origin, dicomweb=f"http://127.0.0.1:{gw.http_port}/dicom-web")
         site.configure()
         handler = type("Handler", (_OHIFHandler,), {"site": site})

@@ -28,7 +28,7 @@ from dicomweb.middleware import JSONGZip
 from dicomweb.qido import parse_search
 from gateway.archive import Archive, Level
 from gateway.config import Settings
-from tests.dicomweb.conftest import LiveServer, StudyRefs, ingest_study
+from tests.dicomweb.conftest import TEST_INSTITUTION, LiveServer, StudyRefs, ingest_study
 from tests.servers import free_port
 
 pytestmark = [
@@ -609,9 +609,12 @@ def test_capability_description_and_openapi(live_server: LiveServer):
 def find_scp(live_server: LiveServer) -> Iterator[int]:
     """A DIMSE node (gateway.dimse.server.make_server) on the same archive."""
     from gateway.dimse.server import make_server
+    from gateway.peers import PeerRegistry
 
-    # The handlers read the archive's settings: let the test SCU call without registering.
-    live_server.settings.accept_unknown_peers = True
+    # The test SCU is a system of the institution that sent the test data.
+    PeerRegistry(live_server.archive.db).add(
+        "FINDSCU", "127.0.0.1", 104, institution=TEST_INSTITUTION
+    )
     settings = live_server.settings.model_copy(
         update={"dimse_host": "127.0.0.1", "dimse_port": free_port()}
     )

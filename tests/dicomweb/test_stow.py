@@ -40,7 +40,8 @@ from dicomweb.multipart_parser import (
 from gateway.archive import Archive, Level, Query, RetrieveRequest
 from gateway.archive.errors import IndexUnavailable, StorageUnavailable
 from gateway.archive.models import Instance
-from tests.dicomweb.conftest import LiveServer
+from gateway.config import Settings
+from tests.dicomweb.conftest import TEST_INSTITUTION, LiveServer, institution_token
 from tests.factories import ct_series, ct_slice, dataset_bytes, uid
 from tests.gateway.archive.helpers import all_files, count
 from tests.servers import Gateway, require_tool, run_tool, running_gateway, storescp
@@ -811,11 +812,34 @@ def gateway_with_dest(tmp_path: Path) -> Iterator[tuple[Gateway, Path]]:
     require_tool("findscu")
     with storescp(tmp_path / "dest") as (dest_port, out), running_gateway(tmp_path) as gw:
         for aet in ("FINDSCU", "MOVESCU", "STORESCU"):
-            gw.cli("peers", "add", aet, "--host", "127.0.0.1", "--port", "104")
+            # Systems of the institution that stores over STOW-RS below.
+            gw.cli(
+                "peers",
+                "add",
+                aet,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "104",
+                "--institution",
+                TEST_INSTITUTION,
+            )
         gw.cli("peers", "add", "DEST", "--host", "127.0.0.1", "--port", str(dest_port))
         gw.start("--dimse-workers", "1")
         yield gw, out
         assert gw.stop() == 0, gw.log_text()
+
+
+def _client(gw: Gateway) -> DICOMwebClient:
+    """A DICOMweb client of TEST_INSTITUTION (whose DIMSE peers are registered above)."""
+    archive = Archive.open(Settings(data_dir=gw.data_dir))
+    try:
+        token = institution_token(archive)
+    finally:
+        archive.close()
+    return DICOMwebClient(
+        f"http://127.0.0.1:{gw.http_port}/dicom-web", headers={"Authorization": f"Bearer {token}"}
+    )
 
 
 @pytest.mark.integration
@@ -823,7 +847,7 @@ def test_study_stored_by_stow_is_found_and_moved_over_dimse(
     gateway_with_dest: tuple[Gateway, Path], tmp_path: Path
 ) -> None:
     gw, out = gateway_with_dest
-    client = DICOMwebClient(f"http://127.0.0.1:{gw.http_port}/dicom-web")
+    client = _client(gw)
     study = uid()
     files = ct_series(
         tmp_path / "in", 5, study_uid=study, patient_id="STOW-1", patient_name="WEB^UPLOAD"
@@ -902,7 +926,7 @@ def test_study_stored_by_storescu_is_found_and_retrieved_over_dicomweb(
         ]
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    client = DICOMwebClient(f"http://127.0.0.1:{gw.http_port}/dicom-web")
+    client = _client(gw)
     [found] = client.search_for_studies(search_filters={"PatientName": "dcmtk^s*"})
     assert found["0020000D"]["Value"] == [study]
     assert found["00201208"]["Value"] == [4]

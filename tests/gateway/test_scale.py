@@ -73,7 +73,9 @@ class Stack:
 def stack(request: pytest.FixtureRequest, pg_url: str, tmp_path: Path) -> Iterator[Stack]:
     require_tool("storescu")
     truncate_pg(pg_url)
-    env = {"STUDYBRIDGE_DATABASE_URL": pg_url}
+    # Demo profile: anonymous HTTP requests as the demo principal (this tests scale,
+    # not access control; see tests/dicomweb/test_access.py for that).
+    env = {"STUDYBRIDGE_DATABASE_URL": pg_url, "STUDYBRIDGE_PROFILE": "demo"}
     with contextlib.ExitStack() as stack:
         if request.param == "production":
             s3 = stack.enter_context(seaweedfs(tmp_path / "s3"))

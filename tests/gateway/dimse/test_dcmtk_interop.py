@@ -67,8 +67,31 @@ def gateway(
         truncate_pg(url)
         env["STUDYBRIDGE_DATABASE_URL"] = url
     with running_gateway(tmp, env) as gw:
+        # One institution's systems: they see (C-FIND, C-MOVE, C-GET) what it sent.
         for aet in ("ECHOSCU", "STORESCU", "FINDSCU", "MOVESCU", "GETSCU", "PYSCU"):
-            gw.cli("peers", "add", aet, "--host", "127.0.0.1", "--port", "104")
+            gw.cli(
+                "peers",
+                "add",
+                aet,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "104",
+                "--institution",
+                INSTITUTION,
+            )
+        # Another institution's: it sees none of that.
+        gw.cli(
+            "peers",
+            "add",
+            "OTHERSCU",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "104",
+            "--institution",
+            "Elsewhere",
+        )
         gw.cli("peers", "add", "DEST", "--host", "127.0.0.1", "--port", str(dest[0]))
         gw.cli("peers", "add", "FARAWAY", "--host", "192.0.2.10", "--port", "104")
         gw.start("--dimse-workers", "2")
@@ -76,6 +99,9 @@ def gateway(
         code = gw.stop()
         assert code == 0, gw.log_text()
         assert not process_group_alive(gw.proc.pid), "a child of serve outlived it"
+
+
+INSTITUTION = "Test Hospital"
 
 
 def _addr(gw: Gateway) -> list[str]:
@@ -218,6 +244,73 @@ def test_store_find_move_get_synthetic_series(
     assert result.returncode == 0, result.stdout + result.stderr
     got = {pydicom.dcmread(p).SOPInstanceUID: dataset_bytes(p) for p in get_dir.iterdir()}
     assert got == originals
+
+
+def test_another_institution_neither_finds_nor_retrieves_the_study(
+    gateway: Gateway, dest: tuple[int, Path], tmp_path: Path
+) -> None:
+    study = uid()
+    files = ct_series(tmp_path / "in", 2, study_uid=study, patient_id="DCMTK-2")
+    _store(gateway, files)
+    find = [
+        require_tool("findscu"),
+        "-S",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={study}",
+        "-k",
+        "NumberOfStudyRelatedInstances",
+        *_addr(gateway),
+    ]
+    mine = run_tool([find[0], "-aet", "FINDSCU", *find[1:]])
+    assert study in mine.stdout + mine.stderr
+    other = run_tool([find[0], "-aet", "OTHERSCU", *find[1:]])
+    assert other.returncode == 0, other.stderr
+    assert study not in other.stdout + other.stderr
+    # C-MOVE and C-GET of the study: zero sub-operations, as for a study we do not hold.
+    moved = run_tool(
+        [
+            require_tool("movescu"),
+            "-aet",
+            "OTHERSCU",
+            "-aem",
+            "DEST",
+            "-S",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study}",
+            *_addr(gateway),
+        ]
+    )
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    _port, out = dest
+    sops = {pydicom.dcmread(f).SOPInstanceUID for f in files}
+    arrived = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in out.iterdir()}
+    assert not sops & arrived
+    got_dir = tmp_path / "got"
+    got_dir.mkdir()
+    got = run_tool(
+        [
+            require_tool("getscu"),
+            "-aet",
+            "OTHERSCU",
+            "-S",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study}",
+            "-od",
+            str(got_dir),
+            *_addr(gateway),
+        ]
+    )
+    assert list(got_dir.iterdir()) == [], got.stdout + got.stderr
+    # Both attempts are in the audit trail, denied.
+    exported = gateway.cli("audit", "export", "--format", "text").stdout
+    denied = [line for line in exported.splitlines() if study in line and "denied" in line]
+    assert denied and all("OTHERSCU" in line for line in denied)
 
 
 def test_move_to_unknown_destination_fails(gateway: Gateway) -> None:

@@ -50,7 +50,18 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     }
     with running_gateway(tmp, env) as gw:
         for aet in ("PYSCU", "STORESCU", "ECHOSCU"):
-            gw.cli("peers", "add", aet, "--host", "127.0.0.1", "--port", "104")
+            # One institution: its C-FIND sees what its C-STORE sent (consent.access).
+            gw.cli(
+                "peers",
+                "add",
+                aet,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "104",
+                "--institution",
+                "Test Hospital",
+            )
         gw.start("--dimse-workers", "2")
         yield gw
         assert gw.stop() == 0, gw.log_text()

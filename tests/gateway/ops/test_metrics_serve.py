@@ -28,7 +28,12 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 def test_metrics_across_processes_and_json_logs(tmp_path):
     files = ct_series(tmp_path / "study", 12)
-    env = {"STUDYBRIDGE_LOG_FORMAT": "json", "STUDYBRIDGE_LOG_LEVEL": "INFO"}
+    # Demo profile: the anonymous QIDO below is served as the demo principal.
+    env = {
+        "STUDYBRIDGE_LOG_FORMAT": "json",
+        "STUDYBRIDGE_LOG_LEVEL": "INFO",
+        "STUDYBRIDGE_PROFILE": "demo",
+    }
     with running_gateway(tmp_path, env) as gw:
         gw.cli("peers", "add", "STORESCU", "--host", "127.0.0.1", "--port", "104")
         gw.start("--dimse-workers", "2")
