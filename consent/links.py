@@ -337,3 +337,18 @@ def list_links(db: Database, owner: Principal) -> list[LinkView]:
             )
             for link in links
         ]
+
+
+def link_studies(db: Database, issued: IssuedToken) -> list[str]:
+    """The Study Instance UIDs an access token exchanged for a link reaches."""
+    with db.reading() as session:
+        link_fk = session.scalar(select(AccessToken.link_fk).where(AccessToken.id == issued.id))
+        if link_fk is None:
+            return []
+        return list(
+            session.scalars(
+                select(ShareLinkStudy.study_uid)
+                .where(ShareLinkStudy.link_fk == link_fk)
+                .order_by(ShareLinkStudy.study_uid)
+            )
+        )

@@ -70,6 +70,14 @@ def require_principal(request: Request) -> Principal:
     return principal
 
 
+def optional_principal(request: Request) -> Principal | None:
+    """The principal if the request carries credentials (401 if they are bad), else None:
+    for routes anyone may call, such as exchanging a share link."""
+    if request.headers.get("authorization") is None:
+        return None
+    return require_principal(request)
+
+
 def _warn_demo(request: Request) -> None:
     # Loud, but at most once a minute per process: every request is anonymous here.
     global _demo_warned

@@ -23,7 +23,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from consent import redact
 from consent.access import Gate
 from consent.audit import Auditor
-from dicomweb import capabilities, imports, qido, stow, wado
+from consent.principals import ConsentError
+from dicomweb import capabilities, imports, portal, qido, stow, wado
 from dicomweb.access import require_principal
 from dicomweb.errors import (
     HTTPError,
@@ -106,6 +107,10 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     # The viewer's pages: a separate door that reads this API over HTTP like any viewer.
     # TODO(consent): the viewer must obtain and send an access token.
     app.mount("/viewer", viewer_pages.create_app(settings))
+
+    # The portal API and the share-link landing page (dicomweb.portal).
+    app.include_router(portal.router, prefix="/api", tags=["Portal"])
+    app.add_exception_handler(ConsentError, portal.consent_error_handler)
 
     services = {"QIDO-RS": qido, "WADO-RS": wado, "STOW-RS": stow}
 

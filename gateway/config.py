@@ -195,6 +195,9 @@ class Settings(BaseSettings):
     access_code_max_failures: int = 5
     access_code_max_failures_per_client: int = 10
     access_code_lockout_minutes: float = 15.0
+    # A DICOMweb viewer (e.g. OHIF's /viewer) the share-link page opens with
+    # ?StudyInstanceUIDs=...&token=<short-lived access token>; empty: no viewer link.
+    viewer_url: str = ""
     # Break-glass grants: longest duration (minutes).
     break_glass_max_minutes: float = 240.0
     # Audit: repeats of one attempt within this window make one record.

@@ -19,6 +19,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from consent import audit
+from consent.accounts import enable_totp, set_password
 from consent.models import Institution, InstitutionSystem, User
 from consent.principals import (
     ConsentError,
@@ -255,3 +256,38 @@ def users_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
             user.username, user.kind, inst or "", user.role, "yes" if user.disabled_at else ""
         )
     console.print(table)
+
+
+@users_app.command("set-password")
+def users_set_password(
+    username: Annotated[str, typer.Argument()],
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True)],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Set a local account's password (argon2 hash; at least 12 characters)."""
+    _s, archive = _open(data_dir, config)
+    try:
+        set_password(archive.db, username, password)
+    except ConsentError as exc:
+        raise _fail(exc) from exc
+    finally:
+        archive.close()
+    console.print(f"password of {username} set")
+
+
+@users_app.command("enable-totp")
+def users_enable_totp(
+    username: Annotated[str, typer.Argument()],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Give an account a new TOTP secret; prints the otpauth:// URI for its app (once)."""
+    _s, archive = _open(data_dir, config)
+    try:
+        uri = enable_totp(archive.db, username)
+    except ConsentError as exc:
+        raise _fail(exc) from exc
+    finally:
+        archive.close()
+    typer.echo(f"scan or enter in an authenticator app (shown once): {uri}")

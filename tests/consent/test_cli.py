@@ -117,3 +117,22 @@ def test_institutions_and_users(tmp_path: Path):
     assert run(data, "users", "add", "bad", "--kind", "staff")[0] == 1
     code, out = run(data, "users", "list")
     assert "rad" in out and "radiologist" in out and "pat" in out
+    result = runner.invoke(
+        app,
+        ["users", "set-password", "rad", "--data-dir", str(data)],
+        input="correct horse battery\ncorrect horse battery\n",
+    )
+    assert result.exit_code == 0, result.output
+    code, out = run(data, "users", "enable-totp", "rad")
+    assert code == 0 and "otpauth://totp/" in out
+    from consent.accounts import sign_in
+    from gateway.config import Settings
+
+    archive = Archive.open(Settings(data_dir=data))
+    try:
+        import pyotp
+
+        secret = out.split("secret=")[1].split("&")[0]
+        assert sign_in(archive.db, "rad", "correct horse battery", pyotp.TOTP(secret).now())
+    finally:
+        archive.close()

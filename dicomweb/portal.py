@@ -1,0 +1,499 @@
+"""The portal API (``/api``) and the share-link landing page (``/s``).
+
+The HTTP door to ``consent``: sign-in (local accounts; DICOMweb clients by OAuth 2
+client credentials), share links (create, list, revoke; describe and exchange by
+their holders), consents (with FHIR export), access requests, access history,
+break-glass. Every answer carries ``Referrer-Policy: no-referrer`` and
+``Cache-Control: no-store``.
+
+A share link is ``<base>/s#sbl_...``: the token sits in the URL fragment, which
+browsers send neither to servers nor in ``Referer``. The landing page's script
+reads it and POSTs it (``/api/links/describe``, then ``/api/links/exchange`` with
+the access code if one is needed); only the short-lived access token it gets back
+is ever put in a URL (a viewer's ``?token=``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from consent import breakglass, consents
+from consent.accounts import SignInFailed, sign_in
+from consent.audit import Attempt
+from consent.history import access_history
+from consent.links import (
+    LinkPolicy,
+    LinkRefused,
+    LinkRules,
+    create_link,
+    describe,
+    exchange,
+    link_studies,
+    list_links,
+    revoke_link,
+)
+from consent.principals import ConsentError, Kind, Principal
+from consent.tokens import authenticate_client, issue_for_system, issue_for_user
+from dicomweb.access import client_address, gate_of, optional_principal, require_principal
+from dicomweb.errors import HTTPError
+
+PRIVATE = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+def _private(response: Response) -> None:
+    response.headers.update(PRIVATE)
+
+
+router = APIRouter(dependencies=[Depends(_private)])
+
+
+def _settings(request: Request) -> Any:
+    return request.app.state.settings
+
+
+def _db(request: Request) -> Any:
+    return request.app.state.archive.db
+
+
+def _policy(request: Request) -> LinkPolicy:
+    return LinkPolicy.from_settings(_settings(request))
+
+
+def _token_lifetime(request: Request) -> dt.timedelta:
+    return dt.timedelta(minutes=_settings(request).access_token_minutes)
+
+
+def _token_answer(token: str, expires_at: dt.datetime) -> dict[str, Any]:
+    seconds = max(0, int((expires_at - dt.datetime.now(dt.UTC)).total_seconds()))
+    return {
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": seconds,
+        "expires_at": expires_at.isoformat(),
+    }
+
+
+def _need(principal: Principal, *kinds: Kind) -> Principal:
+    if principal.kind not in kinds:
+        raise HTTPError(403, "this is not for your kind of account", "forbidden")
+    return principal
+
+
+def _audit(request: Request, principal: Principal, operation: str, outcome: str, **kw: Any) -> None:
+    gate_of(request).auditor.record(
+        Attempt(
+            principal=principal,
+            door="portal",
+            operation=operation,
+            outcome=outcome,
+            client=client_address(request),
+            **kw,
+        )
+    )
+
+
+# -- signing in ------------------------------------------------------------------------
+class SignIn(BaseModel):
+    username: str
+    password: str
+    code: str | None = None
+
+
+@router.post("/session", summary="Sign in with a local account (password, TOTP code)")
+def session(body: SignIn, request: Request) -> dict[str, Any]:
+    db = _db(request)
+    try:
+        user_id = sign_in(db, body.username, body.password, body.code)
+    except SignInFailed as exc:
+        raise HTTPError(401, str(exc), "sign-in-failed") from exc
+    issued = issue_for_user(db, user_id, _token_lifetime(request), client=client_address(request))
+    return _token_answer(issued.token, issued.expires_at)
+
+
+@router.post("/token", summary="OAuth 2 client credentials (DICOMweb clients of institutions)")
+async def client_token(request: Request) -> JSONResponse:
+    """RFC 6749 4.4: an application/x-www-form-urlencoded body with grant_type,
+    client_id and client_secret (parsed here: the body is small and flat)."""
+    form = {k: v[0] for k, v in parse_qs((await request.body())[:4096].decode()).items()}
+    if form.get("grant_type") != "client_credentials":
+        return JSONResponse({"error": "unsupported_grant_type"}, 400, headers=PRIVATE)
+    db = _db(request)
+    system_id = await run_in_threadpool(
+        authenticate_client, db, form.get("client_id", ""), form.get("client_secret", "")
+    )
+    if system_id is None:
+        return JSONResponse({"error": "invalid_client"}, 401, headers=PRIVATE)
+    issued = await run_in_threadpool(
+        issue_for_system, db, system_id, _token_lifetime(request), client=client_address(request)
+    )
+    return JSONResponse(_token_answer(issued.token, issued.expires_at), headers=PRIVATE)
+
+
+# -- share links: holders ----------------------------------------------------------------
+class LinkToken(BaseModel):
+    token: str = Field(max_length=200)
+    access_code: str | None = Field(default=None, max_length=100)
+
+
+_LINK_STATUS = {
+    "unknown": 404,
+    "expired": 410,
+    "revoked": 410,
+    "used": 410,
+    "access-code": 401,
+    "locked": 429,
+    "recipient": 403,
+}
+
+
+@router.post("/links/describe", summary="What a share link's landing page may show")
+def link_describe(body: LinkToken, request: Request) -> dict[str, Any]:
+    info = describe(_db(request), body.token)
+    if info is None:
+        raise HTTPError(404, "this link is not valid", "unknown")
+    return {
+        "status": info.status,
+        "needs_access_code": info.needs_access_code,
+        "single_use": info.single_use,
+        "can_download": info.can_download,
+        "recipient_institution": info.recipient_institution,
+        "expires_at": info.expires_at.isoformat(),
+    }
+
+
+@router.post("/links/exchange", summary="Trade a share link for a short-lived access token")
+def link_exchange(
+    body: LinkToken,
+    request: Request,
+    presenter: Principal | None = Depends(optional_principal),
+) -> dict[str, Any]:
+    db = _db(request)
+    holder = presenter or Principal(kind=Kind.LINK, id=0, name="link holder")
+    try:
+        issued = exchange(
+            db,
+            body.token,
+            _policy(request),
+            client=client_address(request),
+            access_code=body.access_code,
+            presenter=presenter,
+        )
+    except LinkRefused as exc:
+        _audit(request, holder, "link-exchange", "denied", detail=exc.reason)
+        raise HTTPError(_LINK_STATUS.get(exc.reason, 403), str(exc), exc.reason) from exc
+    _audit(request, holder, "link-exchange", "allowed", detail=f"access token {issued.id}")
+    settings = _settings(request)
+    base = str(request.base_url).rstrip("/") + settings.dicomweb_prefix.rstrip("/")
+    studies = link_studies(db, issued)
+    answer = {**_token_answer(issued.token, issued.expires_at), "dicomweb": base}
+    answer["study_uids"] = studies
+    if settings.viewer_url:
+        # Viewers such as OHIF take the access token (never the share token) as ?token=.
+        query = urlencode({"StudyInstanceUIDs": ",".join(studies), "token": issued.token})
+        answer["viewer"] = f"{settings.viewer_url}?{query}"
+    return answer
+
+
+_LANDING = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="referrer" content="no-referrer">
+<title>Shared images</title></head>
+<body>
+<h1>Shared images</h1>
+<p id="status">Checking the link...</p>
+<form id="code" hidden><label>Access code <input id="access" autocomplete="off"></label>
+<button>Open</button></form>
+<p id="open" hidden><a id="viewer" rel="noreferrer">Open the images</a></p>
+<script>
+// The token is in the fragment: it never reached a server or a log. Take it out of
+// the address bar at once, then trade it for a short-lived access token.
+const token = decodeURIComponent(location.hash.slice(1));
+history.replaceState(null, "", location.pathname);
+const post = (path, body) => fetch(path, {method: "POST",
+  headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+  referrerPolicy: "no-referrer"}).then(r => r.json().then(j => [r.status, j]));
+const say = text => { document.getElementById("status").textContent = text; };
+async function open(code) {
+  const [status, answer] = await post("links/exchange", {token, access_code: code || null});
+  if (status !== 200) { say(answer.message || "This link cannot be opened."); return; }
+  say("The link is open until " + answer.expires_at + ".");
+  if (answer.viewer) {
+    document.getElementById("viewer").href = answer.viewer;
+    document.getElementById("open").hidden = false;
+  }
+}
+(async () => {
+  if (!token) { say("This address holds no link."); return; }
+  const [status, info] = await post("links/describe", {token});
+  if (status !== 200 || info.status !== "usable") {
+    say(status === 200 ? "This link is " + info.status + "." : "This link is not valid.");
+    return;
+  }
+  if (info.needs_access_code) {
+    say("Enter the access code you were given with the link.");
+    const form = document.getElementById("code");
+    form.hidden = false;
+    form.onsubmit = e => { e.preventDefault(); open(document.getElementById("access").value); };
+  } else { say("Opening..."); open(null); }
+})();
+</script></body></html>
+"""
+
+
+@router.get("/s", response_class=HTMLResponse, include_in_schema=False)
+def landing() -> HTMLResponse:
+    """The share-link landing page: static, consumes nothing (scanners may fetch it)."""
+    return HTMLResponse(_LANDING, headers=PRIVATE)
+
+
+# -- share links: patients -------------------------------------------------------------------
+class NewLink(BaseModel):
+    study_uids: list[str] = Field(min_length=1, max_length=100)
+    days: float | None = None
+    access_code: str | None = Field(default=None, max_length=100)
+    can_download: bool = False
+    single_use: bool = False
+    recipient_institution: str | None = None
+    label: str = Field(default="", max_length=200)
+
+
+def _link_json(view: Any) -> dict[str, Any]:
+    return {
+        "id": view.id,
+        "label": view.label,
+        "study_uids": view.study_uids,
+        "created_at": view.created_at.isoformat(),
+        "expires_at": view.expires_at.isoformat(),
+        "can_download": view.can_download,
+        "single_use": view.single_use,
+        "has_access_code": view.has_access_code,
+        "recipient_institution": view.recipient_institution,
+        "used_at": view.used_at.isoformat() if view.used_at else None,
+        "revoked_at": view.revoked_at.isoformat() if view.revoked_at else None,
+    }
+
+
+@router.get("/me/links", summary="My share links")
+def my_links(request: Request, me: Principal = Depends(require_principal)) -> list[dict]:
+    return [_link_json(v) for v in list_links(_db(request), _need(me, Kind.PATIENT))]
+
+
+@router.post("/me/links", summary="Create a share link (its token is shown once)")
+def new_link(
+    body: NewLink, request: Request, me: Principal = Depends(require_principal)
+) -> dict[str, Any]:
+    rules = LinkRules(
+        can_download=body.can_download,
+        single_use=body.single_use,
+        access_code=body.access_code,
+        recipient_institution=body.recipient_institution,
+        lifetime=dt.timedelta(days=body.days) if body.days is not None else None,
+        label=body.label,
+    )
+    link_id, token = create_link(
+        _db(request), _need(me, Kind.PATIENT), body.study_uids, rules, _policy(request)
+    )
+    base = str(request.base_url).rstrip("/")
+    return {"id": link_id, "token": token, "url": f"{base}/api/s#{token}"}
+
+
+@router.delete("/me/links/{link_id}", summary="Revoke one of my share links")
+def drop_link(
+    link_id: int, request: Request, me: Principal = Depends(require_principal)
+) -> dict[str, str]:
+    return {"notice": revoke_link(_db(request), _need(me, Kind.PATIENT), link_id)}
+
+
+# -- consents and requests -------------------------------------------------------------------
+class NewConsent(BaseModel):
+    institution: str
+    decision: str = "permit"
+    purpose: str = "TREAT"
+    study_uids: list[str] | None = None
+    end: dt.datetime | None = None
+
+
+@router.get("/me/consents", summary="My consents")
+def my_consents(request: Request, me: Principal = Depends(require_principal)) -> list[dict]:
+    db = _db(request)
+    return [consents.to_fhir(db, c.id) for c in consents.list_consents(db, _need(me, Kind.PATIENT))]
+
+
+@router.post("/me/consents", summary="Give or refuse consent to an institution")
+def new_consent(
+    body: NewConsent, request: Request, me: Principal = Depends(require_principal)
+) -> dict[str, Any]:
+    db = _db(request)
+    consent_id = consents.grant(
+        db,
+        _need(me, Kind.PATIENT),
+        institution=body.institution,
+        decision=body.decision,
+        purpose=body.purpose,
+        study_uids=body.study_uids,
+        end=body.end,
+    )
+    return consents.to_fhir(db, consent_id)
+
+
+@router.delete("/me/consents/{consent_id}", summary="Revoke a consent")
+def drop_consent(
+    consent_id: int, request: Request, me: Principal = Depends(require_principal)
+) -> dict[str, Any]:
+    db = _db(request)
+    consents.revoke(db, _need(me, Kind.PATIENT), consent_id)
+    return consents.to_fhir(db, consent_id)
+
+
+@router.get("/me/requests", summary="Institutions' pending requests for my studies")
+def my_requests(request: Request, me: Principal = Depends(require_principal)) -> list[dict]:
+    return [
+        {
+            "id": r.id,
+            "institution": r.institution,
+            "purpose": r.purpose,
+            "reason": r.reason,
+            "study_uids": r.study_uids,
+            "created_at": r.created_at.isoformat(),
+        }
+        for r in consents.requests_for(_db(request), _need(me, Kind.PATIENT))
+    ]
+
+
+@router.post("/me/requests/{request_id}/{decision}", summary="Approve or decline a request")
+def decide_request(
+    request_id: int, decision: str, request: Request, me: Principal = Depends(require_principal)
+) -> dict[str, Any]:
+    if decision not in ("approve", "decline"):
+        raise HTTPError(404, "approve or decline", "not-found")
+    consent_id = consents.decide(
+        _db(request), _need(me, Kind.PATIENT), request_id, approve=decision == "approve"
+    )
+    return {"request": request_id, "decision": decision, "consent": consent_id}
+
+
+class NewRequest(BaseModel):
+    issuer: str
+    patient_id: str
+    purpose: str = "TREAT"
+    reason: str = ""
+    study_uids: list[str] = Field(default_factory=list, max_length=100)
+
+
+@router.post("/requests", summary="Ask a patient for access (institutions)")
+def new_request(
+    body: NewRequest, request: Request, me: Principal = Depends(require_principal)
+) -> dict[str, int]:
+    request_id = consents.request_access(
+        _db(request),
+        _need(me, Kind.STAFF, Kind.SYSTEM),
+        issuer=body.issuer,
+        patient_id=body.patient_id,
+        purpose=body.purpose,
+        reason=body.reason,
+        study_uids=body.study_uids,
+    )
+    return {"id": request_id}
+
+
+# -- history and break-glass ---------------------------------------------------------------
+@router.get("/me/history", summary="Who accessed my studies, and break-glass grants")
+def my_history(request: Request, me: Principal = Depends(require_principal)) -> dict[str, Any]:
+    history = access_history(_db(request), _need(me, Kind.PATIENT))
+    return {
+        "accesses": [
+            {
+                "at": a.at.isoformat(),
+                "last_at": a.last_at.isoformat(),
+                "count": a.count,
+                "who": a.who,
+                "kind": a.principal_kind,
+                "institution": a.institution,
+                "door": a.door,
+                "operation": a.operation,
+                "study_uid": a.study_uid,
+                "outcome": a.outcome,
+                "purpose": a.purpose,
+                "break_glass": a.break_glass,
+            }
+            for a in history.accesses
+        ],
+        "break_glass": [_grant_json(g) for g in history.break_glass],
+    }
+
+
+def _grant_json(g: breakglass.Grant) -> dict[str, Any]:
+    return {
+        "id": g.id,
+        "issuer": g.issuer,
+        "patient_id": g.patient_id,
+        "reason": g.reason,
+        "started_at": g.started_at.isoformat(),
+        "expires_at": g.expires_at.isoformat(),
+        "ended_at": g.ended_at.isoformat() if g.ended_at else None,
+        "reviewed_at": g.reviewed_at.isoformat() if g.reviewed_at else None,
+        "review_note": g.review_note,
+    }
+
+
+class BreakGlassRequest(BaseModel):
+    issuer: str
+    patient_id: str
+    reason: str
+    minutes: float = 60
+
+
+@router.post("/break-glass", summary="Declare emergency access to one patient's studies")
+def declare_break_glass(
+    body: BreakGlassRequest, request: Request, me: Principal = Depends(require_principal)
+) -> dict[str, Any]:
+    settings = _settings(request)
+    grant = breakglass.declare(
+        _db(request),
+        gate_of(request).auditor,
+        me,
+        issuer=body.issuer,
+        patient_id=body.patient_id,
+        reason=body.reason,
+        duration=dt.timedelta(minutes=body.minutes),
+        max_duration=dt.timedelta(minutes=settings.break_glass_max_minutes),
+        client=client_address(request),
+    )
+    return _grant_json(grant)
+
+
+@router.get("/break-glass", summary="Break-glass grants for review (operators, auditors)")
+def review_list(
+    request: Request, unreviewed: bool = True, me: Principal = Depends(require_principal)
+) -> list[dict]:
+    _need(me, Kind.OPERATOR, Kind.AUDITOR)
+    return [_grant_json(g) for g in breakglass.grants(_db(request), unreviewed=unreviewed)]
+
+
+class Review(BaseModel):
+    note: str = Field(min_length=1)
+
+
+@router.post("/break-glass/{grant_id}/review", summary="Record the review of a grant")
+def review_grant(
+    grant_id: int, body: Review, request: Request, me: Principal = Depends(require_principal)
+) -> dict[str, str]:
+    breakglass.review(_db(request), me, grant_id, body.note)
+    return {"status": "reviewed"}
+
+
+async def consent_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """A consent-side refusal: 404 for things that are not (or not yours), else 400."""
+    message = str(exc)
+    status = 404 if message.startswith("no such") else 400
+    return JSONResponse({"error": "refused", "message": message}, status, headers=PRIVATE)
+
+
+__all__ = ["ConsentError", "consent_error_handler", "router"]

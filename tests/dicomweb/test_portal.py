@@ -1,0 +1,249 @@
+"""The portal API and the share-link landing page, through the real app (in-process)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyotp
+import pytest
+from fastapi.testclient import TestClient
+
+from consent.accounts import enable_totp, set_password
+from consent.patients import link_patient
+from consent.principals import (
+    Kind,
+    Role,
+    add_dicomweb_client,
+    add_institution,
+    add_user,
+    user_principal,
+)
+from dicomweb.app import create_app
+from gateway.archive import Archive, Source
+from gateway.config import Settings
+from tests.factories import ct_slice, uid, write
+
+pytestmark = pytest.mark.fast
+
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class Portal:
+    http: TestClient
+    archive: Archive
+    settings: Settings
+    a: str  # Alice's study, sent by North
+    b: str  # Bob's study, sent by North
+    client_secret: str
+
+    def login(self, username: str, code: str | None = None) -> dict[str, str]:
+        body = {"username": username, "password": PASSWORD, "code": code}
+        response = self.http.post("/api/session", json=body)
+        assert response.status_code == 200, response.text
+        return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+@pytest.fixture
+def portal(settings: Settings, archive: Archive, tmp_path: Path) -> Iterator[Portal]:
+    studies = []
+    for n, pid in enumerate(["P1", "P2"]):
+        ds = ct_slice(patient_id=pid, issuer="NORTH", study_uid=uid(), rows=4, columns=4)
+        archive.ingest_file(
+            write(ds, tmp_path / f"{n}.dcm"), Source(door="test", institution="North")
+        )
+        studies.append(ds.StudyInstanceUID)
+    db = archive.db
+    add_institution(db, "North", issuer="NORTH")
+    add_institution(db, "East", issuer="EAST")
+    _id, secret = add_dicomweb_client(db, "North", "north-viewer")
+    alice = add_user(db, "alice", Kind.PATIENT)
+    op = add_user(db, "op", Kind.OPERATOR)
+    add_user(db, "east_rad", Kind.STAFF, institution="East", role=Role.RADIOLOGIST)
+    for name in ("alice", "op", "east_rad"):
+        set_password(db, name, PASSWORD)
+    settings.viewer_url = "https://viewer.example.org/viewer"
+    with TestClient(create_app(settings, archive)) as http:
+        link_patient(
+            db,
+            http.app.state.gate.auditor,
+            account_id=alice,
+            issuer="NORTH",
+            patient_id="P1",
+            by=user_principal(db, op),
+            evidence="identity card checked at the desk",
+        )
+        yield Portal(http, archive, settings, studies[0], studies[1], secret)
+
+
+def qido(portal: Portal, headers: dict[str, str]) -> set[str]:
+    response = portal.http.get("/dicom-web/studies", headers=headers)
+    if response.status_code == 204:
+        return set()
+    assert response.status_code == 200, response.text
+    return {s["0020000D"]["Value"][0] for s in response.json()}
+
+
+def test_share_link_round_trip_through_the_api(portal: Portal):
+    alice = portal.login("alice")
+    assert qido(portal, alice) == {portal.a}  # a patient sees their own studies
+    created = portal.http.post(
+        "/api/me/links", json={"study_uids": [portal.a], "single_use": True}, headers=alice
+    )
+    assert created.status_code == 200, created.text
+    token = created.json()["token"]
+    assert created.json()["url"].endswith(f"/api/s#{token}")
+    assert created.headers["referrer-policy"] == "no-referrer"
+    # The landing page is static (no token in it) and consumes nothing.
+    page = portal.http.get("/api/s")
+    assert page.status_code == 200 and page.headers["referrer-policy"] == "no-referrer"
+    assert token not in page.text and "location.hash" in page.text
+    for _ in range(2):
+        described = portal.http.post("/api/links/describe", json={"token": token})
+        assert described.json()["status"] == "usable"
+    # Exchange: a short-lived access token, scoped to the link's study.
+    opened = portal.http.post("/api/links/exchange", json={"token": token})
+    assert opened.status_code == 200, opened.text
+    answer = opened.json()
+    assert answer["study_uids"] == [portal.a]
+    assert "token=sbat_" in answer["viewer"] and token not in answer["viewer"]
+    holder = {"Authorization": f"Bearer {answer['access_token']}"}
+    assert qido(portal, holder) == {portal.a}
+    again = portal.http.post("/api/links/exchange", json={"token": token})
+    assert again.status_code == 410 and again.json()["error"] == "used"
+    # Revocation: the holder's token stops on the next request.
+    [listed] = portal.http.get("/api/me/links", headers=alice).json()
+    revoked = portal.http.delete(f"/api/me/links/{listed['id']}", headers=alice)
+    assert "cannot be recalled" in revoked.json()["notice"]
+    assert portal.http.get("/dicom-web/studies", headers=holder).status_code == 401
+
+
+def test_access_code_answers(portal: Portal):
+    alice = portal.login("alice")
+    created = portal.http.post(
+        "/api/me/links", json={"study_uids": [portal.a], "access_code": "4711"}, headers=alice
+    ).json()
+    wrong = portal.http.post(
+        "/api/links/exchange", json={"token": created["token"], "access_code": "1234"}
+    )
+    assert wrong.status_code == 401
+    right = portal.http.post(
+        "/api/links/exchange", json={"token": created["token"], "access_code": "4711"}
+    )
+    assert right.status_code == 200
+    unknown = portal.http.post("/api/links/exchange", json={"token": "sbl_" + "A" * 43})
+    assert unknown.status_code == 404
+
+
+def test_patients_cannot_share_what_is_not_theirs(portal: Portal):
+    alice = portal.login("alice")
+    refused = portal.http.post("/api/me/links", json={"study_uids": [portal.b]}, headers=alice)
+    assert refused.status_code == 400 and "your own studies" in refused.json()["message"]
+    assert portal.http.get("/api/me/links").status_code == 401
+
+
+def test_client_credentials(portal: Portal):
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": "north-viewer",
+        "client_secret": portal.client_secret,
+    }
+    issued = portal.http.post("/api/token", data=form)
+    assert issued.status_code == 200 and issued.json()["token_type"] == "Bearer"
+    north = {"Authorization": f"Bearer {issued.json()['access_token']}"}
+    assert qido(portal, north) == {portal.a, portal.b}
+    bad = portal.http.post("/api/token", data={**form, "client_secret": "nope"})
+    assert bad.status_code == 401 and bad.json() == {"error": "invalid_client"}
+
+
+def test_staff_need_a_second_factor(portal: Portal):
+    body = {"username": "east_rad", "password": PASSWORD}
+    assert portal.http.post("/api/session", json=body).status_code == 401
+    uri = enable_totp(portal.archive.db, "east_rad")
+    totp = pyotp.parse_uri(uri)
+    assert portal.http.post("/api/session", json={**body, "code": "000000"}).status_code == 401
+    headers = portal.login("east_rad", totp.now())
+    assert qido(portal, headers) == set()  # East sent nothing and has no consent
+    wrong = portal.http.post("/api/session", json={**body, "password": "x" * 20})
+    assert wrong.status_code == 401 and wrong.json()["message"] == "sign-in failed"
+
+
+def test_consent_and_request_flow(portal: Portal):
+    east_code = pyotp.parse_uri(enable_totp(portal.archive.db, "east_rad"))
+    east = portal.login("east_rad", east_code.now())
+    asked = portal.http.post(
+        "/api/requests",
+        json={"issuer": "NORTH", "patient_id": "P1", "reason": "second opinion"},
+        headers=east,
+    )
+    assert asked.status_code == 200, asked.text
+    alice = portal.login("alice")
+    [pending] = portal.http.get("/api/me/requests", headers=alice).json()
+    assert pending["institution"] == "East" and pending["reason"] == "second opinion"
+    decided = portal.http.post(f"/api/me/requests/{pending['id']}/approve", headers=alice)
+    assert decided.json()["consent"] is not None
+    assert qido(portal, east) == {portal.a}
+    [fhir] = portal.http.get("/api/me/consents", headers=alice).json()
+    assert fhir["resourceType"] == "Consent" and fhir["provision"]["type"] == "permit"
+    revoked = portal.http.delete(f"/api/me/consents/{fhir['id']}", headers=alice).json()
+    assert revoked["status"] == "inactive"
+    assert qido(portal, east) == set()
+    # History: East's searches are not study accesses; its view of A would be.
+    portal.http.get(f"/dicom-web/studies/{portal.a}/metadata", headers=east)
+    history = portal.http.get("/api/me/history", headers=alice).json()
+    assert {(h["who"], h["outcome"]) for h in history["accesses"]} >= {("east_rad", "denied")}
+
+
+def test_break_glass_through_the_api(portal: Portal):
+    east_code = pyotp.parse_uri(enable_totp(portal.archive.db, "east_rad"))
+    east = portal.login("east_rad", east_code.now())
+    short = {"issuer": "NORTH", "patient_id": "P1", "reason": "help"}
+    assert portal.http.post("/api/break-glass", json=short, headers=east).status_code == 400
+    body = {**short, "reason": "unconscious patient in the emergency room", "minutes": 30}
+    grant = portal.http.post("/api/break-glass", json=body, headers=east)
+    assert grant.status_code == 200, grant.text
+    assert qido(portal, east) == {portal.a}
+    alice = portal.login("alice")
+    history = portal.http.get("/api/me/history", headers=alice).json()
+    assert [g["reason"] for g in history["break_glass"]] == [body["reason"]]
+    op_code = pyotp.parse_uri(enable_totp(portal.archive.db, "op"))
+    op = portal.login("op", op_code.now())
+    [pending] = portal.http.get("/api/break-glass", headers=op).json()
+    reviewed = portal.http.post(
+        f"/api/break-glass/{pending['id']}/review", json={"note": "justified"}, headers=op
+    )
+    assert reviewed.status_code == 200
+    assert portal.http.get("/api/break-glass", headers=op).json() == []
+    assert portal.http.get("/api/break-glass", headers=alice).status_code == 403
+
+
+def test_tokens_stay_out_of_the_logs(portal: Portal):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        from consent import redact
+
+        redact.install()
+        alice = portal.login("alice")
+        token = portal.http.post(
+            "/api/me/links", json={"study_uids": [portal.a]}, headers=alice
+        ).json()["token"]
+        access = portal.http.post("/api/links/exchange", json={"token": token}).json()
+        portal.http.get(
+            "/dicom-web/studies", headers={"Authorization": "Bearer " + access["access_token"]}
+        )
+        logging.getLogger("test").info("opened %s/api/s#%s", "https://x", token)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
+    text = stream.getvalue()
+    assert token not in text and access["access_token"] not in text
+    assert alice["Authorization"].split()[1] not in text
