@@ -44,6 +44,7 @@ from consent.models import (
 )
 from consent.principals import Kind, Operation, Principal, Role
 from gateway.archive.db import Database
+from gateway.archive.errors import NotAuthorized
 from gateway.archive.models import Instance, Patient, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
@@ -328,3 +329,38 @@ class Gate:
             )
         )
         return allowed
+
+
+class StudyAdmission:
+    """Which studies one sender (a DIMSE association, a STOW-RS request, an upload) may
+    add instances to: each study decided once (``may_add_to_study``) and audited once,
+    so the receive path pays a dictionary lookup per instance. Used as the archive's
+    ``Source.admit`` hook (``__call__`` raises ``NotAuthorized``) or asked (``allows``)."""
+
+    def __init__(self, gate: Gate, principal: Principal, *, door: str, client: str = "") -> None:
+        self.gate = gate
+        self.principal = principal
+        self.door = door
+        self.client = client
+        self._decided: dict[str, bool] = {}
+
+    def allows(self, study_uid: str) -> bool:
+        allowed = self._decided.get(study_uid)
+        if allowed is None:
+            allowed = may_add_to_study(self.gate.db, self.principal, study_uid)
+            self._decided[study_uid] = allowed
+            self.gate.auditor.record(
+                Attempt(
+                    principal=self.principal,
+                    door=self.door,
+                    operation=Operation.STORE.value,
+                    outcome="allowed" if allowed else "denied",
+                    study_uid=study_uid,
+                    client=self.client,
+                )
+            )
+        return allowed
+
+    def __call__(self, study_uid: str) -> None:
+        if not self.allows(study_uid):
+            raise NotAuthorized("the study belongs to another sender; not stored")

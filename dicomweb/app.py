@@ -100,15 +100,14 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.include_router(qido.router, prefix=prefix, tags=["QIDO-RS"], dependencies=signed_in)
     app.include_router(wado.router, prefix=prefix, tags=["WADO-RS"], dependencies=signed_in)
     app.include_router(stow.router, prefix=prefix, tags=["STOW-RS"], dependencies=signed_in)
-    # TODO(consent): imports need the store permission and the principal's institution
-    # (as STOW-RS); until checked they are signed-in only.
+    # Uploads need the store permission and count as sent by the caller's institution.
     app.include_router(imports.router, tags=["Import"], dependencies=signed_in)
 
-    # The viewer's pages: a separate door that reads this API over HTTP like any viewer.
-    # TODO(consent): the viewer must obtain and send an access token.
+    # The viewer's pages: a separate door that reads this API over HTTP like any viewer,
+    # with an access token (Bearer) like any viewer. The pages are static: no study data.
     app.mount("/viewer", viewer_pages.create_app(settings))
 
-    # The portal API and the share-link landing page (dicomweb.portal).
+    # The portal API (dicomweb.portal); share-link pages are the viewer's.
     app.include_router(portal.router, prefix="/api", tags=["Portal"])
     app.add_exception_handler(ConsentError, portal.consent_error_handler)
 

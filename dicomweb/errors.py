@@ -17,6 +17,7 @@ _STATUS: list[tuple[type[errors.ArchiveError], int]] = [
     (errors.InvalidQuery, 400),
     (errors.InstanceConflict, 409),
     (errors.PatientMismatch, 409),
+    (errors.NotAuthorized, 403),
     (errors.InvalidDataset, 400),
     (errors.StorageUnavailable, 503),
     (errors.IndexUnavailable, 503),

@@ -1,4 +1,4 @@
-"""The portal API (``/api``) and the share-link landing page (``/s``).
+"""The portal API (``/api``).
 
 The HTTP door to ``consent``: sign-in (local accounts; DICOMweb clients by OAuth 2
 client credentials), share links (create, list, revoke; describe and exchange by
@@ -6,11 +6,14 @@ their holders), consents (with FHIR export), access requests, access history,
 break-glass. Every answer carries ``Referrer-Policy: no-referrer`` and
 ``Cache-Control: no-store``.
 
-A share link is ``<base>/s#sbl_...``: the token sits in the URL fragment, which
-browsers send neither to servers nor in ``Referer``. The landing page's script
-reads it and POSTs it (``/api/links/describe``, then ``/api/links/exchange`` with
-the access code if one is needed); only the short-lived access token it gets back
-is ever put in a URL (a viewer's ``?token=``).
+A share link is ``<base>/viewer/share#sbl_...`` (``SHARE_PAGE``): the token sits in
+the URL fragment, which browsers send neither to servers nor in ``Referer``. The
+viewer's share-link page reads it and POSTs it (``/api/links/describe``, then
+``/api/links/exchange`` with the access code if one is needed), keeps the
+short-lived access token it gets back in ``sessionStorage`` and sends it as a Bearer
+header. Only for an external viewer that can take it no other way (OHIF's
+``?token=``, when ``viewer_url`` is set) does the exchange answer put the access
+token, never the share token, in a URL.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -45,6 +48,8 @@ from dicomweb.access import client_address, gate_of, optional_principal, require
 from dicomweb.errors import HTTPError
 
 PRIVATE = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+# Where a share link opens: the viewer's share-link page, the token in the fragment.
+SHARE_PAGE = "/viewer/share"
 
 
 def _private(response: Response) -> None:
@@ -201,58 +206,6 @@ def link_exchange(
     return answer
 
 
-_LANDING = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="referrer" content="no-referrer">
-<title>Shared images</title></head>
-<body>
-<h1>Shared images</h1>
-<p id="status">Checking the link...</p>
-<form id="code" hidden><label>Access code <input id="access" autocomplete="off"></label>
-<button>Open</button></form>
-<p id="open" hidden><a id="viewer" rel="noreferrer">Open the images</a></p>
-<script>
-// The token is in the fragment: it never reached a server or a log. Take it out of
-// the address bar at once, then trade it for a short-lived access token.
-const token = decodeURIComponent(location.hash.slice(1));
-history.replaceState(null, "", location.pathname);
-const post = (path, body) => fetch(path, {method: "POST",
-  headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
-  referrerPolicy: "no-referrer"}).then(r => r.json().then(j => [r.status, j]));
-const say = text => { document.getElementById("status").textContent = text; };
-async function open(code) {
-  const [status, answer] = await post("links/exchange", {token, access_code: code || null});
-  if (status !== 200) { say(answer.message || "This link cannot be opened."); return; }
-  say("The link is open until " + answer.expires_at + ".");
-  if (answer.viewer) {
-    document.getElementById("viewer").href = answer.viewer;
-    document.getElementById("open").hidden = false;
-  }
-}
-(async () => {
-  if (!token) { say("This address holds no link."); return; }
-  const [status, info] = await post("links/describe", {token});
-  if (status !== 200 || info.status !== "usable") {
-    say(status === 200 ? "This link is " + info.status + "." : "This link is not valid.");
-    return;
-  }
-  if (info.needs_access_code) {
-    say("Enter the access code you were given with the link.");
-    const form = document.getElementById("code");
-    form.hidden = false;
-    form.onsubmit = e => { e.preventDefault(); open(document.getElementById("access").value); };
-  } else { say("Opening..."); open(null); }
-})();
-</script></body></html>
-"""
-
-
-@router.get("/s", response_class=HTMLResponse, include_in_schema=False)
-def landing() -> HTMLResponse:
-    """The share-link landing page: static, consumes nothing (scanners may fetch it)."""
-    return HTMLResponse(_LANDING, headers=PRIVATE)
-
-
 # -- share links: patients -------------------------------------------------------------------
 class NewLink(BaseModel):
     study_uids: list[str] = Field(min_length=1, max_length=100)
@@ -301,7 +254,7 @@ def new_link(
         _db(request), _need(me, Kind.PATIENT), body.study_uids, rules, _policy(request)
     )
     base = str(request.base_url).rstrip("/")
-    return {"id": link_id, "token": token, "url": f"{base}/api/s#{token}"}
+    return {"id": link_id, "token": token, "url": f"{base}{SHARE_PAGE}#{token}"}
 
 
 @router.delete("/me/links/{link_id}", summary="Revoke one of my share links")

@@ -68,7 +68,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from consent.access import may_add_to_study
+from consent.access import StudyAdmission
 from dicomweb.access import client_address, gate_of, principal_of
 from dicomweb.deps import get_archive
 from dicomweb.errors import error_body
@@ -127,6 +127,7 @@ FAILURE_REASONS: list[tuple[type[archive_errors.ArchiveError], int]] = [
     (archive_errors.InvalidDataset, CANNOT_UNDERSTAND),
     (archive_errors.InstanceConflict, INSTANCE_CONFLICT),
     (archive_errors.PatientMismatch, PATIENT_MISMATCH),
+    (archive_errors.NotAuthorized, NOT_AUTHORIZED),
 ]
 
 WARNING_REASONS: dict[Outcome, int] = {
@@ -201,7 +202,9 @@ async def _store(request: Request, archive: Archive, target: str | None) -> Resp
         source,
         target,
         base,
-        may_store_into=lambda study: may_add_to_study(archive.db, principal, study),
+        may_store_into=StudyAdmission(
+            gate_of(request), principal, door="dicomweb", client=client
+        ).allows,
     )
     parser = MultipartParser(boundary)
     try:
@@ -445,7 +448,6 @@ class _Transaction:
         self.target = target
         self.base = base
         self._may_store_into = may_store_into
-        self._study_allowed: dict[str, bool] = {}
         self.results: list[_PartResult] = []
         self._index = 0
         self._fh: Any = None
@@ -549,7 +551,11 @@ class _Transaction:
             if self.target is not None and peek.study_uid != self.target:
                 _unlink(path)
                 return self._mismatch(index, peek)
-            if peek.study_uid and not self._may_store_into_study(peek.study_uid):
+            if (
+                peek.study_uid
+                and self._may_store_into is not None
+                and not self._may_store_into(peek.study_uid)
+            ):
                 _unlink(path)
                 return _failed(
                     index, peek, NOT_AUTHORIZED, "the study belongs to another sender; not stored"
@@ -563,15 +569,6 @@ class _Transaction:
             log.exception("STOW-RS part %d: unexpected error during ingest", index)
             return _failed(index, peek, PROCESSING_FAILURE, "internal error while storing")
         return _stored(index, result)
-
-    def _may_store_into_study(self, study_uid: str) -> bool:
-        # Adding to a study someone else sent would make it this sender's (an
-        # institution sees what it sent), so only new or already visible studies.
-        if self._may_store_into is None:
-            return True
-        if study_uid not in self._study_allowed:
-            self._study_allowed[study_uid] = self._may_store_into(study_uid)
-        return self._study_allowed[study_uid]
 
     def _mismatch(self, index: int, peek: _Peek) -> _PartResult:
         if peek.study_uid is None:

@@ -638,17 +638,24 @@ def import_path(
     progress: Callable[[ImportItem], None] | None = None,
     plan: ImportPlan | None = None,
     limits: ImportLimits = DEFAULT_LIMITS,
+    admit: Callable[[str], None] | None = None,
 ) -> ImportReport:
     """Import every instance found at ``path``; one ``ImportItem`` per file found.
 
-    ``progress`` is called after each item. Pass the ``plan`` from ``plan_import``
-    to avoid finding the work twice. Raises ImportSourceError when the path cannot
-    be imported at all; problems with single files are reported, never raised.
+    ``progress`` is called after each item; ``admit`` is the door's admission check
+    (``Source.admit``: an HTTP upload may add only to studies its sender sees). Pass
+    the ``plan`` from ``plan_import`` to avoid finding the work twice. Raises
+    ImportSourceError when the path cannot be imported at all; problems with single
+    files are reported, never raised.
     """
     if plan is None:
         plan = plan_import(archive, path, limits=limits)
     source = Source(
-        door=DOOR, institution=institution, issuer=issuer or "", transfer_id=transfer_id
+        door=DOOR,
+        institution=institution,
+        issuer=issuer or "",
+        transfer_id=transfer_id,
+        admit=admit,
     )
     runner = _Runner(archive, source, limits)
     report = ImportReport(

@@ -51,6 +51,13 @@ class PatientMismatch(ArchiveError):
     reason = "patient-mismatch"
 
 
+class NotAuthorized(ArchiveError):
+    """The sender may not add this instance (its study is another sender's and not
+    visible to it): the door's admission check said no."""
+
+    reason = "not-authorized"
+
+
 class StorageUnavailable(ArchiveError):
     """The blob store could not write or read: the sender may retry later."""
 

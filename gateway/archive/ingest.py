@@ -42,7 +42,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,10 @@ class Source:
     # Issuer of Patient ID for datasets that do not name one.
     issuer: str = ""
     transfer_id: int | None = None
+    # The door's admission check, called with the Study Instance UID once the header
+    # is read and before anything is stored; it raises ``NotAuthorized`` to refuse.
+    # (The archive knows nothing of who may add to which study: the door does.)
+    admit: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,8 @@ class Ingestor:
         cand: _Candidate | None = None
         try:
             cand = self._examine(path, owned, digests)
+            if source.admit is not None:
+                source.admit(cand.study_uid)
             if cand.layout.file_meta is None:
                 staged = self._wrap_bare_dataset(cand)
                 cand.path, cand.owned = staged, True

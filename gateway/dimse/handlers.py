@@ -4,7 +4,9 @@
   registered host (unless the demo profile accepts everyone);
 - C-STORE: the data set pynetdicom streamed to a staging file goes to ``ingest`` as
   it is (no decoding, no re-encoding); success only once stored and indexed; a peer
-  with an open closure transfer delivers into that transfer;
+  with an open closure transfer delivers into that transfer; an instance of a study
+  that exists and is not visible to the sender's institution is refused (Not
+  Authorized), decided once per study and association (``consent.access``);
 - C-FIND: the identifier becomes a ``Query`` for the one query engine; answers are
   encoded in the requester's character set, or UTF-8 when a value does not fit;
 - C-MOVE / C-GET: the request becomes a ``RetrieveRequest``; instances are sent as
@@ -14,7 +16,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ from pydicom.valuerep import PersonName
 from pynetdicom import evt
 from pynetdicom.events import Event
 
-from consent.access import Gate
+from consent.access import Gate, StudyAdmission
 from consent.audit import Auditor
 from consent.principals import DEMO, Operation, Principal, peer_principal
 from gateway.archive import Archive, Digests, Level, Query, RetrieveRequest, Source
@@ -62,6 +66,11 @@ class Handlers:
         auditor.start_flusher()
         self.gate = Gate(archive.db, auditor)
         self.transfers = TransferBindings(archive.db)
+        # Per association (and institution it stores as): the studies it may add to.
+        self._admissions: weakref.WeakKeyDictionary[Any, tuple[str, StudyAdmission]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._admissions_lock = threading.Lock()
 
     def bindings(self) -> list[tuple[Any, Any]]:
         return [
@@ -153,14 +162,34 @@ class Handlers:
         # A registered peer with an open closure transfer delivers into that transfer,
         # under the transfer's one Issuer of Patient ID.
         transfer = self.transfers.for_ae(ae_title) if peer is not None else None
+        institution = transfer.institution if transfer else peer.institution if peer else ""
+        host = str(assoc.requestor.address)
         return Source(
             door="dimse",
             ae_title=ae_title,
-            host=str(assoc.requestor.address),
-            institution=transfer.institution if transfer else peer.institution if peer else "",
+            host=host,
+            institution=institution,
             issuer=transfer.issuer if transfer else peer.issuer if peer else "",
             transfer_id=transfer.id if transfer else None,
+            admit=self._admission(assoc, ae_title, host, institution, known=peer is not None),
         )
+
+    def _admission(
+        self, assoc: Any, ae_title: str, host: str, institution: str, *, known: bool
+    ) -> StudyAdmission:
+        """The association's admission check for the institution it stores as (made
+        once: the principal lookup and each study's decision are not repeated)."""
+        held = self._admissions.get(assoc)
+        if held is not None and held[0] == institution:
+            return held[1]
+        if not known and self.settings.profile == "demo":
+            principal = DEMO
+        else:
+            principal = peer_principal(self.archive.db, ae_title, institution)
+        admission = StudyAdmission(self.gate, principal, door="dimse", client=host)
+        with self._admissions_lock:
+            self._admissions[assoc] = (institution, admission)
+        return admission
 
     # -- verification --------------------------------------------------------------
     @staticmethod

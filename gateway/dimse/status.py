@@ -26,6 +26,8 @@ STORE_INVALID_UID = 0xC002
 STORE_INSTANCE_CONFLICT = 0xC010
 STORE_PATIENT_MISMATCH = 0xC011
 STORE_PROCESSING_FAILURE = 0xC0FF
+# PS3.7 C.4.2.1.3 "Refused: Not Authorized": the study is another sender's.
+STORE_NOT_AUTHORIZED = 0x0124
 
 # Query/Retrieve (PS3.4 C.4)
 FIND_OUT_OF_RESOURCES = 0xA700
@@ -44,6 +46,7 @@ _STORE_TABLE: list[tuple[type[errors.ArchiveError], int]] = [
     (errors.InvalidDataset, STORE_CANNOT_UNDERSTAND),
     (errors.InstanceConflict, STORE_INSTANCE_CONFLICT),
     (errors.PatientMismatch, STORE_PATIENT_MISMATCH),
+    (errors.NotAuthorized, STORE_NOT_AUTHORIZED),
 ]
 
 _QUERY_TABLE: list[tuple[type[errors.ArchiveError], int]] = [

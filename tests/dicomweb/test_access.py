@@ -9,6 +9,8 @@ and searches count only what the principal may see.
 from __future__ import annotations
 
 import datetime as dt
+import io
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from dicomweb.app import create_app
 from gateway.archive import Archive, Source
 from gateway.archive.models import Instance
 from gateway.config import Settings
+from gateway.transfers.records import create_transfer
 from tests.dicomweb.conftest import _serve
 from tests.factories import ct_slice, uid, write
 
@@ -303,6 +306,51 @@ def test_stow_needs_permission_and_records_the_institution(secured: Secured):
     response = _stow(secured, secured.north, intruder)
     assert response.status_code == 409
     assert secured.get(f"/studies/{secured.b.study}/metadata", secured.north).status_code == 404
+
+
+def test_zip_upload_needs_permission_and_adds_only_to_visible_studies(secured: Secured):
+    own = ct_slice(patient_id="P9", issuer="NORTH", rows=4, columns=4)
+    intruder = ct_slice(
+        patient_id="P2", issuer="NORTH", study_uid=secured.b.study, rows=4, columns=4
+    )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, ds in (("OWN", own), ("INTRUDER", intruder)):
+            zf.write(write(ds, secured.tmp_path / "zip" / f"{name}.dcm"), f"DICOM/{name}")
+    url = secured.url.removesuffix(secured.settings.dicomweb_prefix.rstrip("/")) + "/api/imports"
+
+    def upload(token: str | None, **params: object) -> httpx.Response:
+        headers = {"Content-Type": "application/zip"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.post(url, content=buf.getvalue(), headers=headers, params=params, timeout=60)
+
+    assert upload(None).status_code == 401
+    assert upload(secured.link).status_code == 403  # a link holder may not store
+    assert upload(secured.north, institution="South").status_code == 403
+    south = create_transfer(secured.archive.db, institution="South", reason="closure", issuer="S")
+    assert upload(secured.north, transfer=south.id).status_code == 404  # not North's
+    response = upload(secured.north)
+    assert response.status_code == 200, response.text
+    files = {f["name"]: f for f in response.json()["files"]}
+    assert files["DICOM/OWN"]["outcome"] == "stored"
+    assert files["DICOM/INTRUDER"]["outcome"] == "failed"
+    assert files["DICOM/INTRUDER"]["code"] == "not-authorized"
+    with secured.archive.db.reading() as session:
+        stored = session.scalar(select(Instance).where(Instance.sop_uid == own.SOPInstanceUID))
+        assert stored.source_institution == "North"
+        assert (
+            session.scalar(select(Instance).where(Instance.sop_uid == intruder.SOPInstanceUID))
+            is None
+        )
+    assert secured.get(f"/studies/{secured.b.study}/metadata", secured.north).status_code == 404
+    secured.app.state.gate.auditor.flush()
+    stores = {
+        (r.study_uid, r.outcome)
+        for r in iter_records(secured.archive.db)
+        if r.door == "import" and r.operation == "store" and r.study_uid
+    }
+    assert stores == {(own.StudyInstanceUID, "allowed"), (secured.b.study, "denied")}
 
 
 def test_every_attempt_is_audited_and_frames_aggregate(secured: Secured):

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from gateway.transfers.records import create_transfer, get_transfer
-from tests.dicomweb.conftest import LiveServer
+from tests.dicomweb.conftest import TEST_INSTITUTION, LiveServer
 from tests.factories import ct_series
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,10 @@ def _zip(tmp: Path) -> tuple[bytes, list[Path]]:
 def test_zip_upload_imports_and_reports_each_file(live_server: LiveServer) -> None:
     body, paths = _zip(live_server.tmp_path)
     archive = live_server.archive
-    tid = create_transfer(archive.db, institution="Lac", reason="closure", issuer="LAC").id
+    # The caller (TEST_INSTITUTION's client) uploads for its own institution's transfer.
+    tid = create_transfer(
+        archive.db, institution=TEST_INSTITUTION, reason="closure", issuer="LAC"
+    ).id
     url = f"{live_server.url}/api/imports"
     headers = {"Content-Type": "application/zip"}
     r = httpx.post(url, content=body, headers=headers, params={"transfer": tid}, timeout=60)
@@ -46,10 +49,13 @@ def test_zip_upload_imports_and_reports_each_file(live_server: LiveServer) -> No
         from sqlalchemy import text
 
         row = conn.execute(
-            text("SELECT transfer_id, received_issuer FROM instances WHERE sop_uid = :s"),
+            text(
+                "SELECT transfer_id, received_issuer, source_institution"
+                " FROM instances WHERE sop_uid = :s"
+            ),
             {"s": sop},
         ).one()
-    assert tuple(row) == (tid, "LAC")
+    assert tuple(row) == (tid, "LAC", TEST_INSTITUTION)
     # The same zip again: duplicates, nothing stored twice.
     again = httpx.post(url, content=body, headers=headers, timeout=60).json()
     assert (

@@ -96,13 +96,12 @@ def test_share_link_round_trip_through_the_api(portal: Portal):
     )
     assert created.status_code == 200, created.text
     token = created.json()["token"]
-    assert created.json()["url"].endswith(f"/api/s#{token}")
+    # The token rides in the fragment of the viewer's share page, never in a query.
+    assert created.json()["url"].endswith(f"/viewer/share#{token}")
     assert created.headers["referrer-policy"] == "no-referrer"
-    # The landing page is static (no token in it) and consumes nothing.
-    page = portal.http.get("/api/s")
-    assert page.status_code == 200 and page.headers["referrer-policy"] == "no-referrer"
-    assert token not in page.text and "location.hash" in page.text
-    for _ in range(2):
+    # No server-side landing page: the share token is only ever POSTed.
+    assert portal.http.get("/api/s").status_code == 404
+    for _ in range(2):  # describing (what link scanners and the page do) consumes nothing
         described = portal.http.post("/api/links/describe", json={"token": token})
         assert described.json()["status"] == "usable"
     # Exchange: a short-lived access token, scoped to the link's study.
@@ -240,7 +239,7 @@ def test_tokens_stay_out_of_the_logs(portal: Portal):
         portal.http.get(
             "/dicom-web/studies", headers={"Authorization": "Bearer " + access["access_token"]}
         )
-        logging.getLogger("test").info("opened %s/api/s#%s", "https://x", token)
+        logging.getLogger("test").info("opened %s/viewer/share#%s", "https://x", token)
     finally:
         root.removeHandler(handler)
         root.setLevel(old)

@@ -422,3 +422,54 @@ def test_serve_refuses_a_port_in_use(gateway: Gateway, tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "cannot listen for DIMSE" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["storage-only", "with-find"])
+def test_store_into_another_institutions_study_is_refused(
+    gateway: Gateway, tmp_path: Path, fast_path: bool
+) -> None:
+    """An institution sees what it sent: adding an instance to another's study would
+    make that study visible to it, so C-STORE refuses it (Not Authorized), on the fast
+    storage-only data phase and on pynetdicom's, and audits the refusal once."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
+
+    theirs = uid()
+    _store(gateway, ct_series(tmp_path / "theirs", 1, study_uid=theirs))  # Test Hospital's
+    intruders = [pydicom.dcmread(p) for p in ct_series(tmp_path / "intruder", 2, study_uid=theirs)]
+    own = pydicom.dcmread(ct_series(tmp_path / "own", 1)[0])
+    ae = AE(ae_title="OTHERSCU")
+    ae.add_requested_context(CTImageStorage)
+    if not fast_path:
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", gateway.dimse_port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_store(ds) for ds in [*intruders, own]]
+    finally:
+        assoc.release()
+    codes = [int(s.Status) for s in statuses]
+    assert codes == [0x0124, 0x0124, 0x0000], codes  # a new study of its own is fine
+    assert "another sender" in str(statuses[0].get("ErrorComment", ""))
+    # Test Hospital's study did not grow, and Elsewhere still cannot find it.
+    find = run_tool(
+        [
+            require_tool("findscu"),
+            "-aet",
+            "OTHERSCU",
+            "-S",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={theirs}",
+            *_addr(gateway),
+        ]
+    )
+    assert theirs not in find.stdout + find.stderr
+    exported = gateway.cli("audit", "export", "--format", "text").stdout
+    refused = [
+        line
+        for line in exported.splitlines()
+        if theirs in line and "store" in line and "denied" in line and "OTHERSCU" in line
+    ]
+    assert len(refused) == 1, exported[-2000:]  # once per study and association
