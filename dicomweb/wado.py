@@ -691,7 +691,7 @@ def rendered_study(
 ) -> Response:
     options = _render_options(request, window, viewport, quality)
     req = RetrieveRequest(Level.STUDY, study_uids=[_uid(study, "Study Instance UID")])
-    inst = _representative(find_instances(_archive(request).db, req, require=True))
+    inst = _representative(_permitted(request, Operation.VIEW, req))
     return _image_response(request, inst, 1, options)
 
 
@@ -713,7 +713,7 @@ def rendered_series(
         study_uids=[_uid(study, "Study Instance UID")],
         series_uids=[_uid(series, "Series Instance UID")],
     )
-    inst = _representative(find_instances(_archive(request).db, req, require=True))
+    inst = _representative(_permitted(request, Operation.VIEW, req))
     return _image_response(request, inst, 1, options)
 
 

@@ -157,6 +157,8 @@ def _routes(r: Refs) -> list[tuple[str, dict]]:
         (f"{inst}/frames/1", {}),
         (f"{inst}/rendered", {}),
         (f"{inst}/frames/1/rendered", {}),
+        (f"/studies/{r.study}/rendered", {}),
+        (f"/studies/{r.study}/series/{r.series}/rendered", {}),
         (f"{inst}/bulk/7FE00010", {}),
         (f"/studies/{r.study}/thumbnail", {}),
         (f"/studies/{r.study}/series/{r.series}/thumbnail", {}),
@@ -207,7 +209,7 @@ def test_a_token_for_a_never_reaches_b_nor_learns_it_exists(secured: Secured, wh
 
 
 def test_the_same_token_reaches_a(secured: Secured):
-    for path, kw in _routes(secured.a)[:16]:
+    for path, kw in _routes(secured.a)[:18]:
         response = secured.get(path, secured.north, **kw)
         assert response.status_code == 200, (path, response.text)
 

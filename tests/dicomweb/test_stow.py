@@ -824,7 +824,17 @@ def gateway_with_dest(tmp_path: Path) -> Iterator[tuple[Gateway, Path]]:
                 "--institution",
                 TEST_INSTITUTION,
             )
-        gw.cli("peers", "add", "DEST", "--host", "127.0.0.1", "--port", str(dest_port))
+        gw.cli(
+            "peers",
+            "add",
+            "DEST",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(dest_port),
+            "--institution",
+            "Test Hospital",
+        )
         gw.start("--dimse-workers", "1")
         yield gw, out
         assert gw.stop() == 0, gw.log_text()

@@ -86,7 +86,17 @@ def stack(request: pytest.FixtureRequest, pg_url: str, tmp_path: Path) -> Iterat
         (tmp_path / "b").mkdir()
         one = stack.enter_context(running_gateway(tmp_path / "a", env))
         two = stack.enter_context(running_gateway(tmp_path / "b", env))
-        one.cli("peers", "add", "STORESCU", "--host", "127.0.0.1", "--port", "104")
+        one.cli(
+            "peers",
+            "add",
+            "STORESCU",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "104",
+            "--institution",
+            "Test Hospital",
+        )
         worker = None
         if request.param == "production":
             worker_env = {**one.env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}

@@ -1,23 +1,29 @@
 """A running ``studybridge serve`` holding the viewer's synthetic study, and headless
 Chromium (Debian's ``/usr/bin/chromium``, driven by Playwright; never downloaded).
 
-Missing Chromium or Playwright skip locally and fail when CI=true. Screenshots go
+The study is imported as sent by ``INSTITUTION``; the pages get a real access token
+of that institution's DICOMweb client (OAuth 2 client credentials at ``/api/token``,
+``Site.token``), as a share-link exchange would give one, and send it as a Bearer
+header. Missing Chromium or Playwright skip locally and fail when CI=true. Screenshots go
 to the session's temporary folder, or to ``STUDYBRIDGE_VIEWER_SHOTS`` when set.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.servers import missing, running_gateway
 from tests.viewer.studies import ViewerStudy, make_study
 
+INSTITUTION = "Viewer Hospital"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -40,6 +46,7 @@ class Site:
     shots: Path
     browser: Any
     gateway: Any
+    token: str  # a real access token that may view the study (INSTITUTION's client)
 
     def viewer_url(self, study: str | None = None) -> str:
         return f"{self.url}/viewer/" + (f"#study={study}" if study else "")
@@ -58,14 +65,31 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     shots.mkdir(parents=True, exist_ok=True)
     study = make_study(tmp / "data")
     with running_gateway(tmp) as gw:
-        gw.cli("import", str(tmp / "data"))
+        gw.cli("institutions", "add", INSTITUTION)
+        gw.cli("import", str(tmp / "data"), "--institution", INSTITUTION)
+        created = gw.cli("institutions", "add-client", INSTITUTION, "viewer-test").stdout
+        # The console may wrap the long secret: read it with whitespace removed.
+        secret = re.search(r"shownonce\):(\S+)", "".join(created.split()))
+        assert secret, created
         gw.start()
+        url = f"http://127.0.0.1:{gw.http_port}"
+        answer = httpx.post(
+            f"{url}/api/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": "viewer-test",
+                "client_secret": secret.group(1),
+            },
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        token = answer.json()["access_token"]
         with sync_playwright() as pw:
             browser = pw.chromium.launch(
                 executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
             )
             try:
-                yield Site(f"http://127.0.0.1:{gw.http_port}", study, shots, browser, gw)
+                yield Site(url, study, shots, browser, gw, token)
             finally:
                 browser.close()
 

@@ -28,8 +28,6 @@ from tests.viewer.studies import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TOKEN = "sbt_viewer-test-token"
-
 _CANVAS = """() => {
   const c = document.getElementById('canvas');
   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
@@ -58,12 +56,15 @@ def wait_until(page: Page, check, what: str, timeout: float = 20.0) -> Any:  # t
     raise AssertionError(f"timed out waiting for {what}; problems: {page.problems}")
 
 
-def open_study(site: Site, page: Page, *, token: str | None = TOKEN) -> dict[str, Any]:
-    if token:
-        # What the share-link page does after the exchange: the token in sessionStorage.
-        page.page.add_init_script(
-            "sessionStorage.setItem('studybridge.access', JSON.stringify({token: '" + token + "'}))"
-        )
+def sign_in(page: Page, token: str) -> None:
+    """What the share-link page does after the exchange: the token in sessionStorage."""
+    page.page.add_init_script(
+        "sessionStorage.setItem('studybridge.access', JSON.stringify({token: '" + token + "'}))"
+    )
+
+
+def open_study(site: Site, page: Page, *, token: str | None = None) -> dict[str, Any]:
+    sign_in(page, token or site.token)
     page.page.goto(site.viewer_url(site.study.study_uid))
     page.page.wait_for_selector("#canvas[data-ready='true']", timeout=30_000)
     return wait_until(page, lambda: (c := canvas(page))["variance"] > 10 and c, "a drawn image")
@@ -119,8 +120,8 @@ def test_study_opens_with_thumbnails_and_token_in_header(site: Site, page: Page)
     assert page.page.locator("#attr-list").inner_text().count("VIEW001") == 1
     shot(site, page, "study-ct")
     # The access token travels as a header, never in a URL.
-    assert headers and all(auth == f"Bearer {TOKEN}" for _url, auth in headers)
-    assert not any(TOKEN in url for url in page.requests)
+    assert headers and all(auth == f"Bearer {site.token}" for _url, auth in headers)
+    assert not any(site.token in url for url in page.requests)
     assert response_headers["referrer-policy"] == "no-referrer"
     assert "script-src 'self'" in response_headers["content-security-policy"]
     assert page.problems == []
@@ -381,6 +382,18 @@ def test_phone_viewport(site: Site) -> None:
 
 
 def test_states(site: Site, page: Page) -> None:
+    # No valid access token (unknown, expired or revoked: the server answers 401):
+    # "access ended", and no image is shown.
+    context, refused = new_page(site)
+    try:
+        sign_in(refused, "sbat_" + "x" * 43)
+        refused.page.goto(site.viewer_url(site.study.study_uid))
+        refused.page.wait_for_selector("#state[data-state='unauthorized']")
+        assert refused.page.locator("#viewer").is_hidden()
+        shot(site, refused, "state-unauthorized")
+    finally:
+        context.close()
+    sign_in(page, site.token)
     # A study not (yet) in the archive: "still arriving", and the page keeps asking.
     page.page.goto(site.viewer_url("1.2.826.0.1.3680043.10.1234.999"))
     page.page.wait_for_selector("#state[data-state='arriving']")

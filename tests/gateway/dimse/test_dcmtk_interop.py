@@ -92,8 +92,18 @@ def gateway(
             "--institution",
             "Elsewhere",
         )
-        gw.cli("peers", "add", "DEST", "--host", "127.0.0.1", "--port", str(dest[0]))
-        gw.cli("peers", "add", "FARAWAY", "--host", "192.0.2.10", "--port", "104")
+        for aet, host, port in (("DEST", "127.0.0.1", dest[0]), ("FARAWAY", "192.0.2.10", 104)):
+            gw.cli(
+                "peers",
+                "add",
+                aet,
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--institution",
+                INSTITUTION,
+            )
         gw.start("--dimse-workers", "2")
         yield gw
         code = gw.stop()

@@ -64,7 +64,17 @@ def test_s3_dies_during_push_is_retryable_and_loses_nothing(tmp_path: Path, pg_u
 
     try:
         with running_gateway(tmp_path, env) as gw:
-            gw.cli("peers", "add", "STORESCU", "--host", "127.0.0.1", "--port", "104")
+            gw.cli(
+                "peers",
+                "add",
+                "STORESCU",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "104",
+                "--institution",
+                "Test Hospital",
+            )
             gw.start("--dimse-workers", "2")
 
             killer = threading.Thread(target=kill_s3_after_some)

@@ -25,7 +25,17 @@ GRACE = 20  # seconds: far longer than a prompt stop may take
 def node(tmp_path: Path) -> Iterator[Gateway]:
     env = {"STUDYBRIDGE_SHUTDOWN_GRACE": str(GRACE), "STUDYBRIDGE_ACSE_TIMEOUT": "60"}
     with running_gateway(tmp_path, env) as gw:
-        gw.cli("peers", "add", "PYSCU", "--host", "127.0.0.1", "--port", "104")
+        gw.cli(
+            "peers",
+            "add",
+            "PYSCU",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "104",
+            "--institution",
+            "Test Hospital",
+        )
         gw.start("--dimse-workers", "2")
         yield gw
 

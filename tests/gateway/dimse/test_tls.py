@@ -44,7 +44,17 @@ def tls_gateway(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     }
     with running_gateway(tmp_path_factory.mktemp("gw"), env) as gw:
         for aet in ("ECHOSCU", "STORESCU", "MOVED"):
-            gw.cli("peers", "add", aet, "--host", "127.0.0.1", "--port", "104")
+            gw.cli(
+                "peers",
+                "add",
+                aet,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "104",
+                "--institution",
+                "Test Hospital",
+            )
         gw.start("--dimse-workers", "2")
         gw.tls_port = tls_port  # type: ignore[attr-defined]
         yield gw

@@ -51,7 +51,17 @@ def test_reconciled_forward_and_archive_copy_unchanged(tmp_path: Path) -> None:
     study_uid = str(pydicom.dcmread(sources[0]).StudyInstanceUID)
     with running_gateway(tmp_path) as gw, storescp(tmp_path, "HOSP") as (port, out):
         gw.cli("import", str(tmp_path / "study"), "--issuer", "LAC")
-        gw.cli("peers", "add", "HOSP", "--host", "127.0.0.1", "--port", str(port))
+        gw.cli(
+            "peers",
+            "add",
+            "HOSP",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--institution",
+            "Test Hospital",
+        )
         before = _blob_hashes(gw.data_dir)
         done = gw.cli(
             "forward", study_uid, "--to", "HOSP", "--patient-id", "H-77", "--issuer", "HOSPITAL",
@@ -102,7 +112,17 @@ def test_compressed_instance_is_decompressed_for_a_pacs_without_it(tmp_path: Pat
         storescp(tmp_path, "PLAIN", accept_all=False) as (port, out),
     ):
         gw.cli("import", str(src.parent))
-        gw.cli("peers", "add", "PLAIN", "--host", "127.0.0.1", "--port", str(port))
+        gw.cli(
+            "peers",
+            "add",
+            "PLAIN",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--institution",
+            "Test Hospital",
+        )
         gw.cli("forward", study_uid, "--to", "PLAIN", "--patient-id", "P-9")
         [ds] = _received(out)
         assert not ds.file_meta.TransferSyntaxUID.is_compressed
@@ -156,7 +176,7 @@ def test_pacs_dropping_and_refusing_mid_push(settings: Settings, tmp_path: Path)
         for p in paths:
             archive.ingest_file(p, Source(door="import"))
         study_uid = str(pydicom.dcmread(paths[0]).StudyInstanceUID)
-        PeerRegistry(archive.db).add("FLAKY", "127.0.0.1", port)
+        PeerRegistry(archive.db).add("FLAKY", "127.0.0.1", port, institution="Test Hospital")
         job = create_job(archive, study_uid, "FLAKY")
         # Run as the background task does (a worker, or `studybridge tasks run`).
         result = forward_task(TaskContext(archive, settings), backoff=0.1)

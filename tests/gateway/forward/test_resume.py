@@ -30,7 +30,17 @@ def test_serve_resumes_a_queued_forward(tmp_path: Path) -> None:
     out.mkdir()
     with running_gateway(tmp_path, {"STUDYBRIDGE_RESUME_INTERVAL": "1"}) as gw:
         gw.cli("import", str(tmp_path / "study"))
-        gw.cli("peers", "add", "LATER", "--host", "127.0.0.1", "--port", str(port))
+        gw.cli(
+            "peers",
+            "add",
+            "LATER",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--institution",
+            "Test Hospital",
+        )
         # Nobody listens yet: the first attempt fails and the job stays queued.
         first = gw.cli(
             "forward", study_uid, "--to", "LATER", "--backoff", "1", "--timeout", "0.5",

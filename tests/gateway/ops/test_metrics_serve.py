@@ -35,7 +35,17 @@ def test_metrics_across_processes_and_json_logs(tmp_path):
         "STUDYBRIDGE_PROFILE": "demo",
     }
     with running_gateway(tmp_path, env) as gw:
-        gw.cli("peers", "add", "STORESCU", "--host", "127.0.0.1", "--port", "104")
+        gw.cli(
+            "peers",
+            "add",
+            "STORESCU",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "104",
+            "--institution",
+            "Test Hospital",
+        )
         gw.start("--dimse-workers", "2")
         storescu = require_tool("storescu")
         # Three associations, so both receiving processes are likely to take some.

@@ -87,7 +87,17 @@ def test_closure_incomplete_then_pulled_complete(tmp_path: Path, stack_env: dict
     ):
         done = run_tool([storescu, "-aec", "CLINIC", "127.0.0.1", str(qr_port), *map(str, every)])
         assert done.returncode == 0, done.stderr
-        gw.cli("peers", "add", "CLINIC", "--host", "127.0.0.1", "--port", str(qr_port))
+        gw.cli(
+            "peers",
+            "add",
+            "CLINIC",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(qr_port),
+            "--institution",
+            "Test Hospital",
+        )
         created = gw.cli(
             "transfer", "create", "--institution", "Clinique du Lac", "--issuer", "LAC",
             "--ae", "CLINIC", "--effective-on", "2026-12-31", "--custodian", "Bridge Ltd",

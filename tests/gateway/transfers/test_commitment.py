@@ -68,7 +68,10 @@ def test_commitment_same_and_new_association(tmp_path: Path) -> None:
     never_sent = uid()
     pacs_port = free_port()
     with running_gateway(tmp_path) as gw:
-        gw.cli("peers", "add", "PACS", "--host", "127.0.0.1", "--port", str(pacs_port))
+        gw.cli(
+            "peers", "add", "PACS", "--host", "127.0.0.1", "--port", str(pacs_port),
+            "--institution", "Test Hospital",
+        )  # fmt: skip
         created = gw.cli(
             "transfer", "create", "--institution", "Lac", "--issuer", "LAC", "--ae", "PACS",
             "--json",

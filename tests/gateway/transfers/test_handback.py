@@ -25,7 +25,18 @@ def test_suspension_handed_back(tmp_path: Path) -> None:
 
     sources = ct_series(tmp_path / "d" / "a", 2) + ct_series(tmp_path / "d" / "b", 1)
     with storescp(tmp_path, "REOPENED") as (port, out):
-        run("peers", "add", "REOPENED", "--host", "127.0.0.1", "--port", str(port), *data)
+        run(
+            "peers",
+            "add",
+            "REOPENED",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--institution",
+            "Test Hospital",
+            *data,
+        )
         code, text = run(
             "transfer", "create", "--institution", "Lac", "--issuer", "LAC",
             "--reason", "suspension", "--effective-on", "2026-01-01",
