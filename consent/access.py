@@ -363,4 +363,8 @@ class StudyAdmission:
 
     def __call__(self, study_uid: str) -> None:
         if not self.allows(study_uid):
+            if self.principal.kind is Kind.SYSTEM and not self.principal.institution:
+                # A peer registered without an institution sees nothing, not even what
+                # it sent: say what to fix (the Error Comment is 64 characters).
+                raise NotAuthorized("sender has no institution; study exists; not stored")
             raise NotAuthorized("the study belongs to another sender; not stored")

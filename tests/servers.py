@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -168,6 +169,30 @@ class Gateway:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def access_token(self, institution: str, client_id: str = "test-client") -> str:
+        """A real access token of a DICOMweb client of ``institution``: registered with
+        the CLI (``institutions add``, ``add-client``), then OAuth 2 client credentials
+        at ``/api/token`` of the running server."""
+        import httpx
+
+        self.cli("institutions", "add", institution, check=False)  # may exist already
+        created = self.cli("institutions", "add-client", institution, client_id).stdout
+        # The console may wrap the long secret: read it with whitespace removed.
+        secret = re.search(r"shownonce\):(\S+)", "".join(created.split()))
+        assert secret, created
+        answer = httpx.post(
+            f"http://127.0.0.1:{self.http_port}/api/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": client_id,
+                "client_secret": secret.group(1),
+            },
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        token: str = answer.json()["access_token"]
+        return token
 
 
 def process_group_alive(pgid: int, wait: float = 5.0) -> bool:

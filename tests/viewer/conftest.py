@@ -2,8 +2,8 @@
 Chromium (Debian's ``/usr/bin/chromium``, driven by Playwright; never downloaded).
 
 The study is imported as sent by ``INSTITUTION``; the pages get a real access token
-of that institution's DICOMweb client (OAuth 2 client credentials at ``/api/token``,
-``Site.token``), as a share-link exchange would give one, and send it as a Bearer
+of that institution's DICOMweb client (``Gateway.access_token``: OAuth 2 client
+credentials at ``/api/token``; ``Site.token``), as a share-link exchange would give one, and send it as a Bearer
 header. Missing Chromium or Playwright skip locally and fail when CI=true. Screenshots go
 to the session's temporary folder, or to ``STUDYBRIDGE_VIEWER_SHOTS`` when set.
 """
@@ -11,13 +11,11 @@ to the session's temporary folder, or to ``STUDYBRIDGE_VIEWER_SHOTS`` when set.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.servers import missing, running_gateway
@@ -67,23 +65,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     with running_gateway(tmp) as gw:
         gw.cli("institutions", "add", INSTITUTION)
         gw.cli("import", str(tmp / "data"), "--institution", INSTITUTION)
-        created = gw.cli("institutions", "add-client", INSTITUTION, "viewer-test").stdout
-        # The console may wrap the long secret: read it with whitespace removed.
-        secret = re.search(r"shownonce\):(\S+)", "".join(created.split()))
-        assert secret, created
         gw.start()
         url = f"http://127.0.0.1:{gw.http_port}"
-        answer = httpx.post(
-            f"{url}/api/token",
-            data={
-                "grant_type": "client_credentials",
-                "client_id": "viewer-test",
-                "client_secret": secret.group(1),
-            },
-            timeout=30,
-        )
-        assert answer.status_code == 200, answer.text
-        token = answer.json()["access_token"]
+        token = gw.access_token(INSTITUTION, "viewer-test")
         with sync_playwright() as pw:
             browser = pw.chromium.launch(
                 executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS

@@ -28,12 +28,7 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 def test_metrics_across_processes_and_json_logs(tmp_path):
     files = ct_series(tmp_path / "study", 12)
-    # Demo profile: the anonymous QIDO below is served as the demo principal.
-    env = {
-        "STUDYBRIDGE_LOG_FORMAT": "json",
-        "STUDYBRIDGE_LOG_LEVEL": "INFO",
-        "STUDYBRIDGE_PROFILE": "demo",
-    }
+    env = {"STUDYBRIDGE_LOG_FORMAT": "json", "STUDYBRIDGE_LOG_LEVEL": "INFO"}
     with running_gateway(tmp_path, env) as gw:
         gw.cli(
             "peers",
@@ -59,9 +54,14 @@ def test_metrics_across_processes_and_json_logs(tmp_path):
         ae.add_requested_context(Verification)
         assert not ae.associate("127.0.0.1", gw.dimse_port, ae_title=gw.ae_title).is_established
         base = f"http://127.0.0.1:{gw.http_port}"
+        token = gw.access_token("Test Hospital")  # the institution that sent the study
         with httpx.Client(base_url=base, timeout=30) as client:
-            answer = client.get("/dicom-web/studies", headers={"X-Request-ID": "trace-me-1"})
+            answer = client.get(
+                "/dicom-web/studies",
+                headers={"X-Request-ID": "trace-me-1", "Authorization": f"Bearer {token}"},
+            )
             assert answer.status_code == 200
+            assert len(answer.json()) == 1
             assert answer.headers["x-request-id"] == "trace-me-1"
             made_up = client.get("/healthz").headers["x-request-id"]
             assert re.fullmatch(r"[0-9a-f]{32}", made_up)
