@@ -73,9 +73,7 @@ class Stack:
 def stack(request: pytest.FixtureRequest, pg_url: str, tmp_path: Path) -> Iterator[Stack]:
     require_tool("storescu")
     truncate_pg(pg_url)
-    # Demo profile: anonymous HTTP requests as the demo principal (this tests scale,
-    # not access control; see tests/dicomweb/test_access.py for that).
-    env = {"STUDYBRIDGE_DATABASE_URL": pg_url, "STUDYBRIDGE_PROFILE": "demo"}
+    env = {"STUDYBRIDGE_DATABASE_URL": pg_url}
     with contextlib.ExitStack() as stack:
         if request.param == "production":
             s3 = stack.enter_context(seaweedfs(tmp_path / "s3"))
@@ -139,6 +137,9 @@ def test_two_gateways_one_index_one_copy(stack: Stack, pg_url: str, tmp_path: Pa
         tmp_path / "s2", 30, study_uid=study, patient_id="SCALE-1", series_number=2
     )
     body = stow_body(files)
+    # Every sender acts for the one institution (the DIMSE peer is registered for it):
+    # a study another institution created could not be added to (consent.access).
+    auth = {"Authorization": f"Bearer {one.access_token('Test Hospital')}"}
     start = threading.Barrier(3)
     results: dict[str, object] = {}
 
@@ -160,6 +161,7 @@ def test_two_gateways_one_index_one_copy(stack: Stack, pg_url: str, tmp_path: Pa
                         "Content-Type": f'multipart/related; type="application/dicom"; '
                         f"boundary={BOUNDARY}",
                         "Accept": "application/dicom+json",
+                        **auth,
                     },
                     timeout=300,
                 ),
@@ -209,7 +211,9 @@ def test_two_gateways_one_index_one_copy(stack: Stack, pg_url: str, tmp_path: Pa
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         expected[str(ds.SOPInstanceUID)] = (str(ds.SeriesInstanceUID), dataset_bytes(path))
     for gw in (one, two):
-        with httpx.Client(base_url=f"http://127.0.0.1:{gw.http_port}/dicom-web") as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{gw.http_port}/dicom-web", headers=auth
+        ) as client:
             for sop, (series, data) in expected.items():
                 answer = client.get(
                     f"/studies/{study}/series/{series}/instances/{sop}",
