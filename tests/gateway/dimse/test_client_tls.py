@@ -67,10 +67,22 @@ def _setup(pki: Pki, tmp_path: Path, count: int) -> Iterator[tuple[Gateway, Path
         running_gateway(tmp_path, _gateway_env(pki)) as gw,
         storescp(tmp_path, "SECURE", tls=_tls_pacs(pki)) as (port, out),
     ):
-        gw.cli("import", str(tmp_path / "study"))
-        gw.cli("peers", "add", "SECURE", "--host", "127.0.0.1", "--port", str(port), "--tls")
+        gw.cli("import", str(tmp_path / "study"), "--institution", "Test Hospital")
+        gw.cli(
+            "peers",
+            "add",
+            "SECURE",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--tls",
+            "--institution",
+            "Test Hospital",
+        )
         gw.cli(
             "peers", "add", "SPOOFED", "--host", "127.0.0.1", "--port", str(port), "--tls",
+            "--institution", "Test Hospital",
             "--tls-ca-file", str(_rogue_ca(tmp_path)),
         )  # fmt: skip
         yield gw, out, sources
@@ -101,7 +113,10 @@ def test_forward_to_a_tls_pacs_and_a_wrong_ca_refused(pki: Pki, tmp_path: Path) 
 def test_c_move_to_a_tls_destination(pki: Pki, tmp_path: Path) -> None:
     with _setup(pki, tmp_path, 2) as (gw, out, sources):
         study_uid = str(pydicom.dcmread(sources[0]).StudyInstanceUID)
-        gw.cli("peers", "add", "VIEWER", "--host", "127.0.0.1", "--port", "104")
+        gw.cli(
+            "peers", "add", "VIEWER", "--host", "127.0.0.1", "--port", "104",
+            "--institution", "Test Hospital",
+        )  # fmt: skip
         gw.start("--dimse-workers", "1", "--demo")
         ae = AE(ae_title="VIEWER")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)

@@ -82,8 +82,11 @@ def test_a_series_at_the_cap_is_counted_by_content_time(tmp_path: Path) -> None:
     files = _series_with_content_times(tmp_path / "src", 7)
     series_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
     with running_gateway(tmp_path) as gw:
-        gw.cli("import", str(tmp_path / "src"))
-        gw.cli("peers", "add", "STUDYBRIDGE", "--host", "127.0.0.1", "--port", str(gw.dimse_port))
+        gw.cli("import", str(tmp_path / "src"), "--institution", "Test Hospital")
+        gw.cli(
+            "peers", "add", "STUDYBRIDGE", "--host", "127.0.0.1", "--port", str(gw.dimse_port),
+            "--institution", "Test Hospital",
+        )  # fmt: skip
         gw.start("--dimse-workers", "1", "--demo")
         settings = Settings(data_dir=tmp_path / "other", acse_timeout=10)
         peer = Peer("STUDYBRIDGE", "127.0.0.1", gw.dimse_port)
