@@ -2,10 +2,14 @@
 
 A link is a token (256 bits, ``sbl_`` prefix) shown once to its creator; the
 database keeps its SHA-256. The link travels in a URL *fragment*
-(``https://bridge/s#sbl_...``), which browsers never send to servers or put in
-``Referer``; the landing page posts it to ``exchange`` and receives a short-lived
-access token scoped to the link's studies. Showing the landing page (``describe``)
-never consumes a single-use link, so mail scanners that pre-fetch links do no harm.
+(``https://bridge/viewer/share#sbl_...``), which browsers never send to servers or
+put in ``Referer``; the viewer's share-link page posts it to ``exchange`` and
+receives a short-lived access token scoped to the link's studies. Describing a link
+(``describe``) never consumes a single-use link, and fetching the page reaches no
+server code, so mail scanners that pre-fetch links do no harm.
+
+Operators see links (``find_links``: never a token, only its hash is stored) and
+revoke them (``revoke_any_link``) with ``studybridge links``.
 
 Rules checked on every exchange: not revoked, not expired, not locked out (wrong
 access codes counted per link and per client address in a sliding window), the
@@ -20,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, not_, or_, select, update
 
 from consent.access import permitted_studies
 from consent.crypto import hash_secret, new_token, token_hash, verify_secret
@@ -30,6 +34,7 @@ from consent.models import (
     Institution,
     ShareLink,
     ShareLinkStudy,
+    User,
 )
 from consent.notify import LinkOpened, LogNotifier, Notifier
 from consent.principals import ConsentError, Kind, Operation, Principal
@@ -108,6 +113,11 @@ class LinkView:
     recipient_institution: str
     used_at: dt.datetime | None
     revoked_at: dt.datetime | None
+    owner: str = ""  # the patient's username
+    status: str = ""  # usable | expired | revoked | used
+    # Exchanges so far (access tokens issued) and the last one: how often it was opened.
+    opened: int = 0
+    last_opened_at: dt.datetime | None = None
 
 
 def create_link(
@@ -292,10 +302,21 @@ def revoke_link(
     db: Database, owner: Principal, link_id: int, now: dt.datetime | None = None
 ) -> str:
     """Revoke one of the owner's links (and its access tokens); returns the notice."""
-    now = now or utcnow()
+    if owner.kind is not Kind.PATIENT:
+        raise ConsentError("no such share link")
+    return _revoke(db, link_id, owner.id, now or utcnow())
+
+
+def revoke_any_link(db: Database, link_id: int, now: dt.datetime | None = None) -> str:
+    """An operator's revocation (a link sent to the wrong person, a lost phone), from
+    ``studybridge links revoke``; the caller audits it. Returns the notice."""
+    return _revoke(db, link_id, None, now or utcnow())
+
+
+def _revoke(db: Database, link_id: int, owner_id: int | None, now: dt.datetime) -> str:
     with db.writing() as session:
         link = session.get(ShareLink, link_id)
-        if link is None or link.user_fk != owner.id or owner.kind is not Kind.PATIENT:
+        if link is None or (owner_id is not None and link.user_fk != owner_id):
             raise ConsentError("no such share link")
         if link.revoked_at is None:
             link.revoked_at = now
@@ -308,18 +329,59 @@ def revoke_link(
 
 
 def list_links(db: Database, owner: Principal) -> list[LinkView]:
+    """The owner's links, newest first."""
+    return _views(db, [ShareLink.user_fk == owner.id], utcnow())
+
+
+def find_links(
+    db: Database,
+    *,
+    username: str | None = None,
+    link_id: int | None = None,
+    live_only: bool = False,
+    now: dt.datetime | None = None,
+) -> list[LinkView]:
+    """Operators' view of links (``studybridge links``): every link, one patient's, or
+    one link, newest first. Never the token: only its hash is stored."""
+    now = now or utcnow()
+    conditions: list[ColumnElement[bool]] = []
+    if username is not None:
+        conditions.append(User.username == username)
+    if link_id is not None:
+        conditions.append(ShareLink.id == link_id)
+    if live_only:
+        conditions += [
+            ShareLink.revoked_at.is_(None),
+            ShareLink.expires_at > now,
+            or_(ShareLink.used_at.is_(None), not_(ShareLink.single_use)),
+        ]
+    return _views(db, conditions, now)
+
+
+def _views(db: Database, conditions: list[ColumnElement[bool]], now: dt.datetime) -> list[LinkView]:
     with db.reading() as session:
-        links = session.scalars(
-            select(ShareLink).where(ShareLink.user_fk == owner.id).order_by(ShareLink.id.desc())
+        rows = session.execute(
+            select(ShareLink, User.username)
+            .join(User, User.id == ShareLink.user_fk)
+            .where(*conditions)
+            .order_by(ShareLink.id.desc())
         ).all()
+        ids = [link.id for link, _owner in rows]
         studies: dict[int, list[str]] = {}
-        if links:
+        opened: dict[int, tuple[int, dt.datetime | None]] = {}
+        if ids:
             for link_fk, uid in session.execute(
                 select(ShareLinkStudy.link_fk, ShareLinkStudy.study_uid)
-                .where(ShareLinkStudy.link_fk.in_([link.id for link in links]))
+                .where(ShareLinkStudy.link_fk.in_(ids))
                 .order_by(ShareLinkStudy.study_uid)
             ):
                 studies.setdefault(link_fk, []).append(uid)
+            for link_fk, count, last in session.execute(
+                select(AccessToken.link_fk, func.count(), func.max(AccessToken.created_at))
+                .where(AccessToken.link_fk.in_(ids))
+                .group_by(AccessToken.link_fk)
+            ):
+                opened[link_fk] = (count, last)
         names = dict(session.execute(select(Institution.id, Institution.name)).all())
         return [
             LinkView(
@@ -334,8 +396,12 @@ def list_links(db: Database, owner: Principal) -> list[LinkView]:
                 recipient_institution=names.get(link.recipient_institution_fk, ""),
                 used_at=link.used_at,
                 revoked_at=link.revoked_at,
+                owner=owner,
+                status=_status(link, now),
+                opened=opened.get(link.id, (0, None))[0],
+                last_opened_at=opened.get(link.id, (0, None))[1],
             )
-            for link in links
+            for link, owner in rows
         ]
 
 

@@ -24,7 +24,7 @@ from gateway.cli_common import (
     open_archive,
     settings_from,
 )
-from gateway.consent_cli import audit_app, institutions_app, users_app
+from gateway.consent_cli import audit_app, institutions_app, links_app, users_app
 from gateway.ops import commands as ops_commands
 from gateway.ops.doctor import redact_url
 from gateway.peers import PeerError, PeerRegistry
@@ -43,6 +43,7 @@ app.add_typer(tasks_app, name="tasks")
 app.add_typer(audit_app, name="audit")
 app.add_typer(institutions_app, name="institutions")
 app.add_typer(users_app, name="users")
+app.add_typer(links_app, name="links")
 
 _settings = settings_from
 _archive = open_archive

@@ -1,4 +1,4 @@
-"""Operator commands for consent and audit: ``studybridge audit|institutions|users ...``.
+"""Operator commands for consent and audit: ``studybridge audit|institutions|users|links``.
 
 ``audit verify`` walks every hash chain and, when the signed checkpoint file exists,
 checks that no signed record has gone; ``audit checkpoint`` appends one (run it
@@ -9,6 +9,7 @@ secrets) are shown once and stored only as hashes.
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 import json
 from enum import StrEnum
 from pathlib import Path
@@ -20,10 +21,12 @@ from sqlalchemy import select
 
 from consent import audit
 from consent.accounts import enable_totp, set_password
+from consent.links import LinkView, find_links, revoke_any_link
 from consent.models import Institution, InstitutionSystem, User
 from consent.principals import (
     ConsentError,
     Kind,
+    Principal,
     Role,
     add_dicomweb_client,
     add_institution,
@@ -37,6 +40,10 @@ from gateway.peers import PeerRegistry
 audit_app = typer.Typer(help="Verify, checkpoint and export the audit trail.")
 institutions_app = typer.Typer(help="Institutions and their DICOMweb clients.")
 users_app = typer.Typer(help="User accounts: patients, staff, operators, auditors.")
+links_app = typer.Typer(
+    help="Patients' share links: list, show, revoke (tokens are never shown: only hashes "
+    "are stored)."
+)
 
 
 def _open(data_dir: Path | None, config: Path | None) -> tuple[Settings, Archive]:
@@ -291,3 +298,124 @@ def users_enable_totp(
     finally:
         archive.close()
     typer.echo(f"scan or enter in an authenticator app (shown once): {uri}")
+
+
+# -- share links --------------------------------------------------------------------------------
+def _operator() -> Principal:
+    """Who runs this command, as the audit trail names them."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return Principal(kind=Kind.OPERATOR, id=0, name=f"cli:{user}"[:64])
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.isoformat(timespec="minutes") if value else ""
+
+
+def _link_json(view: LinkView) -> dict[str, object]:
+    return {
+        "id": view.id,
+        "owner": view.owner,
+        "label": view.label,
+        "status": view.status,
+        "study_uids": view.study_uids,
+        "created_at": _when(view.created_at),
+        "expires_at": _when(view.expires_at),
+        "can_download": view.can_download,
+        "single_use": view.single_use,
+        "has_access_code": view.has_access_code,
+        "recipient_institution": view.recipient_institution,
+        "opened": view.opened,
+        "last_opened_at": _when(view.last_opened_at),
+        "used_at": _when(view.used_at),
+        "revoked_at": _when(view.revoked_at),
+    }
+
+
+@links_app.command("list")
+def links_list(
+    user: Annotated[str | None, typer.Option(help="Only this patient's links.")] = None,
+    live: Annotated[bool, typer.Option(help="Only links that still work.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Share links, newest first: owner, status, studies, rules, how often opened."""
+    _s, archive = _open(data_dir, config)
+    try:
+        views = find_links(archive.db, username=user, live_only=live)
+    finally:
+        archive.close()
+    if json_output:
+        for view in views:
+            typer.echo(json.dumps(_link_json(view)))
+        return
+    table = Table("id", "owner", "status", "studies", "expires", "rules", "opened", "label")
+    for v in views:
+        rules = [
+            "download" if v.can_download else "view",
+            *(["single use"] if v.single_use else []),
+            *(["code"] if v.has_access_code else []),
+            *([f"for {v.recipient_institution}"] if v.recipient_institution else []),
+        ]
+        table.add_row(
+            str(v.id),
+            audit.escape_text(v.owner),
+            v.status,
+            str(len(v.study_uids)),
+            _when(v.expires_at),
+            ", ".join(rules),
+            str(v.opened),
+            audit.escape_text(v.label),
+        )
+    console.print(table)
+
+
+@links_app.command("show")
+def links_show(
+    link_id: Annotated[int, typer.Argument(help="Link id (from links list).")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """One link as JSON: its studies, rules, status and openings (never its token)."""
+    _s, archive = _open(data_dir, config)
+    try:
+        views = find_links(archive.db, link_id=link_id)
+    finally:
+        archive.close()
+    if not views:
+        raise _fail(ConsentError(f"no share link {link_id}"))
+    typer.echo(json.dumps(_link_json(views[0]), indent=2))
+
+
+@links_app.command("revoke")
+def links_revoke(
+    link_id: Annotated[int, typer.Argument(help="Link id (from links list).")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit trail).")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Revoke a link and its access tokens at once (audited, with the reason)."""
+    if len(reason.strip()) < 3:
+        raise _fail(ConsentError("say why the link is revoked (--reason)"))
+    settings, archive = _open(data_dir, config)
+    auditor = audit.Auditor(archive.db, window_seconds=settings.audit_window_seconds)
+    try:
+        notice = revoke_any_link(archive.db, link_id)
+        auditor.record(
+            audit.Attempt(
+                principal=_operator(),
+                door="cli",
+                operation="link-revoke",
+                outcome="allowed",
+                detail=f"link {link_id}: {reason.strip()}"[:500],
+            )
+        )
+    except ConsentError as exc:
+        raise _fail(exc) from exc
+    finally:
+        auditor.close()
+        archive.close()
+    console.print(f"link {link_id} revoked. {notice}")

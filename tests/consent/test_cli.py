@@ -136,3 +136,55 @@ def test_institutions_and_users(tmp_path: Path):
         assert sign_in(archive.db, "rad", "correct horse battery", pyotp.TOTP(secret).now())
     finally:
         archive.close()
+
+
+def test_links_list_show_revoke_never_print_a_token(site, caplog: pytest.LogCaptureFixture):
+    from consent.audit import iter_records
+    from consent.links import LinkRefused, LinkRules, create_link, exchange
+    from tests.consent.conftest import POLICY
+
+    settings = site.archive.settings
+    env = {"STUDYBRIDGE_DATABASE_URL": settings.database_url} if settings.database_url else {}
+
+    def cli(*args: str) -> tuple[int, str]:
+        result = runner.invoke(
+            app, [*args, "--data-dir", str(settings.data_dir)], env=env, catch_exceptions=False
+        )
+        return result.exit_code, result.output
+
+    rules = LinkRules(single_use=False, access_code="4711", label="for Dr Kim")
+    link_id, token = create_link(site.db, site.p("alice"), [site.studies["a1"]], rules, POLICY)
+    issued = exchange(site.db, token, POLICY, client="10.0.0.9", access_code="4711")
+    _other, other_token = create_link(
+        site.db, site.p("alice"), [site.studies["a3"]], LinkRules(), POLICY
+    )
+    code, table = cli("links", "list", "--user", "alice")
+    assert code == 0 and "alice" in table and "usable" in table
+    code, listed = cli("links", "list", "--user", "alice", "--json")
+    rows = {row["id"]: row for row in map(json.loads, listed.splitlines())}
+    assert rows[link_id]["label"] == "for Dr Kim" and rows[link_id]["has_access_code"]
+    assert cli("links", "list", "--user", "bob", "--json")[1] == ""
+    code, shown = cli("links", "show", str(link_id))
+    assert code == 0, shown
+    view = json.loads(shown)
+    assert view["owner"] == "alice" and view["status"] == "usable" and view["opened"] == 1
+    assert view["study_uids"] == [site.studies["a1"]]
+    assert cli("links", "show", "999999")[0] == 1
+    assert cli("links", "revoke", str(link_id), "--reason", "x")[0] == 1  # a reason is needed
+    code, revoked = cli("links", "revoke", str(link_id), "--reason", "sent to the wrong person")
+    assert code == 0 and "cannot be recalled" in revoked
+    # Effective at once: the link and the access token it gave are dead.
+    from consent.tokens import resolve
+
+    assert resolve(site.db, issued.token) is None
+    with pytest.raises(LinkRefused):
+        exchange(site.db, token, POLICY, client="10.0.0.9", access_code="4711")
+    code, live = cli("links", "list", "--live", "--json")
+    assert code == 0
+    assert [json.loads(line)["id"] for line in live.splitlines()] == [_other]
+    records = [r for r in iter_records(site.db) if r.operation == "link-revoke"]
+    assert len(records) == 1 and "wrong person" in records[0].detail
+    assert records[0].door == "cli" and records[0].principal_name.startswith("cli:")
+    everything = table + listed + shown + revoked + live + caplog.text
+    for secret in (token, other_token, issued.token, token[4:], issued.token[5:]):
+        assert secret not in everything
