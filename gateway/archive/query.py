@@ -242,8 +242,10 @@ def run_query(db: Database, query: Query) -> QueryResult:
         return_keys.append("PatientID")
 
     columns = _Columns(return_keys)
-    # With another key selecting studies, ModalitiesInStudy probes just those studies.
-    narrowed = any(
+    # With another key selecting studies, ModalitiesInStudy probes just those studies
+    # (PostgreSQL; SQLite runs an EXISTS as such a probe anyway, and the fence only
+    # slowed it: 7.6 instead of 5.1 ms for date range + modality at 100k studies).
+    narrowed = not db.is_sqlite and any(
         _ATTRS[k].kind not in ("computed", "constant") for k in match_keys if k != _MODALITIES
     )
     conditions = [
@@ -464,13 +466,14 @@ _MODALITIES = "ModalitiesInStudy"
 def _modalities_condition(value: str, *, probe: bool) -> ColumnElement[bool] | None:
     """Studies with a series of one of the modalities (a list, wildcards allowed).
 
-    With ``probe`` (other keys already select the studies, e.g. a date range), the
-    subquery is fenced with ``OFFSET 0`` so PostgreSQL cannot turn it into a semi-join:
-    it stays a per-study probe of the (study, modality) index over the studies the
-    other keys found. Unfenced, a planner without fresh statistics (which guess 0.5%
-    of series for any modality) hashed every CT series of the archive first: 50-130 ms
-    instead of 3 ms at 100,000 studies. Alone, the key stays a semi-join, which the
-    planner may drive from the modality index when a modality is rare.
+    With ``probe`` (other keys already select the studies, e.g. a date range; on
+    PostgreSQL), the subquery is fenced with ``OFFSET 0`` so PostgreSQL cannot turn
+    it into a semi-join: it stays a per-study probe of the (study, modality) index
+    over the studies the other keys found. Unfenced, a planner without fresh
+    statistics (which guess 0.5% of series for any modality) hashed every CT series
+    of the archive first: 50-130 ms instead of 3 ms at 100,000 studies. Alone, the
+    key stays a semi-join, which the planner may drive from the modality index when
+    a modality is rare.
     """
     modalities = [m.strip() for m in value.split("\\") if m.strip()]
     if not modalities or any(_is_universal(m) for m in modalities):
