@@ -207,6 +207,19 @@ class Settings(BaseSettings):
     # Empty: data_dir/audit/signing-key.pem and data_dir/audit/checkpoints.jsonl.
     audit_key_file: Path | None = None
     audit_checkpoint_file: Path | None = None
+    # How often (seconds) a signed checkpoint is appended (and, with a syslog collector,
+    # new records are sent to it): by the `serve` supervisor without a broker, by
+    # `studybridge worker --beat` with one. 0: never (run `audit checkpoint` yourself).
+    audit_checkpoint_interval: float = 3600.0
+    # Audit records as DICOM audit messages (PS3.15 A.5) to a syslog collector over
+    # TLS (RFC 5425; IHE ATNA): host (empty: off), port, the CA file that verifies the
+    # collector, and our client certificate and key when it asks for one. What was
+    # sent is remembered per chain in data_dir/audit/syslog-cursor.json.
+    audit_syslog_host: str = ""
+    audit_syslog_port: int = 6514
+    audit_syslog_ca_file: Path | None = None
+    audit_syslog_cert_file: Path | None = None
+    audit_syslog_key_file: Path | None = None
 
     # Profile: "production" refuses demo shortcuts; "demo" accepts any AE and says so.
     profile: Literal["default", "demo", "production"] = "default"

@@ -229,6 +229,8 @@ class Supervisor:
         threading.Thread(target=self._sweep_periodically, name="sweeper", daemon=True).start()
         if not settings.task_broker_url and settings.resume_interval > 0:
             threading.Thread(target=self._resume_periodically, name="resumer", daemon=True).start()
+        if not settings.task_broker_url and settings.audit_checkpoint_interval > 0:
+            threading.Thread(target=self._audit_periodically, name="auditor", daemon=True).start()
         restarts: list[float] = []
         while not self.stopping.is_set():
             self.stopping.wait(0.5)
@@ -290,6 +292,23 @@ class Supervisor:
                     archive.close()
             except Exception:
                 log.exception("resuming pulls and forwards failed; trying again next interval")
+
+    def _audit_periodically(self) -> None:
+        """Without a broker: signed audit checkpoints (and syslog shipping)."""
+        from gateway.archive import Archive
+        from gateway.tasks.audit import audit_checkpoint
+        from gateway.tasks.registry import TaskContext
+
+        settings = self.settings
+        while not self.stopping.wait(settings.audit_checkpoint_interval):
+            try:
+                archive = Archive.open(settings)
+                try:
+                    audit_checkpoint(TaskContext(archive, settings))
+                finally:
+                    archive.close()
+            except Exception:
+                log.exception("audit checkpoint failed; trying again next interval")
 
     def _on_signal(self, _signum: int, _frame: Any) -> None:
         self.stopping.set()

@@ -65,6 +65,7 @@ def make_celery(settings: Settings) -> Celery:
                 "options": {"queue": settings.task_queue},
             },
             **_resume_schedule(settings),
+            **_audit_schedule(settings),
         },
     )
     for definition in all_tasks().values():
@@ -86,6 +87,19 @@ def _resume_schedule(settings: Settings) -> dict[str, Any]:
             ("transfer-pulls", "studybridge.transfer_pull"),
             ("forwards", "studybridge.forward"),
         )
+    }
+
+
+def _audit_schedule(settings: Settings) -> dict[str, Any]:
+    """Signed audit checkpoints (and syslog shipping) every ``audit_checkpoint_interval``."""
+    if settings.audit_checkpoint_interval <= 0:
+        return {}
+    return {
+        "audit-checkpoint": {
+            "task": "studybridge.audit_checkpoint",
+            "schedule": settings.audit_checkpoint_interval,
+            "options": {"queue": settings.task_queue},
+        }
     }
 
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 TASK_MODULES: list[str] = [
     "gateway.tasks.derived",
     "gateway.tasks.sweeps",
+    "gateway.tasks.audit",
     "gateway.transfers.tasks",
     "gateway.forward.tasks",
 ]
