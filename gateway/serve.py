@@ -275,40 +275,40 @@ class Supervisor:
     def _resume_periodically(self) -> None:
         """Without a broker: resume due transfer pulls and forwarding jobs (their
         state is in the index, so whatever a crash interrupted goes on from here)."""
-        from gateway.archive import Archive
         from gateway.forward.tasks import forward
-        from gateway.tasks.registry import TaskContext
         from gateway.transfers.tasks import transfer_pull
 
-        settings = self.settings
-        while not self.stopping.wait(settings.resume_interval):
-            try:
-                archive = Archive.open(settings)
-                try:
-                    context = TaskContext(archive, settings)
-                    transfer_pull(context, budget=settings.resume_interval)
-                    forward(context, budget=settings.resume_interval)
-                finally:
-                    archive.close()
-            except Exception:
-                log.exception("resuming pulls and forwards failed; trying again next interval")
+        budget = self.settings.resume_interval
+
+        def resume(context: Any) -> None:
+            transfer_pull(context, budget=budget)
+            forward(context, budget=budget)
+
+        self._run_periodically(budget, "resuming pulls and forwards", resume)
 
     def _audit_periodically(self) -> None:
         """Without a broker: signed audit checkpoints (and syslog shipping)."""
-        from gateway.archive import Archive
         from gateway.tasks.audit import audit_checkpoint
+
+        interval = self.settings.audit_checkpoint_interval
+        self._run_periodically(interval, "audit checkpoint", audit_checkpoint)
+
+    def _run_periodically(self, interval: float, what: str, job: Any) -> None:
+        """Run ``job(TaskContext)`` every ``interval`` seconds until stopping, on a
+        fresh archive each time; a failure is logged and retried next interval."""
+        from gateway.archive import Archive
         from gateway.tasks.registry import TaskContext
 
         settings = self.settings
-        while not self.stopping.wait(settings.audit_checkpoint_interval):
+        while not self.stopping.wait(interval):
             try:
                 archive = Archive.open(settings)
                 try:
-                    audit_checkpoint(TaskContext(archive, settings))
+                    job(TaskContext(archive, settings))
                 finally:
                     archive.close()
             except Exception:
-                log.exception("audit checkpoint failed; trying again next interval")
+                log.exception("%s failed; trying again next interval", what)
 
     def _on_signal(self, _signum: int, _frame: Any) -> None:
         self.stopping.set()
