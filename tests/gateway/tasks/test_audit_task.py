@@ -24,7 +24,7 @@ from gateway.config import Settings
 from gateway.tasks.audit import audit_checkpoint
 from gateway.tasks.celery_app import make_celery
 from gateway.tasks.registry import TaskContext
-from tests.gateway.dimse.test_tls import Pki, make_ca
+from tests.pki import Pki, make_ca
 from tests.servers import running_gateway
 
 WHO = Principal(kind=Kind.STAFF, id=7, name="dr\r\nforged", institution="East")
