@@ -101,6 +101,19 @@ def may_store(principal: Principal) -> bool:
     return False
 
 
+# Who sees national identification numbers (gateway.ops.national_ids) unmasked: the
+# institution's systems (their interfaces match patients by them), its registration
+# clerks and admins. Radiologists, patients, link holders, operators and auditors see
+# them masked: reading images or a history does not need them.
+_NATIONAL_ID_ROLES = {Role.CLERK.value, Role.INSTITUTION_ADMIN.value}
+
+
+def sees_national_ids(principal: Principal) -> bool:
+    if principal.kind in (Kind.DEMO, Kind.SYSTEM):
+        return True
+    return principal.kind is Kind.STAFF and principal.role in _NATIONAL_ID_ROLES
+
+
 def may_add_to_study(db: Database, principal: Principal, study_uid: str) -> bool:
     """Whether ``principal`` may store instances into ``study_uid``: a new study, or one
     it already sees. Storing into another sender's study would otherwise make that

@@ -50,12 +50,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, inspect, select
 
 from consent.models import AuditRecord
 from consent.principals import Principal
 from gateway.archive.db import Database
 from gateway.archive.models import utcnow
+from gateway.ops import national_ids
 
 log = logging.getLogger("studybridge.audit")
 
@@ -501,6 +502,16 @@ _DCM = "http://dicom.nema.org/resources/ontology/DCM"
 def _xml_safe(value: str) -> str:
     # XML 1.0 cannot carry most control characters at all; escape them like logs do.
     return escape_text(value)
+
+
+def masked(row: AuditRecord) -> AuditRecord:
+    """A detached copy of ``row`` for export, with national identification numbers
+    masked in every text value (before any encoding: base64 query details too). The
+    stored record, and so its hash, stays as written."""
+    values = {attr.key: getattr(row, attr.key) for attr in inspect(AuditRecord).column_attrs}
+    return AuditRecord(
+        **{k: national_ids.mask(v) if isinstance(v, str) else v for k, v in values.items()}
+    )
 
 
 def to_dicom_xml(row: AuditRecord, source_id: str = "studybridge") -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sqlalchemy import and_, not_, or_, select
 
-from consent.audit import to_dicom_xml
+from consent.audit import masked, to_dicom_xml
 from consent.models import AuditRecord
 from gateway.archive.db import Database
 
@@ -97,7 +97,8 @@ def ship(db: Database, target: SyslogTLS, cursor_file: Path) -> int:
         rows = _unsent(db, cursor)
         if not rows:
             return total
-        target.send(frame(to_dicom_xml(row), row.at) for row in rows)
+        # The messages leave the host: national identification numbers never do.
+        target.send(frame(to_dicom_xml(masked(row)), row.at) for row in rows)
         for row in rows:
             cursor[row.chain] = max(cursor.get(row.chain, 0), row.seq)
         _save(cursor_file, cursor)

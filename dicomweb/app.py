@@ -32,7 +32,13 @@ from dicomweb.errors import (
     http_error_handler,
     index_error_handler,
 )
-from dicomweb.middleware import CatchAllErrors, HeadAsGet, JSONGZip, ResourcePolicy
+from dicomweb.middleware import (
+    CatchAllErrors,
+    HeadAsGet,
+    JSONGZip,
+    MaskNationalIDs,
+    ResourcePolicy,
+)
 from dicomweb.request_ids import RequestIDs
 from gateway import __version__
 from gateway.archive import Archive
@@ -71,6 +77,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.add_middleware(HeadAsGet)
     app.add_middleware(CatchAllErrors)
     app.add_middleware(ResourcePolicy, prefix=prefix)
+    app.add_middleware(MaskNationalIDs)  # on the JSON body, before gzip
     app.add_middleware(JSONGZip, minimum_size=1024)
     app.add_middleware(
         CORSMiddleware,

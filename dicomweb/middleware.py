@@ -11,6 +11,11 @@
   request is routed as ``GET`` and the server sends the headers only. Large streamed
   bodies (``dicomweb.streaming.BatchedStream``) see the ``HEAD_ONLY`` scope key and
   read nothing, so a HEAD of a study gives its Content-Length without reading it.
+- ``MaskNationalIDs`` masks national identification numbers in the JSON answers
+  (QIDO-RS, metadata, portal API) of a principal that has no need for them
+  (``consent.access.sees_national_ids``); it runs inside ``JSONGZip``, on the body
+  before compression. Instances themselves (``application/dicom``) are returned as
+  stored: whoever may download them may see what they hold.
 - ``JSONGZip`` compresses JSON responses (``application/json``, ``*+json``) of at
   least ``minimum_size`` bytes for clients that accept gzip. Pixel data, multipart,
   DICOM and image responses pass through untouched: they are compressed already, or
@@ -26,7 +31,9 @@ import re
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from consent.access import sees_national_ids
 from dicomweb.dicomjson import dumps
+from gateway.ops.national_ids import mask_bytes
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +114,53 @@ class ResourcePolicy:
 
 _JSON_TYPE = re.compile(r"^application/([a-z0-9.+-]+\+)?json$")
 _GZIP_REFUSED = re.compile(r"(^|,)\s*gzip\s*;\s*q=0(\.0*)?\s*(,|$)")
+
+
+class MaskNationalIDs:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+        passthrough = False
+
+        async def masking_send(message: Message) -> None:
+            nonlocal start, passthrough
+            if passthrough:
+                await send(message)
+                return
+            if message["type"] == "http.response.start":
+                # The principal is known once the route ran (dicomweb.access).
+                principal = scope.get("state", {}).get("principal")
+                headers = Headers(raw=message.get("headers", []))
+                media = headers.get("content-type", "").partition(";")[0].strip().lower()
+                if (
+                    principal is None
+                    or sees_national_ids(principal)
+                    or not _JSON_TYPE.match(media)
+                    or "content-encoding" in headers
+                ):
+                    passthrough = True
+                    await send(message)
+                    return
+                start = message
+                return
+            if message["type"] != "http.response.body" or start is None:
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = mask_bytes(b"".join(chunks))
+            MutableHeaders(scope=start)["Content-Length"] = str(len(body))
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, masking_send)
 
 
 def _accepts_gzip(value: str) -> bool:

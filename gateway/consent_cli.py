@@ -131,20 +131,23 @@ def audit_export(
     config: ConfigFile = None,
 ) -> None:
     """Export records: FHIR AuditEvent (JSON lines), DICOM audit messages (PS3.15 A.5,
-    one per line) or escaped text lines."""
+    one per line) or escaped text lines; national identification numbers masked."""
     start = None
     if since:
         start = dt.datetime.fromisoformat(since)
         start = start if start.tzinfo else start.replace(tzinfo=dt.UTC)
     _settings, archive = _open(data_dir, config)
     try:
-        for row in audit.iter_records(archive.db, since=start):
+        for stored in audit.iter_records(archive.db, since=start):
+            # Exports leave the host: national identification numbers never do.
+            row = audit.masked(stored)
             if fmt is ExportFormat.FHIR:
-                typer.echo(json.dumps(audit.to_fhir(row), ensure_ascii=False))
+                line = json.dumps(audit.to_fhir(row), ensure_ascii=False)
             elif fmt is ExportFormat.DICOM:
-                typer.echo(audit.to_dicom_xml(row))
+                line = audit.to_dicom_xml(row)
             else:
-                typer.echo(audit.render_line(audit.row_values(row)))
+                line = audit.render_line(audit.row_values(row))
+            typer.echo(line)
     finally:
         archive.close()
 

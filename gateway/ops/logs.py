@@ -4,7 +4,8 @@ JSON lines carry a UTC timestamp, level, logger, process, the message, and the
 request ID of the HTTP request being served (``request_id``, set by the app's
 middleware from X-Request-ID or made up). Whatever the format, secrets are masked
 before a line is written: passwords in URLs, ``token=``/``key=`` style parameters
-and Authorization values. Share tokens and keys must not be logged in the first
+and Authorization values; national identification numbers are masked too
+(``gateway.ops.national_ids``). Share tokens and keys must not be logged in the first
 place; this is the safety net.
 """
 
@@ -17,6 +18,8 @@ import logging
 import re
 import sys
 from typing import Literal
+
+from gateway.ops import national_ids
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -39,6 +42,8 @@ _SECRETS = [
     (re.compile(r"(?P<keep>)\bsb(?:at|l)_[A-Za-z0-9_-]{8,}"), "***"),
     # Share-link access codes.
     (re.compile(r"(?P<keep>\baccess_code\b['\"]?\s*[=:]\s*['\"]?)[^\s&'\",;]+"), "***"),
+    # National identification numbers (gateway.ops.national_ids): never in logs.
+    (national_ids.PATTERN, national_ids.MASK),
 ]
 
 

@@ -188,3 +188,28 @@ def test_links_list_show_revoke_never_print_a_token(site, caplog: pytest.LogCapt
     everything = table + listed + shown + revoked + live + caplog.text
     for secret in (token, other_token, issued.token, token[4:], issued.token[5:]):
         assert secret not in everything
+
+
+def test_audit_exports_mask_national_ids(tmp_path: Path):
+    from gateway.config import Settings
+
+    data = tmp_path / "var"
+    archive = Archive.open(Settings(data_dir=data), migrate_schema=True)
+    aud = Auditor(archive.db)
+    who = Principal(kind=Kind.SYSTEM, id=0, name="FINDSCU", institution="East")
+    aud.record(Attempt(who, "dimse", "search", "allowed", detail="PatientID=900101-1234567"))
+    aud.close()
+    archive.close()
+    import base64
+    import re
+
+    for fmt in ("text", "fhir", "dicom"):
+        code, out = run(data, "audit", "export", "--format", fmt)
+        assert code == 0
+        # FHIR and DICOM carry the query detail base64-encoded: decode to look.
+        encoded = re.findall(r'<ParticipantObjectQuery>([^<]+)<|"query": ?"([^"]+)"', out)
+        decoded = [base64.b64decode(a or b).decode() for a, b in encoded]
+        assert decoded or fmt == "text", out
+        shown = "\n".join([out, *decoded])
+        assert "900101-1******" in shown, fmt
+        assert "1234567" not in shown, fmt

@@ -374,3 +374,31 @@ def test_every_attempt_is_audited_and_frames_aggregate(secured: Secured):
         assert all(
             secured.north not in (r.detail or "") for r in session.scalars(select(AuditRecord))
         )
+
+
+def test_national_ids_are_masked_unless_the_role_needs_them(secured: Secured):
+    from consent.principals import Role
+    from consent.tokens import issue_for_user
+
+    rrn = "900101-1234567"
+    ds = ct_slice(patient_id=rrn, issuer="NORTH", rows=4, columns=4)
+    secured.archive.ingest_file(
+        write(ds, secured.tmp_path / "rrn.dcm"), Source(door="test", institution="North")
+    )
+    db = secured.archive.db
+    hour = dt.timedelta(hours=1)
+    rad = issue_for_user(
+        db, add_user(db, "rad", Kind.STAFF, institution="North", role=Role.RADIOLOGIST), hour
+    ).token
+    clerk = issue_for_user(
+        db, add_user(db, "clerk", Kind.STAFF, institution="North", role=Role.CLERK), hour
+    ).token
+    study = ds.StudyInstanceUID
+    for path in (f"/studies?StudyInstanceUID={study}", f"/studies/{study}/metadata"):
+        for token, sees in ((secured.north, True), (clerk, True), (rad, False)):
+            for encoding in ("identity", "gzip"):  # masked before compression
+                response = secured.get(path, token, headers={"Accept-Encoding": encoding})
+                assert response.status_code == 200, (path, response.text)
+                assert (rrn in response.text) is sees, (path, token, encoding)
+                if not sees:
+                    assert "900101-1******" in response.text
