@@ -116,75 +116,33 @@ _JSON_TYPE = re.compile(r"^application/([a-z0-9.+-]+\+)?json$")
 _GZIP_REFUSED = re.compile(r"(^|,)\s*gzip\s*;\s*q=0(\.0*)?\s*(,|$)")
 
 
-class MaskNationalIDs:
+class _JSONRewriter:
+    """Buffers a JSON response (``application/json``, ``*+json``, not already encoded)
+    and rewrites its whole body once complete; subclasses say when and how."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
+    def applies(self, scope: Scope) -> bool:
+        """Whether this request's answer may be rewritten at all (before routing)."""
+        return True
+
+    def wants(self, scope: Scope, start: Message) -> bool:
+        """Whether to rewrite this answer (its status and headers are known)."""
+        return True
+
+    def rewrite(self, body: bytes, headers: MutableHeaders) -> bytes:
+        raise NotImplementedError
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not self.applies(scope):
             await self.app(scope, receive, send)
             return
         start: Message | None = None
         chunks: list[bytes] = []
         passthrough = False
 
-        async def masking_send(message: Message) -> None:
-            nonlocal start, passthrough
-            if passthrough:
-                await send(message)
-                return
-            if message["type"] == "http.response.start":
-                # The principal is known once the route ran (dicomweb.access).
-                principal = scope.get("state", {}).get("principal")
-                headers = Headers(raw=message.get("headers", []))
-                media = headers.get("content-type", "").partition(";")[0].strip().lower()
-                if (
-                    principal is None
-                    or sees_national_ids(principal)
-                    or not _JSON_TYPE.match(media)
-                    or "content-encoding" in headers
-                ):
-                    passthrough = True
-                    await send(message)
-                    return
-                start = message
-                return
-            if message["type"] != "http.response.body" or start is None:
-                await send(message)
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            body = mask_bytes(b"".join(chunks))
-            MutableHeaders(scope=start)["Content-Length"] = str(len(body))
-            await send(start)
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, masking_send)
-
-
-def _accepts_gzip(value: str) -> bool:
-    value = value.lower()
-    return "gzip" in value and not _GZIP_REFUSED.search(value)
-
-
-class JSONGZip:
-    def __init__(self, app: ASGIApp, minimum_size: int = 1024, level: int = 6) -> None:
-        self.app = app
-        self.minimum_size = minimum_size
-        self.level = level
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _accepts_gzip(
-            Headers(scope=scope).get("accept-encoding", "")
-        ):
-            await self.app(scope, receive, send)
-            return
-        start: Message | None = None
-        chunks: list[bytes] = []
-        passthrough = False
-
-        async def compressing_send(message: Message) -> None:
+        async def rewriting_send(message: Message) -> None:
             nonlocal start, passthrough
             if passthrough:
                 await send(message)
@@ -195,7 +153,7 @@ class JSONGZip:
                 if (
                     not _JSON_TYPE.match(media)
                     or "content-encoding" in headers
-                    or message["status"] in (204, 206, 304)
+                    or not self.wants(scope, message)
                 ):
                     passthrough = True
                     await send(message)
@@ -208,14 +166,45 @@ class JSONGZip:
             chunks.append(message.get("body", b""))
             if message.get("more_body", False):
                 return
-            body = b"".join(chunks)
             headers = MutableHeaders(scope=start)
-            headers.add_vary_header("Accept-Encoding")
-            if len(body) >= self.minimum_size:
-                body = gzip.compress(body, compresslevel=self.level, mtime=0)
-                headers["Content-Encoding"] = "gzip"
+            body = self.rewrite(b"".join(chunks), headers)
             headers["Content-Length"] = str(len(body))
             await send(start)
             await send({"type": "http.response.body", "body": body})
 
-        await self.app(scope, receive, compressing_send)
+        await self.app(scope, receive, rewriting_send)
+
+
+class MaskNationalIDs(_JSONRewriter):
+    def wants(self, scope: Scope, start: Message) -> bool:
+        # The principal is known once the route ran (dicomweb.access).
+        principal = scope.get("state", {}).get("principal")
+        return principal is not None and not sees_national_ids(principal)
+
+    def rewrite(self, body: bytes, headers: MutableHeaders) -> bytes:
+        return mask_bytes(body)
+
+
+def _accepts_gzip(value: str) -> bool:
+    value = value.lower()
+    return "gzip" in value and not _GZIP_REFUSED.search(value)
+
+
+class JSONGZip(_JSONRewriter):
+    def __init__(self, app: ASGIApp, minimum_size: int = 1024, level: int = 6) -> None:
+        super().__init__(app)
+        self.minimum_size = minimum_size
+        self.level = level
+
+    def applies(self, scope: Scope) -> bool:
+        return _accepts_gzip(Headers(scope=scope).get("accept-encoding", ""))
+
+    def wants(self, scope: Scope, start: Message) -> bool:
+        return start["status"] not in (204, 206, 304)
+
+    def rewrite(self, body: bytes, headers: MutableHeaders) -> bytes:
+        headers.add_vary_header("Accept-Encoding")
+        if len(body) >= self.minimum_size:
+            body = gzip.compress(body, compresslevel=self.level, mtime=0)
+            headers["Content-Encoding"] = "gzip"
+        return body
