@@ -23,7 +23,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from consent import redact
 from consent.access import Gate
 from consent.audit import Auditor
-from consent.principals import ConsentError
+from consent.principals import ConsentError, Kind
+from consent.tokens import resolve
 from dicomweb import capabilities, imports, portal, qido, stow, wado
 from dicomweb.access import require_principal
 from dicomweb.errors import (
@@ -162,22 +163,38 @@ _PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 
 
 def _check_scraper(request: Request, settings: Settings) -> None:
-    """Who may read /metrics: the holder of ``metrics_token`` or, without one, a client
-    on this machine that came through no proxy (the metrics name peers, institutions and
-    failure causes: operations data, not for the public side)."""
+    """Who may read /metrics (operations data: peers, institutions, failure causes):
+
+    - a request with ``Authorization: Bearer`` and the ``metrics_token`` (a scraper's
+      credential), or an operator's access token (``consent``: operators run the
+      installation);
+    - without credentials, a client on this machine that came through no proxy, and
+      only while no ``metrics_token`` is set.
+    """
     token = settings.metrics_token.get_secret_value()
+    scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+    given = given.strip()
+    if scheme.lower() == "bearer" and given:
+        if token and hmac.compare_digest(given.encode(), token.encode()):
+            return
+        principal = resolve(request.app.state.archive.db, given)
+        if principal is not None and principal.kind is Kind.OPERATOR:
+            return
+        if principal is not None:
+            raise HTTPError(403, "metrics are for operators", reason="forbidden")
+        raise HTTPError(
+            401,
+            "the token is neither the scrape token nor a valid operator's access token",
+            reason="invalid-token",
+            headers={"WWW-Authenticate": 'Bearer realm="metrics", error="invalid_token"'},
+        )
     if token:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), token.encode()
-        ):
-            raise HTTPError(
-                401,
-                "metrics need the scrape token (Authorization: Bearer)",
-                reason="unauthorized",
-                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
-            )
-        return
+        raise HTTPError(
+            401,
+            "metrics need the scrape token or an operator's access token (Authorization: Bearer)",
+            reason="unauthorized",
+            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+        )
     host = request.client.host if request.client else ""
     try:
         local = ipaddress.ip_address(host).is_loopback
@@ -186,6 +203,7 @@ def _check_scraper(request: Request, settings: Settings) -> None:
     if not local or any(h in request.headers for h in _PROXY_HEADERS):
         raise HTTPError(
             403,
-            "metrics are served to this machine only; set metrics_token for a remote scraper",
+            "metrics are served to this machine only, to operators, or to a scraper "
+            "with metrics_token",
             reason="forbidden",
         )
