@@ -14,7 +14,8 @@ Default deny. The rules:
 - it sees a patient's studies the patient consented to (a permit consent naming the
   institution, in its period, not revoked, for all studies or the named ones; a deny
   consent overrides permits but not the institution's own studies);
-- a patient sees the studies of the archive patients linked to their account;
+- a patient sees the studies of the archive patients linked to their account, and so
+  does a guardian or legal representative linked by proxy (until the link ends);
 - a share link's holder sees the link's studies while the link is live (view; whole
   instances only if the link allows download);
 - a user with a live break-glass grant sees that patient's studies (flagged);
@@ -65,7 +66,7 @@ def study_filter(
     if operation not in _READS:
         return false()  # storing is a permission of the principal (may_store), not a scope
     if kind is Kind.PATIENT:
-        return _patient_studies(principal.id)
+        return _patient_studies(principal.id, now)
     if kind is Kind.LINK:
         if operation is Operation.DOWNLOAD and not principal.can_download:
             return false()
@@ -150,7 +151,9 @@ def permitted_studies(
 # -- the rules as SQL --------------------------------------------------------------------
 # Every subquery works on aliases: the engine's outer query already has studies,
 # series and instances in its FROM list, and SQLAlchemy would otherwise correlate.
-def _linked_patient_studies(user_fk: object) -> tuple[object, object, object]:
+def _linked_patient_studies(user_fk: object, now: dt.datetime) -> tuple[object, object, object]:
+    # A patient's own links, and a guardian's or legal representative's (proxy links)
+    # until they end: the proxy acts for the patient in every rule below.
     s = aliased(Study)
     p = aliased(Patient)
     link = aliased(PatientLink)
@@ -165,20 +168,24 @@ def _linked_patient_studies(user_fk: object) -> tuple[object, object, object]:
                 p.unidentified_study_uid == "",
             ),
         )
-        .where(link.user_fk == user_fk, link.revoked_at.is_(None))
+        .where(
+            link.user_fk == user_fk,
+            link.revoked_at.is_(None),
+            or_(link.ends_at.is_(None), link.ends_at > now),
+        )
     )
     return join, s, link
 
 
-def _patient_studies(user_id: int) -> ColumnElement[bool]:
-    stmt, _s, _link = _linked_patient_studies(user_id)
+def _patient_studies(user_id: int, now: dt.datetime) -> ColumnElement[bool]:
+    stmt, _s, _link = _linked_patient_studies(user_id, now)
     return Study.id.in_(stmt)
 
 
 def _link_studies(link_id: int, now: dt.datetime) -> ColumnElement[bool]:
     # The link's studies, and only while they are still the owner's (a revoked patient
     # link takes its studies out of every share link made from it).
-    stmt, s, link = _linked_patient_studies(ShareLink.user_fk)
+    stmt, s, link = _linked_patient_studies(ShareLink.user_fk, now)
     stmt = (
         stmt.join(ShareLink, ShareLink.user_fk == link.user_fk)
         .join(
@@ -216,7 +223,7 @@ def _institution_studies(
 
 
 def _consented(institution_id: int, decision: str, now: dt.datetime) -> ColumnElement[bool]:
-    stmt, s, link = _linked_patient_studies(Consent.user_fk)
+    stmt, s, link = _linked_patient_studies(Consent.user_fk, now)
     listed = exists().where(
         ConsentStudy.consent_fk == Consent.id, ConsentStudy.study_uid == s.study_uid
     )

@@ -114,6 +114,12 @@ class PatientLink(Base):
     evidence: Mapped[str] = mapped_column(Text, nullable=False)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # self | guardian | legal-representative: a proxy acts for the patient (sees and
+    # shares their studies) until ends_at (a minor comes of age, a court order ends).
+    relation: Mapped[str] = mapped_column(
+        String(32), nullable=False, default="self", server_default="self"
+    )
+    ends_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Consent(Base):

@@ -6,12 +6,20 @@ responsibility for it, with the evidence they relied on, and the act is audited:
 - ``attestation``: an institution admin vouches for a Patient ID of their own
   institution's issuer (the patient identified themselves at that hospital);
 - ``verification``: an operator checked the patient's identity and documents.
+
+A link's ``relation`` says whose account it is: the patient's own (``self``), or a
+proxy's (``guardian``: a minor's parent; ``legal-representative``), made the same
+way and with the evidence of the relation (family register, court order), usually
+with an end (``ends_at``: the minor comes of age). A proxy acts for the patient:
+sees their studies, shares them, gives consents; every access is audited under the
+proxy's own name, so the patient's history shows who it was.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+from enum import StrEnum
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -23,6 +31,17 @@ from gateway.archive.db import Database
 from gateway.archive.models import utcnow
 
 
+class Relation(StrEnum):
+    """Whose account a patient link is: the patient's own, or a proxy's."""
+
+    SELF = "self"
+    GUARDIAN = "guardian"
+    LEGAL_REPRESENTATIVE = "legal-representative"
+
+
+RELATIONS = tuple(r.value for r in Relation)
+
+
 def link_patient(
     db: Database,
     auditor: Auditor,
@@ -32,6 +51,8 @@ def link_patient(
     patient_id: str,
     by: Principal,
     evidence: str,
+    relation: str = "self",
+    ends_at: dt.datetime | None = None,
     client: str = "",
     now: dt.datetime | None = None,
 ) -> int:
@@ -39,6 +60,10 @@ def link_patient(
     issuer, patient_id, evidence = issuer.strip(), patient_id.strip(), evidence.strip()
     if not issuer or not patient_id:
         raise ConsentError("a patient link needs the issuer and the Patient ID")
+    if relation not in RELATIONS:
+        raise ConsentError(f"relation is one of {', '.join(RELATIONS)}")
+    if ends_at is not None and ends_at <= now:
+        raise ConsentError("the link would end before it starts")
     if len(evidence) < 10:
         raise ConsentError("say what the identity was checked against (at least 10 characters)")
     with db.reading() as session:
@@ -55,7 +80,14 @@ def link_patient(
         else:
             raise ConsentError("only an institution admin or an operator links patients")
     detail = json.dumps(
-        {"account": account_id, "issuer": issuer, "patient_id": patient_id, "method": method}
+        {
+            "account": account_id,
+            "issuer": issuer,
+            "patient_id": patient_id,
+            "method": method,
+            "relation": relation,
+            "ends_at": ends_at.isoformat() if ends_at else None,
+        }
     )
     try:
         with db.writing() as session:
@@ -67,6 +99,8 @@ def link_patient(
                 attested_by_fk=by.id,
                 evidence=evidence,
                 created_at=now,
+                relation=relation,
+                ends_at=ends_at,
             )
             session.add(row)
             session.flush()

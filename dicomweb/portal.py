@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlencode
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from consent import breakglass, consents
@@ -42,6 +43,8 @@ from consent.links import (
     list_links,
     revoke_link,
 )
+from consent.models import User
+from consent.patients import Relation, link_patient
 from consent.principals import ConsentError, Kind, Principal
 from consent.tokens import authenticate_client, issue_for_system, issue_for_user
 from dicomweb.access import client_address, gate_of, optional_principal, require_principal
@@ -440,6 +443,50 @@ def review_grant(
 ) -> dict[str, str]:
     breakglass.review(_db(request), me, grant_id, body.note)
     return {"status": "reviewed"}
+
+
+# -- patient links (institution attestation, operator verification) -----------------------
+class NewPatientLink(BaseModel):
+    username: str = Field(max_length=200)
+    issuer: str = Field(max_length=64)
+    patient_id: str = Field(max_length=64)
+    evidence: str = Field(max_length=2000)
+    relation: Relation = Relation.SELF
+    ends_at: dt.datetime | None = None
+
+
+@router.post(
+    "/patient-links",
+    summary="Link an account to a patient: themself, or a guardian / legal representative",
+)
+def new_patient_link(
+    body: NewPatientLink, request: Request, me: Principal = Depends(require_principal)
+) -> dict[str, Any]:
+    """Institution admins attest Patient IDs of their own issuer; operators verify any.
+    A proxy (guardian, legal representative) then sees and shares the patient's
+    studies, under their own name in the audit trail, until ``ends_at``."""
+    db = _db(request)
+    _need(me, Kind.STAFF, Kind.OPERATOR)
+    with db.reading() as session:
+        account = session.scalar(select(User.id).where(User.username == body.username))
+    if account is None:
+        raise HTTPError(404, "no such account", "unknown")
+    ends_at = body.ends_at
+    if ends_at is not None and ends_at.tzinfo is None:
+        ends_at = ends_at.replace(tzinfo=dt.UTC)
+    link_id = link_patient(
+        db,
+        gate_of(request).auditor,
+        account_id=account,
+        issuer=body.issuer,
+        patient_id=body.patient_id,
+        by=me,
+        evidence=body.evidence,
+        relation=body.relation.value,
+        ends_at=ends_at,
+        client=client_address(request),
+    )
+    return {"id": link_id, "relation": body.relation.value}
 
 
 async def consent_error_handler(_request: Request, exc: Exception) -> JSONResponse:

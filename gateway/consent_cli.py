@@ -8,9 +8,11 @@ secrets) are shown once and stored only as hashes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import getpass
 import json
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +25,7 @@ from consent import audit
 from consent.accounts import enable_totp, set_password
 from consent.links import LinkView, find_links, revoke_any_link
 from consent.models import Institution, InstitutionSystem, User
+from consent.patients import Relation, link_patient, unlink_patient
 from consent.principals import (
     ConsentError,
     Kind,
@@ -31,6 +34,7 @@ from consent.principals import (
     add_dicomweb_client,
     add_institution,
     add_user,
+    user_principal,
 )
 from gateway.archive import Archive
 from gateway.cli_common import ConfigFile, DataDir, console, err, open_archive, settings_from
@@ -153,6 +157,21 @@ def audit_export(
 
 
 # -- institutions -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _admin(data_dir: Path | None, config: Path | None) -> Iterator[tuple[Archive, audit.Auditor]]:
+    """The archive and an auditor for one administrative command; a refusal
+    (``ConsentError``) becomes a red message and exit status 1."""
+    settings, archive = _open(data_dir, config)
+    auditor = audit.Auditor(archive.db, window_seconds=settings.audit_window_seconds)
+    try:
+        yield archive, auditor
+    except ConsentError as exc:
+        raise _fail(exc) from exc
+    finally:
+        auditor.close()
+        archive.close()
+
+
 def _fail(exc: Exception) -> typer.Exit:
     err.print(f"[red]{exc}[/red]")
     return typer.Exit(1)
@@ -167,13 +186,8 @@ def institutions_add(
     config: ConfigFile = None,
 ) -> None:
     """Register an institution."""
-    _s, archive = _open(data_dir, config)
-    try:
+    with _admin(data_dir, config) as (archive, _auditor):
         add_institution(archive.db, name, issuer=issuer, description=description)
-    except ConsentError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     console.print(f"institution {name} registered")
 
 
@@ -185,13 +199,8 @@ def institutions_add_client(
     config: ConfigFile = None,
 ) -> None:
     """Create DICOMweb client credentials for an institution (secret shown once)."""
-    _s, archive = _open(data_dir, config)
-    try:
+    with _admin(data_dir, config) as (archive, _auditor):
         _id, secret = add_dicomweb_client(archive.db, name, client_id)
-    except ConsentError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     console.print(f"client {client_id} of {name}; secret (shown once): {secret}")
 
 
@@ -230,8 +239,7 @@ def users_add(
     config: ConfigFile = None,
 ) -> None:
     """Create an account (sign-in methods come with the portal)."""
-    _s, archive = _open(data_dir, config)
-    try:
+    with _admin(data_dir, config) as (archive, _auditor):
         add_user(
             archive.db,
             username,
@@ -240,10 +248,6 @@ def users_add(
             institution=institution,
             role=role,
         )
-    except ConsentError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     console.print(f"{kind.value} account {username} created")
 
 
@@ -276,13 +280,8 @@ def users_set_password(
     config: ConfigFile = None,
 ) -> None:
     """Set a local account's password (argon2 hash; at least 12 characters)."""
-    _s, archive = _open(data_dir, config)
-    try:
+    with _admin(data_dir, config) as (archive, _auditor):
         set_password(archive.db, username, password)
-    except ConsentError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     console.print(f"password of {username} set")
 
 
@@ -293,14 +292,75 @@ def users_enable_totp(
     config: ConfigFile = None,
 ) -> None:
     """Give an account a new TOTP secret; prints the otpauth:// URI for its app (once)."""
-    _s, archive = _open(data_dir, config)
-    try:
+    with _admin(data_dir, config) as (archive, _auditor):
         uri = enable_totp(archive.db, username)
-    except ConsentError as exc:
-        raise _fail(exc) from exc
-    finally:
-        archive.close()
     typer.echo(f"scan or enter in an authenticator app (shown once): {uri}")
+
+
+def _account(archive: Archive, username: str) -> int:
+    with archive.db.reading() as session:
+        user_id = session.scalar(select(User.id).where(User.username == username))
+    if user_id is None:
+        raise _fail(ConsentError(f"no account {username!r}"))
+    return int(user_id)
+
+
+def _acting(archive: Archive, username: str) -> Principal:
+    """The operator or institution admin who takes responsibility for a link."""
+    principal = user_principal(archive.db, _account(archive, username))
+    if principal is None:
+        raise _fail(ConsentError(f"account {username!r} is disabled"))
+    return principal
+
+
+@users_app.command("link-patient")
+def users_link_patient(
+    username: Annotated[str, typer.Argument(help="The patient's (or proxy's) account.")],
+    issuer: Annotated[str, typer.Option(help="Issuer of Patient ID.")],
+    patient_id: Annotated[str, typer.Option(help="Patient ID at that issuer.")],
+    evidence: Annotated[str, typer.Option(help="What identity and relation were checked.")],
+    by: Annotated[str, typer.Option(help="Operator or institution admin account.")],
+    relation: Annotated[Relation, typer.Option(help="self, guardian or legal-representative.")] = (
+        Relation.SELF
+    ),
+    until: Annotated[
+        str | None, typer.Option(help="Proxy links: ISO date it ends (a minor comes of age).")
+    ] = None,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Link an account to an archive patient (issuer + Patient ID): the patient themself,
+    or a guardian / legal representative acting for them. Audited, never by name matching."""
+    ends_at = None
+    if until:
+        ends_at = dt.datetime.fromisoformat(until)
+        ends_at = ends_at if ends_at.tzinfo else ends_at.replace(tzinfo=dt.UTC)
+    with _admin(data_dir, config) as (archive, auditor):
+        link_id = link_patient(
+            archive.db,
+            auditor,
+            account_id=_account(archive, username),
+            issuer=issuer,
+            patient_id=patient_id,
+            by=_acting(archive, by),
+            evidence=evidence,
+            relation=relation.value,
+            ends_at=ends_at,
+        )
+    console.print(f"patient link {link_id}: {username} ({relation.value}) -> {issuer}/{patient_id}")
+
+
+@users_app.command("unlink-patient")
+def users_unlink_patient(
+    link_id: Annotated[int, typer.Argument(help="Patient link id.")],
+    by: Annotated[str, typer.Option(help="Operator or institution admin account.")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """End a patient link (a proxy's authority ended, a link made in error). Audited."""
+    with _admin(data_dir, config) as (archive, auditor):
+        unlink_patient(archive.db, auditor, link_id, by=_acting(archive, by))
+    console.print(f"patient link {link_id} ended")
 
 
 # -- share links --------------------------------------------------------------------------------
@@ -403,9 +463,7 @@ def links_revoke(
     """Revoke a link and its access tokens at once (audited, with the reason)."""
     if len(reason.strip()) < 3:
         raise _fail(ConsentError("say why the link is revoked (--reason)"))
-    settings, archive = _open(data_dir, config)
-    auditor = audit.Auditor(archive.db, window_seconds=settings.audit_window_seconds)
-    try:
+    with _admin(data_dir, config) as (archive, auditor):
         notice = revoke_any_link(archive.db, link_id)
         auditor.record(
             audit.Attempt(
@@ -416,9 +474,4 @@ def links_revoke(
                 detail=f"link {link_id}: {reason.strip()}"[:500],
             )
         )
-    except ConsentError as exc:
-        raise _fail(exc) from exc
-    finally:
-        auditor.close()
-        archive.close()
     console.print(f"link {link_id} revoked. {notice}")

@@ -246,3 +246,37 @@ def test_tokens_stay_out_of_the_logs(portal: Portal):
     text = stream.getvalue()
     assert token not in text and access["access_token"] not in text
     assert alice["Authorization"].split()[1] not in text
+
+
+def test_operators_link_a_guardian_who_then_sees_the_wards_study(portal: Portal):
+    import datetime as dt
+
+    from sqlalchemy import select
+
+    from consent.models import User
+    from consent.tokens import issue_for_user
+
+    db = portal.archive.db
+    add_user(db, "mom", Kind.PATIENT)
+    set_password(db, "mom", PASSWORD)
+    with db.reading() as session:
+        op_id = session.scalar(select(User.id).where(User.username == "op"))
+    op = {"Authorization": "Bearer " + issue_for_user(db, op_id, dt.timedelta(hours=1)).token}
+    body = {
+        "username": "mom",
+        "issuer": "NORTH",
+        "patient_id": "P2",  # Bob, a minor
+        "evidence": "family register certificate checked by the operator",
+        "relation": "guardian",
+        "ends_at": "2099-01-01T00:00:00Z",
+    }
+    alice = portal.login("alice")
+    assert portal.http.post("/api/patient-links", json=body, headers=alice).status_code == 403
+    assert portal.http.post("/api/patient-links", json=body).status_code == 401
+    unknown = portal.http.post("/api/patient-links", json={**body, "username": "x"}, headers=op)
+    assert unknown.status_code == 404
+    made = portal.http.post("/api/patient-links", json=body, headers=op)
+    assert made.status_code == 200, made.text
+    assert made.json()["relation"] == "guardian"
+    mom = portal.login("mom")
+    assert qido(portal, mom) == {portal.b}
