@@ -162,6 +162,12 @@ METADATA_TARGET_MS = 30.0
 FRAME_TARGET_MS = 10.0
 RSS_FLAT_MB = 50.0
 TINY = 8  # rows and columns of the synthetic index instances
+# Every synthetic and CT instance is sent by this institution, and the benchmark asks
+# as its DICOMweb client (a real access token): queries run with the access scope an
+# institution's viewer gets ("what it sent", a SQL condition inside each query).
+BENCH_INSTITUTION = "studybridge bench"
+# Credentials of the target being measured (one target at a time).
+AUTH: dict[str, str] = {}
 
 DICOM_JSON = "application/dicom+json"
 ACCEPT_STUDY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -386,7 +392,9 @@ def load_by_ingest(archive: Any, specs: Sequence[StudySpec], threads: int) -> No
     """Each tiny instance through the real Archive.ingest_file (the file is moved in)."""
     from gateway.archive import Outcome, Source
 
-    source = Source(door="import", ae_title="BENCHLOAD", host=LOOPBACK)
+    source = Source(
+        door="import", ae_title="BENCHLOAD", host=LOOPBACK, institution=BENCH_INSTITUTION
+    )
     staging = archive.settings.staging_dir
     staging.mkdir(parents=True, exist_ok=True)
     done = [0]
@@ -499,7 +507,7 @@ def load_by_sql(archive: Any, specs: Sequence[StudySpec], batch: int = 2000) -> 
                         "door": "bench-sql",
                         "source_ae": "BENCHLOAD",
                         "source_host": LOOPBACK,
-                        "source_institution": "",
+                        "source_institution": BENCH_INSTITUTION,
                         "transfer_id": None,
                         "received_patient_id": ds.PatientID,
                         "received_issuer": issuer,
@@ -515,10 +523,24 @@ def load_by_sql(archive: Any, specs: Sequence[StudySpec], batch: int = 2000) -> 
             print(f"    {done}/{len(specs)} rows inserted ({rate:.0f} studies/s)", flush=True)
 
 
+def bench_token(archive: Any) -> str:
+    """A day's access token of a DICOMweb client of the institution that sent it all."""
+    import datetime
+
+    from consent.principals import add_dicomweb_client, add_institution
+    from consent.tokens import issue_for_system
+
+    add_institution(archive.db, BENCH_INSTITUTION)
+    client, _secret = add_dicomweb_client(archive.db, BENCH_INSTITUTION, "bench-viewer")
+    return issue_for_system(archive.db, client, datetime.timedelta(days=1)).token
+
+
 def ingest_ct(archive: Any, files: Sequence[Path]) -> None:
     from gateway.archive import Source
 
-    source = Source(door="import", ae_title="BENCHLOAD", host=LOOPBACK)
+    source = Source(
+        door="import", ae_title="BENCHLOAD", host=LOOPBACK, institution=BENCH_INSTITUTION
+    )
     for path in files:
         archive.ingest_file(path, source, owned=False)
 
@@ -535,6 +557,7 @@ class Server:
     load: LoadResult
     studies: int  # studies in its index (synthetic + the CT study)
     note: str = ""
+    auth: dict[str, str] = field(default_factory=dict)  # headers every request carries
 
 
 class Target:
@@ -580,6 +603,7 @@ class Studybridge(Target):
         # --backend production: PostgreSQL + S3 + worker (ingest.py's ProductionBackend).
         self.production: ProductionBackend | None = None
         self.env: dict[str, str] = {}
+        self.token = ""
 
     def available(self) -> str | None:
         try:
@@ -677,6 +701,7 @@ class Studybridge(Target):
             # once run inside a transaction that was then rolled back, which threw the
             # statistics away and left PostgreSQL planning blind: 73 ms at 100k.)
             archive.db.analyze()
+            self.token = bench_token(archive)
         finally:
             archive.close()
         return LoadResult(loader, len(self.specs), seconds, ct_seconds, note)
@@ -699,6 +724,7 @@ class Studybridge(Target):
             load,
             len(self.specs) + 1,
             note,
+            auth={"Authorization": f"Bearer {self.token}"},
         )
 
     def start_http(self, procs: Processes, work: Path, name: str) -> tuple[Any, int, Path]:
@@ -922,7 +948,7 @@ class Bench:
         self.base = base
         self.repeat = repeat
         self.warmup = warmup
-        self.client = httpx.Client(timeout=300, headers={"Accept-Encoding": "identity"})
+        self.client = httpx.Client(timeout=300, headers={"Accept-Encoding": "identity", **AUTH})
 
     def close(self) -> None:
         self.client.close()
@@ -1025,7 +1051,7 @@ def check_study_stream(base: str, study: str, accept: str) -> tuple[int, int, in
     total = parts = 0
     tail = b""
     with (
-        httpx.Client(timeout=600) as client,
+        httpx.Client(timeout=600, headers=AUTH) as client,
         client.stream(
             "GET",
             f"{base}/studies/{study}",
@@ -1118,10 +1144,14 @@ def stream_big(server: Server, study: str) -> dict[str, Any]:
     }
 
 
+def curl_auth() -> list[str]:
+    return [arg for name, value in AUTH.items() for arg in ("-H", f"{name}: {value}")]
+
+
 def curl_get(url: str, accept: str) -> tuple[float, float, int]:
     r = subprocess.run(
         [
-            CURL, "-sS", "-o", "/dev/null", "-H", f"Accept: {accept}",
+            CURL, "-sS", "-o", "/dev/null", "-H", f"Accept: {accept}", *curl_auth(),
             "-H", "Accept-Encoding: identity",
             "-w", "%{http_code} %{time_total} %{time_starttransfer} %{size_download}", url,
         ],
@@ -1138,7 +1168,7 @@ def httpx_stream(url: str, accept: str) -> tuple[float, float, int]:
     ttfb = 0.0
     size = 0
     with (
-        httpx.Client(timeout=600) as client,
+        httpx.Client(timeout=600, headers=AUTH) as client,
         client.stream("GET", url, headers={"Accept": accept, "Accept-Encoding": "identity"}) as r,
     ):
         for chunk in r.iter_raw(1 << 20):
@@ -1270,7 +1300,7 @@ def curl_parallel(urls: Sequence[str], accept: str, work: Path) -> tuple[float, 
     config = work / "curl-urls.cfg"
     config.write_text("".join(f'url = "{u}"\noutput = "/dev/null"\n' for u in urls))
     argv = [
-        CURL, "--parallel", "--parallel-max", str(SCALE_PARALLEL), "-s", "-H", f"Accept: {accept}",
+        CURL, "--parallel", "--parallel-max", str(SCALE_PARALLEL), "-s", "-H", f"Accept: {accept}", *curl_auth(),
         "-H", "Accept-Encoding: identity", "-w", "%{http_code} %{size_download}\n",
         "--config", str(config),
     ]  # fmt: skip
@@ -1670,6 +1700,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server = None
                 try:
                     server = target.start(procs, run_dir)
+                    AUTH.clear()
+                    AUTH.update(server.auth)
                     measured = measure(server, probe, args, is_ours=target.name != "orthanc")
                     if big_study and target.name != "orthanc":
                         print(f"  {target.name}: the big study, once ...", flush=True)
