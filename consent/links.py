@@ -405,16 +405,44 @@ def _views(db: Database, conditions: list[ColumnElement[bool]], now: dt.datetime
         ]
 
 
+def launch_token(
+    db: Database,
+    holder: Principal,
+    policy: LinkPolicy,
+    *,
+    client: str = "",
+    now: dt.datetime | None = None,
+) -> IssuedToken:
+    """A second short-lived access token of the link a holder opened, for an external
+    viewer's launch URL (IHE IID style). Never the share token, and not the holder's
+    own access token: the one that travels in a URL is told apart in the audit trail
+    and dies with the link like any other."""
+    now = now or utcnow()
+    if holder.kind is not Kind.LINK:
+        raise ConsentError("launch URLs are made for share links")
+    with db.reading() as session:
+        link = session.get(ShareLink, holder.id)
+        if link is None or _status(link, now) not in ("usable", "used"):
+            raise ConsentError("no such share link")
+        expires = link.expires_at
+    return issue_for_link(
+        db, holder.id, policy.token_lifetime, link_expires_at=expires, client=client, now=now
+    )
+
+
+def studies_of_link(db: Database, link_id: int) -> list[str]:
+    with db.reading() as session:
+        return list(
+            session.scalars(
+                select(ShareLinkStudy.study_uid)
+                .where(ShareLinkStudy.link_fk == link_id)
+                .order_by(ShareLinkStudy.study_uid)
+            )
+        )
+
+
 def link_studies(db: Database, issued: IssuedToken) -> list[str]:
     """The Study Instance UIDs an access token exchanged for a link reaches."""
     with db.reading() as session:
         link_fk = session.scalar(select(AccessToken.link_fk).where(AccessToken.id == issued.id))
-        if link_fk is None:
-            return []
-        return list(
-            session.scalars(
-                select(ShareLinkStudy.study_uid)
-                .where(ShareLinkStudy.link_fk == link_fk)
-                .order_by(ShareLinkStudy.study_uid)
-            )
-        )
+    return [] if link_fk is None else studies_of_link(db, link_fk)

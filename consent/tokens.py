@@ -95,7 +95,8 @@ def issue_for_link(
     acting_user_id: int | None = None,
     now: dt.datetime | None = None,
 ) -> IssuedToken:
-    """Only ``consent.links.exchange`` calls this, after checking the link's rules."""
+    """Only ``consent.links`` calls this (exchange, launch_token), after checking the
+    link's rules."""
     return _issue(
         db,
         ttl,

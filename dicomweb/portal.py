@@ -22,7 +22,7 @@ import datetime as dt
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -39,16 +39,19 @@ from consent.links import (
     create_link,
     describe,
     exchange,
+    launch_token,
     link_studies,
     list_links,
     revoke_link,
+    studies_of_link,
 )
 from consent.models import User
 from consent.patients import Relation, link_patient
-from consent.principals import ConsentError, Kind, Principal
+from consent.principals import ConsentError, Kind, Operation, Principal
 from consent.tokens import authenticate_client, issue_for_system, issue_for_user
 from dicomweb.access import client_address, gate_of, optional_principal, require_principal
 from dicomweb.errors import HTTPError
+from gateway.archive.fhir import imaging_study_bundle
 
 PRIVATE = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 # Where a share link opens: the viewer's share-link page, the token in the fragment.
@@ -443,6 +446,60 @@ def review_grant(
 ) -> dict[str, str]:
     breakglass.review(_db(request), me, grant_id, body.note)
     return {"status": "reviewed"}
+
+
+# -- share export: FHIR manifest, IID launch ---------------------------------------------
+@router.get(
+    "/manifest",
+    summary="Studies as a FHIR Bundle (ImagingStudy + DICOMweb Endpoint, in the spirit of "
+    "IHE MADO)",
+)
+def manifest(
+    request: Request,
+    study: list[str] = Query(default_factory=list),
+    me: Principal = Depends(require_principal),
+) -> Response:
+    """The named studies (``study=``, repeatable), or, for a share link's holder, the
+    link's studies. Each must be one the caller may view: any other answers 404, like a
+    study that does not exist. The Endpoint is the DICOMweb base: a reader brings its
+    own access token; none is in the Bundle."""
+    db = _db(request)
+    wanted = sorted(set(study)) or (studies_of_link(db, me.id) if me.kind is Kind.LINK else [])
+    if not wanted or len(wanted) > 100:
+        raise HTTPError(400, "name 1 to 100 studies (study=UID)", "bad-request")
+    allowed = gate_of(request).check(
+        me, Operation.VIEW, wanted, door="portal", client=client_address(request)
+    )
+    missing = [uid for uid in wanted if uid not in allowed]
+    if missing:
+        raise HTTPError(404, f"no such study: {missing[0]}", "not-found")
+    settings = _settings(request)
+    base = str(request.base_url).rstrip("/") + settings.dicomweb_prefix.rstrip("/")
+    bundle = imaging_study_bundle(db, wanted, base)
+    return JSONResponse(bundle, media_type="application/fhir+json", headers=PRIVATE)
+
+
+@router.post("/links/launch", summary="An IHE IID launch URL for an opened share link")
+def link_launch(request: Request, me: Principal = Depends(require_principal)) -> dict[str, Any]:
+    """For the holder of an exchanged link token: the configured IID viewer's URL with
+    the link's studies and a second short-lived access token of the link (never the
+    share token), for a viewer that can take a token no other way."""
+    settings = _settings(request)
+    if not settings.iid_viewer_url:
+        raise HTTPError(404, "no IID viewer is configured here", "not-found")
+    db = _db(request)
+    issued = launch_token(db, me, _policy(request), client=client_address(request))
+    _audit(request, me, "link-launch", "allowed", detail=f"access token {issued.id}")
+    query = urlencode(
+        {
+            "requestType": "STUDY",
+            "studyUID": ",".join(studies_of_link(db, me.id)),
+            "diagnosticQuality": "true",
+            "access_token": issued.token,  # RFC 6750 2.3: the viewer sends it as Bearer
+        }
+    )
+    url = f"{settings.iid_viewer_url}?{query}"
+    return {"url": url, "expires_at": issued.expires_at.isoformat()}
 
 
 # -- patient links (institution attestation, operator verification) -----------------------

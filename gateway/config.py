@@ -198,6 +198,10 @@ class Settings(BaseSettings):
     # A DICOMweb viewer (e.g. OHIF's /viewer) the share-link page opens with
     # ?StudyInstanceUIDs=...&token=<short-lived access token>; empty: no viewer link.
     viewer_url: str = ""
+    # An external viewer's IHE IID endpoint (".../IHEInvokeImageDisplay"): a share link's
+    # holder may ask for a launch URL (requestType=STUDY&studyUID=...&access_token=<a
+    # second short-lived access token of the link, never the share token>); empty: none.
+    iid_viewer_url: str = ""
     # Break-glass grants: longest duration (minutes).
     break_glass_max_minutes: float = 240.0
     # Audit: repeats of one attempt within this window make one record.

@@ -280,3 +280,73 @@ def test_operators_link_a_guardian_who_then_sees_the_wards_study(portal: Portal)
     assert made.json()["relation"] == "guardian"
     mom = portal.login("mom")
     assert qido(portal, mom) == {portal.b}
+
+
+def _opened_link(portal: Portal) -> tuple[str, dict[str, str]]:
+    alice = portal.login("alice")
+    token = portal.http.post(
+        "/api/me/links", json={"study_uids": [portal.a]}, headers=alice
+    ).json()["token"]
+    opened = portal.http.post("/api/links/exchange", json={"token": token}).json()
+    return token, {"Authorization": f"Bearer {opened['access_token']}"}
+
+
+def test_a_share_exports_as_a_fhir_bundle(portal: Portal):
+    from fhir.resources.R4B.bundle import Bundle
+
+    share_token, holder = _opened_link(portal)
+    response = portal.http.get("/api/manifest", headers=holder)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    assert response.headers["referrer-policy"] == "no-referrer"
+    bundle = Bundle.model_validate(response.json())  # a valid FHIR R4 Bundle
+    kinds = [e.resource.get_resource_type() for e in bundle.entry]
+    assert sorted(kinds) == ["Endpoint", "ImagingStudy", "Patient"]
+    endpoint = next(
+        e.resource for e in bundle.entry if e.resource.get_resource_type() == "Endpoint"
+    )
+    assert (
+        endpoint.address.endswith("/dicom-web") and endpoint.connectionType.code == "dicom-wado-rs"
+    )
+    study = next(
+        e.resource for e in bundle.entry if e.resource.get_resource_type() == "ImagingStudy"
+    )
+    assert study.identifier[0].value == f"urn:oid:{portal.a}"
+    assert study.numberOfSeries == 1 and study.numberOfInstances == 1
+    # No credential travels in the manifest.
+    assert "sbl_" not in response.text and "sbat_" not in response.text
+    assert share_token not in response.text
+    # Only what the caller may view: another study answers like a missing one.
+    other = portal.http.get("/api/manifest", params={"study": portal.b}, headers=holder)
+    nothing = portal.http.get("/api/manifest", params={"study": "1.2.3.4"}, headers=holder)
+    assert other.status_code == nothing.status_code == 404
+    assert portal.http.get("/api/manifest").status_code == 401
+    alice = portal.login("alice")
+    mine = portal.http.get("/api/manifest", params={"study": portal.a}, headers=alice)
+    assert mine.status_code == 200
+
+
+def test_an_iid_launch_url_carries_a_second_short_lived_token(portal: Portal):
+    from urllib.parse import parse_qs, urlsplit
+
+    share_token, holder = _opened_link(portal)
+    portal.settings.iid_viewer_url = ""
+    assert portal.http.post("/api/links/launch", headers=holder).status_code == 404
+    portal.settings.iid_viewer_url = "https://viewer.example.org/IHEInvokeImageDisplay"
+    alice = portal.login("alice")
+    assert portal.http.post("/api/links/launch", headers=alice).status_code == 400
+    launched = portal.http.post("/api/links/launch", headers=holder)
+    assert launched.status_code == 200, launched.text
+    url = urlsplit(launched.json()["url"])
+    assert f"{url.scheme}://{url.netloc}{url.path}" == portal.settings.iid_viewer_url
+    query = {k: v[0] for k, v in parse_qs(url.query).items()}
+    assert query["requestType"] == "STUDY" and query["studyUID"] == portal.a
+    token = query["access_token"]
+    assert token.startswith("sbat_") and token != holder["Authorization"].split()[1]
+    assert share_token not in launched.text
+    # It is a real access token of the link, scoped like it, and dies with it.
+    assert qido(portal, {"Authorization": f"Bearer {token}"}) == {portal.a}
+    link_id = portal.http.get("/api/me/links", headers=alice).json()[0]["id"]
+    portal.http.delete(f"/api/me/links/{link_id}", headers=alice)
+    gone = portal.http.get("/dicom-web/studies", headers={"Authorization": f"Bearer {token}"})
+    assert gone.status_code == 401
