@@ -195,8 +195,9 @@ class Settings(BaseSettings):
     access_code_max_failures: int = 5
     access_code_max_failures_per_client: int = 10
     access_code_lockout_minutes: float = 15.0
-    # A DICOMweb viewer (e.g. OHIF's /viewer) the share-link page opens with
-    # ?StudyInstanceUIDs=...&token=<short-lived access token>; empty: no viewer link.
+    # An external DICOMweb viewer that takes a token only in its URL (OHIF 3.x's
+    # /viewer): a link exchange answers with its launch URL ?StudyInstanceUIDs=...&
+    # token=<short-lived access token, never the share token>; empty: none.
     viewer_url: str = ""
     # An external viewer's IHE IID endpoint (".../IHEInvokeImageDisplay"): a share link's
     # holder may ask for a launch URL (requestType=STUDY&studyUID=...&access_token=<a
