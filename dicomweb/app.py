@@ -25,7 +25,7 @@ from consent.access import Gate
 from consent.audit import Auditor
 from consent.principals import ConsentError, Kind
 from consent.tokens import resolve
-from dicomweb import capabilities, imports, portal, qido, stow, wado
+from dicomweb import capabilities, imports, media, portal, qido, stow, wado
 from dicomweb.access import require_principal
 from dicomweb.errors import (
     HTTPError,
@@ -110,6 +110,8 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.include_router(stow.router, prefix=prefix, tags=["STOW-RS"], dependencies=signed_in)
     # Uploads need the store permission and count as sent by the caller's institution.
     app.include_router(imports.router, tags=["Import"], dependencies=signed_in)
+    # Downloads of a study as a zip need the download permission (dicomweb.media).
+    app.include_router(media.router, tags=["Download"], dependencies=signed_in)
 
     # The viewer's pages: a separate door that reads this API over HTTP like any viewer,
     # with an access token (Bearer) like any viewer. The pages are static: no study data.

@@ -402,3 +402,27 @@ def test_national_ids_are_masked_unless_the_role_needs_them(secured: Secured):
                 assert (rrn in response.text) is sees, (path, token, encoding)
                 if not sees:
                     assert "900101-1******" in response.text
+
+
+def test_study_media_zip_needs_download_permission(secured: Secured):
+    root = secured.url.removesuffix(secured.settings.dicomweb_prefix.rstrip("/"))
+
+    def media(study: str, token: str | None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.get(f"{root}/api/studies/{study}/media", headers=headers, timeout=60)
+
+    got = media(secured.a.study, secured.north)
+    assert got.status_code == 200, got.text
+    assert got.headers["content-type"] == "application/zip"
+    assert "attachment" in got.headers["content-disposition"]
+    with zipfile.ZipFile(io.BytesIO(got.content)) as zf:
+        names = zf.namelist()
+    assert names[:2] == ["DICOMDIR", "README.TXT"] and len(names) == 4  # two instances
+    # View-only share link: refused plainly; another sender's study: like a missing one.
+    refused = media(secured.a.study, secured.link)
+    assert refused.status_code == 403 and "download" in refused.json()["message"]
+    hidden, missing = media(secured.b.study, secured.north), media(uid(), secured.north)
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.json()["error"] == missing.json()["error"]
+    assert media(secured.a.study, None).status_code == 401
+    assert media("not-a-uid", secured.north).status_code == 400
