@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from consent.audit import Auditor
+from consent.audit import Attempt, Auditor
 from consent.principals import Kind, Principal, principal_by_username
 from gateway.archive import Archive
 from gateway.config import Settings, load_settings
@@ -89,3 +89,34 @@ def need_operator(principal: Principal) -> None:
 def cli_auditor(settings: Settings, archive: Archive) -> Auditor:
     """The audit writer of one CLI command (``close()`` it to write repeat counts)."""
     return Auditor(archive.db, window_seconds=settings.audit_window_seconds)
+
+
+def operator_action(
+    settings: Settings,
+    archive: Archive,
+    act_as: str | None,
+    operation: str,
+    *,
+    detail: str = "",
+    study_uid: str = "",
+) -> Principal:
+    """An operator-only command: who runs it (``acting_principal``), refused unless an
+    operator, and audited (allowed or denied) before anything is done."""
+    principal = acting_principal(settings, archive, act_as)
+    allowed = principal.kind is Kind.OPERATOR
+    auditor = cli_auditor(settings, archive)
+    try:
+        auditor.record(
+            Attempt(
+                principal=principal,
+                door="cli",
+                operation=operation,
+                outcome="allowed" if allowed else "denied",
+                study_uid=study_uid,
+                detail=detail,
+            )
+        )
+    finally:
+        auditor.close()
+    need_operator(principal)
+    return principal

@@ -4,7 +4,9 @@
 with backoff; Ctrl-C leaves it queued for ``jobs resume``). Exit codes: 0 every
 instance sent, 1 the job failed or instances were refused, 2 bad input.
 
-Who may: operator only for now; access checks and audit come with the consent layer.
+Who may: ``forward`` is the forwarding access decision (``gateway.forward.access``:
+the one running it, ``--as``, and the peer's institution must both be permitted to
+download the study); ``jobs resume`` is for operators. Both are audited.
 """
 
 from __future__ import annotations
@@ -18,16 +20,21 @@ from rich.markup import escape
 from rich.table import Table
 
 from gateway.cli_common import (
+    ActAs,
     ConfigFile,
     DataDir,
     JsonOut,
+    acting_principal,
+    cli_auditor,
     console,
     err,
     fail,
     open_archive,
+    operator_action,
     settings_from,
 )
 from gateway.config import Settings
+from gateway.forward.access import ForwardDenied, authorize_forward
 from gateway.forward.jobs import (
     ForwardError,
     JobInfo,
@@ -99,14 +106,21 @@ def forward(
     max_attempts: Annotated[int, typer.Option(help="Attempts before the job fails.")] = 8,
     backoff: Backoff = 30.0,
     timeout: Timeout = None,
+    act_as: ActAs = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
     json_output: JsonOut = False,
 ) -> None:
-    """Push a stored study (or series) to a peer's PACS by C-STORE, as a resumable job."""
+    """Push a stored study (or series) to a peer's PACS by C-STORE, as a resumable job.
+
+    Who may: the one running it (--as) and the peer's institution must both be
+    permitted to download the study (checked and audited)."""
     settings = settings_from(data_dir, config)
     archive = open_archive(settings)
+    auditor = cli_auditor(settings, archive)
     try:
+        principal = acting_principal(settings, archive, act_as)
+        authorize_forward(archive.db, auditor, principal, study_uid.strip(), to.strip(), door="cli")
         info = create_job(
             archive,
             study_uid.strip(),
@@ -114,10 +128,15 @@ def forward(
             series_uid=series.strip(),
             reconcile=Reconciliation(patient_id.strip(), issuer.strip(), accession.strip()),
             max_attempts=max_attempts,
+            requested_by=principal.name,
+            requester_institution=principal.institution,
         )
+    except ForwardDenied as exc:
+        raise fail(f"refused: {exc}", 1) from exc
     except ForwardError as exc:
         raise fail(str(exc)) from exc
     finally:
+        auditor.close()
         archive.close()
     if not json_output:
         console.print(f"job {info.id}: {info.counts['pending']} instances to {info.peer_ae}")
@@ -200,14 +219,17 @@ def jobs_resume(
     job_id: Annotated[int, typer.Argument(help="Job id.")],
     backoff: Backoff = 30.0,
     timeout: Timeout = None,
+    act_as: ActAs = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
     json_output: JsonOut = False,
 ) -> None:
-    """Run a queued (or interrupted) job again; a failed job gets a fresh set of attempts."""
+    """Run a queued (or interrupted) job again; a failed job gets a fresh set of attempts
+    (operators; audited)."""
     settings = settings_from(data_dir, config)
     archive = open_archive(settings)
     try:
+        operator_action(settings, archive, act_as, "job-resume", detail=f"job {job_id}")
         requeue(archive, job_id)
     except ForwardError as exc:
         raise fail(str(exc)) from exc

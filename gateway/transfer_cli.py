@@ -29,13 +29,12 @@ from gateway.cli_common import (
     ConfigFile,
     DataDir,
     JsonOut,
-    acting_principal,
     cli_auditor,
     console,
     err,
     fail,
-    need_operator,
     open_archive,
+    operator_action,
     settings_from,
 )
 from gateway.forward.jobs import ForwardError, run_job
@@ -99,13 +98,18 @@ def create(
     custodian: Annotated[str, typer.Option(help="Custodian taking the records over.")] = "",
     custodian_contact: Annotated[str, typer.Option(help="How to reach the custodian.")] = "",
     notes: Annotated[str, typer.Option(help="Free text.")] = "",
+    act_as: ActAs = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
     json_output: JsonOut = False,
 ) -> None:
     """Register a transfer; C-STOREs from --ae are tagged to it until it is complete."""
-    archive = open_archive(settings_from(data_dir, config))
+    settings = settings_from(data_dir, config)
+    archive = open_archive(settings)
     try:
+        operator_action(
+            settings, archive, act_as, "transfer-create", detail=f"{institution} ({reason})"
+        )
         if source_ae and PeerRegistry(archive.db).get(source_ae.strip()) is None:
             raise fail(f"no peer {source_ae}: register it first with `studybridge peers add`")
         info = create_transfer(
@@ -192,12 +196,21 @@ def manifest(
     replace: Annotated[
         bool, typer.Option("--replace", help="Drop every earlier expectation first.")
     ] = False,
+    act_as: ActAs = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
     """Load the expected content from a manifest the clinic handed over."""
-    archive = open_archive(settings_from(data_dir, config))
+    settings = settings_from(data_dir, config)
+    archive = open_archive(settings)
     try:
+        operator_action(
+            settings,
+            archive,
+            act_as,
+            "transfer-manifest",
+            detail=f"transfer {transfer_id}: {path.name}",
+        )
         get_transfer(archive.db, transfer_id)
         lines = parse_manifest(path)
         count = store_expected(archive.db, transfer_id, lines, origin="manifest", replace=replace)
@@ -225,6 +238,7 @@ def census(
     replace: Annotated[
         bool, typer.Option("--replace", help="Drop every earlier expectation first.")
     ] = False,
+    act_as: ActAs = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
     json_output: JsonOut = False,
@@ -233,6 +247,9 @@ def census(
     settings = settings_from(data_dir, config)
     archive = open_archive(settings)
     try:
+        operator_action(
+            settings, archive, act_as, "transfer-census", detail=f"transfer {transfer_id}"
+        )
         info = get_transfer(archive.db, transfer_id)
         if not info.source_ae:
             raise fail(f"transfer {transfer_id} names no source AE to ask")
@@ -292,6 +309,7 @@ def pull(
     timeout: Annotated[
         float | None, typer.Option(help="With --wait: give up after this many seconds.")
     ] = None,
+    act_as: ActAs = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
     json_output: JsonOut = False,
@@ -304,6 +322,9 @@ def pull(
     settings = settings_from(data_dir, config)
     archive = open_archive(settings)
     try:
+        operator_action(
+            settings, archive, act_as, "transfer-pull", detail=f"transfer {transfer_id}"
+        )
         info = get_transfer(archive.db, transfer_id)
         if info.status == "complete":
             raise fail(f"transfer {transfer_id} is complete: nothing to pull")
@@ -389,6 +410,7 @@ def hand_back_(
     timeout: Annotated[
         float | None, typer.Option(help="Stop waiting for retries after this many seconds.")
     ] = None,
+    act_as: ActAs = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
@@ -396,6 +418,13 @@ def hand_back_(
     settings = settings_from(data_dir, config)
     archive = open_archive(settings)
     try:
+        operator_action(
+            settings,
+            archive,
+            act_as,
+            "transfer-hand-back",
+            detail=f"transfer {transfer_id} to {to}",
+        )
         jobs = hand_back(archive, transfer_id, to.strip())
         console.print(f"{len(jobs)} forwarding jobs created: {', '.join(str(j.id) for j in jobs)}")
         deadline = time.monotonic() + timeout if timeout else None
@@ -496,6 +525,7 @@ def finalize_(
         Path | None,
         typer.Option(help="Write the receipt here (JSON; a .txt rendering beside it)."),
     ] = None,
+    act_as: ActAs = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
@@ -503,6 +533,9 @@ def finalize_(
     settings = settings_from(data_dir, config)
     archive = open_archive(settings)
     try:
+        operator_action(
+            settings, archive, act_as, "transfer-finalize", detail=f"transfer {transfer_id}"
+        )
         done = finalize(archive.db, settings, transfer_id)
     except (TransferError, ReceiptError) as exc:
         raise fail(str(exc)) from exc
@@ -604,6 +637,7 @@ def retention_apply(
     recompute: Annotated[
         bool, typer.Option("--recompute", help="Recompute dates already set (new policy).")
     ] = False,
+    act_as: ActAs = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
@@ -611,6 +645,9 @@ def retention_apply(
     settings = settings_from(data_dir, config)
     archive = open_archive(settings)
     try:
+        operator_action(
+            settings, archive, act_as, "retention-apply", detail="recompute" if recompute else ""
+        )
         count = apply_retention(archive.db, settings, recompute=recompute)
     finally:
         archive.close()
@@ -674,9 +711,14 @@ def retention_delete(
     archive = open_archive(settings)
     auditor = None
     try:
-        principal = acting_principal(settings, archive, act_as)
-        need_operator(principal)
         day = _date(due_on, "--due-on")
+        principal = operator_action(
+            settings,
+            archive,
+            act_as,
+            "retention-delete-run",
+            detail=f"due on {day or 'today'}" + ("" if yes else "; listing only"),
+        )
         if not yes:
             lines = retention_lines(archive.db, due_on=day)
             if study:
@@ -710,12 +752,17 @@ def retention_delete(
 def retention_hold(
     study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
     reason: Annotated[str, typer.Option(help="Why (case, authority, reference).")],
+    act_as: ActAs = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
     """Put a study on legal hold: never listed as due while held."""
-    archive = open_archive(settings_from(data_dir, config))
+    settings = settings_from(data_dir, config)
+    archive = open_archive(settings)
     try:
+        operator_action(
+            settings, archive, act_as, "retention-hold", detail=reason, study_uid=study_uid.strip()
+        )
         set_hold(archive.db, study_uid.strip(), hold=True, reason=reason)
     except RetentionError as exc:
         raise fail(str(exc)) from exc
@@ -727,12 +774,17 @@ def retention_hold(
 @retention_app.command("release")
 def retention_release(
     study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    act_as: ActAs = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
 ) -> None:
     """Lift a legal hold."""
-    archive = open_archive(settings_from(data_dir, config))
+    settings = settings_from(data_dir, config)
+    archive = open_archive(settings)
     try:
+        operator_action(
+            settings, archive, act_as, "retention-release", detail="", study_uid=study_uid.strip()
+        )
         set_hold(archive.db, study_uid.strip(), hold=False)
     except RetentionError as exc:
         raise fail(str(exc)) from exc

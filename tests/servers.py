@@ -170,6 +170,14 @@ class Gateway:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
+    def staff(self, username: str = "clerk", institution: str = "Test Hospital") -> list[str]:
+        """A staff account of ``institution`` (registered too if new), for commands that
+        act as someone (``forward --as``): returns the ``--as`` arguments."""
+        self.cli("institutions", "add", institution, check=False)  # may exist already
+        self.cli("users", "add", username, "--kind", "staff", "--institution", institution,
+                 "--role", "clerk")  # fmt: skip
+        return ["--as", username]
+
     def access_token(self, institution: str, client_id: str = "test-client") -> str:
         """A real access token of a DICOMweb client of ``institution``: registered with
         the CLI (``institutions add``, ``add-client``), then OAuth 2 client credentials

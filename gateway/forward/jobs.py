@@ -23,9 +23,9 @@ that instance; "out of resources" (0xA7xx), a dropped association or an
 unreachable peer leave the rest pending for the next attempt. After
 ``max_attempts`` attempts with instances still pending the job is ``failed``.
 
-Who may: operator only for now (CLI); with the consent layer, forwarding a study
-to a peer is an access decision (the receiving institution must be allowed to get
-the study) and an audited event.
+Who may: ``gateway.forward.access`` (the asker and the receiving institution must
+both be permitted to download the study; audited). A job keeps who asked for it
+and their institution.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ class JobInfo:
     updated_at: dt.datetime
     reconcile: Reconciliation
     counts: dict[str, int]
+    requested_by: str = ""
+    requester_institution: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +102,8 @@ class JobInfo:
                 "accession_number": self.reconcile.accession_number,
             },
             "instances": self.counts,
+            "requested_by": self.requested_by,
+            "requester_institution": self.requester_institution,
         }
 
 
@@ -125,6 +129,8 @@ def _info(session: Any, job: ForwardJob) -> JobInfo:
         updated_at=job.updated_at,
         reconcile=Reconciliation(job.patient_id, job.issuer, job.accession_number),
         counts={k: counts.get(k, 0) for k in ("pending", "sent", "failed")},
+        requested_by=job.requested_by,
+        requester_institution=job.requester_institution,
     )
 
 
@@ -142,6 +148,8 @@ def create_job(
     series_uid: str = "",
     reconcile: Reconciliation = Reconciliation(),
     max_attempts: int = 8,
+    requested_by: str = "",
+    requester_institution: str = "",
 ) -> JobInfo:
     if PeerRegistry(archive.db).get(peer_ae) is None:
         raise ForwardError(f"no peer {peer_ae}: register it with `studybridge peers add`")
@@ -163,6 +171,8 @@ def create_job(
             status="queued",
             attempts=0,
             max_attempts=max_attempts,
+            requested_by=requested_by[:128],
+            requester_institution=requester_institution,
             next_attempt_at=now,
             created_at=now,
             updated_at=now,
@@ -185,11 +195,15 @@ def get_job(archive: Archive, job_id: int) -> JobInfo:
         return _info(session, job)
 
 
-def list_jobs(archive: Archive, *, status: str | None = None) -> list[JobInfo]:
+def list_jobs(
+    archive: Archive, *, status: str | None = None, requester_institution: str | None = None
+) -> list[JobInfo]:
     with archive.db.reading() as session:
         stmt = select(ForwardJob).order_by(ForwardJob.id)
         if status:
             stmt = stmt.where(ForwardJob.status == status)
+        if requester_institution is not None:
+            stmt = stmt.where(ForwardJob.requester_institution == requester_institution)
         return [_info(session, job) for job in session.scalars(stmt)]
 
 

@@ -29,6 +29,10 @@ class ForwardJob(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=8)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False)
     last_error: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    # Who asked for it (as the audit trail names principals) and their institution:
+    # the institution's staff see the jobs it asked for.
+    requested_by: Mapped[str] = mapped_column(String(128), nullable=False, default="")
+    requester_institution: Mapped[str] = mapped_column(LO, nullable=False, default="", index=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 

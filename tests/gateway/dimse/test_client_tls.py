@@ -93,14 +93,15 @@ def test_forward_to_a_tls_pacs_and_a_wrong_ca_refused(pki: Pki, tmp_path: Path) 
         study_uid = str(pydicom.dcmread(sources[0]).StudyInstanceUID)
         assert "SECURE" in gw.cli("peers", "list").stdout
         refused = gw.cli(
-            "forward", study_uid, "--to", "SPOOFED", "--max-attempts", "1", "--json", check=False
-        )
+            "forward", study_uid, "--to", "SPOOFED", "--max-attempts", "1", "--json",
+            *gw.staff(), check=False,
+        )  # fmt: skip
         job = json.loads(refused.stdout)
         assert refused.returncode == 1 and job["status"] == "failed"
         assert "certificate does not verify" in job["last_error"]
         assert not [p for p in out.iterdir() if p.is_file()]
 
-        done = gw.cli("forward", study_uid, "--to", "SECURE", "--json")
+        done = gw.cli("forward", study_uid, "--to", "SECURE", "--json", "--as", "clerk")
         job = json.loads(done.stdout)
         assert job["status"] == "done" and job["instances"]["sent"] == 3
         originals = {pydicom.dcmread(p).SOPInstanceUID: dataset_bytes(p) for p in sources}

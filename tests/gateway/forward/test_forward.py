@@ -50,7 +50,10 @@ def test_reconciled_forward_and_archive_copy_unchanged(tmp_path: Path) -> None:
     sources = ct_series(tmp_path / "study", 3, patient_id="LAC-1")
     study_uid = str(pydicom.dcmread(sources[0]).StudyInstanceUID)
     with running_gateway(tmp_path) as gw, storescp(tmp_path, "HOSP") as (port, out):
-        gw.cli("import", str(tmp_path / "study"), "--issuer", "LAC")
+        gw.cli(
+            "import", str(tmp_path / "study"), "--issuer", "LAC", "--institution", "Test Hospital"
+        )
+        clerk = gw.staff()
         gw.cli(
             "peers",
             "add",
@@ -65,7 +68,7 @@ def test_reconciled_forward_and_archive_copy_unchanged(tmp_path: Path) -> None:
         before = _blob_hashes(gw.data_dir)
         done = gw.cli(
             "forward", study_uid, "--to", "HOSP", "--patient-id", "H-77", "--issuer", "HOSPITAL",
-            "--accession", "A99", "--json",
+            "--accession", "A99", "--json", *clerk,
         )  # fmt: skip
         job = json.loads(done.stdout)
         assert job["status"] == "done" and job["instances"] == {
@@ -95,7 +98,7 @@ def test_reconciled_forward_and_archive_copy_unchanged(tmp_path: Path) -> None:
         # A plain forward (no reconciliation) sends the stored bytes as they are.
         for p in out.iterdir():
             p.unlink()
-        gw.cli("forward", study_uid, "--to", "HOSP")
+        gw.cli("forward", study_uid, "--to", "HOSP", *clerk)
         for p in out.iterdir():
             assert dataset_bytes(p) == originals[pydicom.dcmread(p).SOPInstanceUID]
         listed = json.loads(gw.cli("jobs", "--json").stdout)
@@ -111,7 +114,7 @@ def test_compressed_instance_is_decompressed_for_a_pacs_without_it(tmp_path: Pat
         running_gateway(tmp_path) as gw,
         storescp(tmp_path, "PLAIN", accept_all=False) as (port, out),
     ):
-        gw.cli("import", str(src.parent))
+        gw.cli("import", str(src.parent), "--institution", "Test Hospital")
         gw.cli(
             "peers",
             "add",
@@ -123,7 +126,7 @@ def test_compressed_instance_is_decompressed_for_a_pacs_without_it(tmp_path: Pat
             "--institution",
             "Test Hospital",
         )
-        gw.cli("forward", study_uid, "--to", "PLAIN", "--patient-id", "P-9")
+        gw.cli("forward", study_uid, "--to", "PLAIN", "--patient-id", "P-9", *gw.staff())
         [ds] = _received(out)
         assert not ds.file_meta.TransferSyntaxUID.is_compressed
         assert ds.PatientID == "P-9"

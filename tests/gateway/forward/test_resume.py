@@ -29,7 +29,7 @@ def test_serve_resumes_a_queued_forward(tmp_path: Path) -> None:
     out = tmp_path / "received"
     out.mkdir()
     with running_gateway(tmp_path, {"STUDYBRIDGE_RESUME_INTERVAL": "1"}) as gw:
-        gw.cli("import", str(tmp_path / "study"))
+        gw.cli("import", str(tmp_path / "study"), "--institution", "Test Hospital")
         gw.cli(
             "peers",
             "add",
@@ -44,7 +44,7 @@ def test_serve_resumes_a_queued_forward(tmp_path: Path) -> None:
         # Nobody listens yet: the first attempt fails and the job stays queued.
         first = gw.cli(
             "forward", study_uid, "--to", "LATER", "--backoff", "1", "--timeout", "0.5",
-            "--json", check=False,
+            "--json", *gw.staff(), check=False,
         )  # fmt: skip
         assert first.returncode == 1, first.stderr
         job = json.loads(first.stdout)
