@@ -25,7 +25,7 @@ from consent.access import Gate
 from consent.audit import Auditor
 from consent.principals import ConsentError, Kind
 from consent.tokens import resolve
-from dicomweb import capabilities, imports, media, portal, qido, stow, wado
+from dicomweb import capabilities, custody, imports, media, portal, qido, stow, wado
 from dicomweb.access import require_principal
 from dicomweb.errors import (
     HTTPError,
@@ -119,6 +119,8 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
 
     # The portal API (dicomweb.portal); share-link pages are the viewer's.
     app.include_router(portal.router, prefix="/api", tags=["Portal"])
+    # Transfers and forwarding jobs: operators and the institutions' staff (custody).
+    app.include_router(custody.router, prefix="/api", tags=["Transfers and forwarding"])
     app.add_exception_handler(ConsentError, portal.consent_error_handler)
 
     services = {"QIDO-RS": qido, "WADO-RS": wado, "STOW-RS": stow}

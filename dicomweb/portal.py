@@ -58,11 +58,12 @@ PRIVATE = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 SHARE_PAGE = "/viewer/share"
 
 
-def _private(response: Response) -> None:
+def private_answer(response: Response) -> None:
+    """Answers about people are never cached nor referred (a router dependency)."""
     response.headers.update(PRIVATE)
 
 
-router = APIRouter(dependencies=[Depends(_private)])
+router = APIRouter(dependencies=[Depends(private_answer)])
 
 
 def _settings(request: Request) -> Any:
