@@ -16,11 +16,11 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -132,6 +132,107 @@ class _WriterLock:
             self._fd = None
 
 
+T = TypeVar("T")
+
+
+class _Write:
+    """One caller's part of a grouped write transaction."""
+
+    __slots__ = ("done", "error", "result", "work")
+
+    def __init__(self, work: Callable[[Connection], Any]) -> None:
+        self.work = work
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class _GroupCommit:
+    """Writes of concurrent threads committed together: one transaction, one flush.
+
+    A thread that finds no transaction running opens one; once it holds the write
+    lock (SQLite writers of all processes queue for it) it runs every write queued
+    by then, its own included, and those queued while they ran, then commits.
+    Threads arriving while a transaction runs queue for the next one. The first
+    write of a transaction runs as it is; the others each in a savepoint, so one
+    write's error (a duplicate key) undoes that write alone. Every write is answered
+    only after the transaction holding it committed (or failed).
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._cond = threading.Condition()
+        self._queue: list[_Write] = []
+        self._busy = False
+
+    def run(self, work: Callable[[Connection], T]) -> T:
+        mine = _Write(work)
+        with self._cond:
+            self._queue.append(mine)
+        while True:
+            with self._cond:
+                while self._busy and not mine.done:
+                    self._cond.wait()
+                if mine.done:
+                    break
+                self._busy = True
+            try:
+                self._commit(mine)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+        if mine.error is not None:
+            raise mine.error
+        return mine.result  # type: ignore[no-any-return]
+
+    def _take(self) -> list[_Write]:
+        with self._cond:
+            batch, self._queue = self._queue, []
+        return batch
+
+    def _commit(self, mine: _Write) -> None:
+        ran: list[_Write] = []
+        batch: list[_Write] = []
+        try:
+            with self.db.write_conn() as conn:
+                while batch := self._take():
+                    while batch:
+                        write = batch.pop(0)
+                        ran.append(write)
+                        if len(ran) == 1 and not batch:
+                            # Alone so far: no savepoint needed (its error undoes nothing
+                            # else, and no other write has run).
+                            write.result = write.work(conn)
+                            continue
+                        savepoint = conn.begin_nested()
+                        try:
+                            write.result = write.work(conn)
+                        except Exception as exc:
+                            savepoint.rollback()
+                            write.error = exc
+                        else:
+                            savepoint.commit()
+        except BaseException as exc:
+            # The transaction failed: none of the writes it ran holds; those it had not
+            # run yet go back to the queue for the next transaction. If it failed before
+            # running any (no connection, no lock), the leader's own write fails.
+            with self._cond:
+                self._queue[:0] = batch
+                if not ran:
+                    self._queue.remove(mine)
+                    ran.append(mine)
+            for write in ran:
+                if write.error is None:
+                    write.error = exc
+                    write.result = None
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for write in ran:
+                write.done = True
+
+
 class Database:
     """An engine plus session factories for reading and for writing."""
 
@@ -148,6 +249,7 @@ class Database:
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write_engine = self.engine.execution_options(sqlite_write=True)
         self._write = sessionmaker(self._write_engine, expire_on_commit=False)
+        self._group = _GroupCommit(self)
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
@@ -195,6 +297,13 @@ class Database:
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("ANALYZE")
         return True
+
+    def write_grouped(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work(conn)`` in a write transaction shared with the concurrent callers
+        of this method in this process (committed once for all of them: one flush
+        instead of one each); returns once that transaction committed. Raises what
+        ``work`` raised (its own writes undone) or what the commit raised."""
+        return self._group.run(work)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -406,45 +406,49 @@ class Ingestor:
         self.store.put_file(key, cand.path, move=cand.owned)
         # The staged file may now be gone (moved): the blob is the only copy.
         cand.owned = False
-        try:
-            with self.db.write_conn() as conn:
-                if place.series_fk is None:
-                    place = self._file_series(conn, cand, place, patient_id, issuer)
+        row = {
+            "sop_uid": cand.sop_uid,
+            "sop_class_uid": cand.sop_class_uid,
+            "transfer_syntax_uid": cand.transfer_syntax,
+            "blob_key": key,
+            "dataset_offset": cand.layout.dataset_offset,
+            "size": cand.size,
+            "sha256": cand.sha256,
+            "received_at": utcnow(),
+            "door": source.door[:16],
+            "source_ae": source.ae_title[:16],
+            "source_host": source.host[:64],
+            "source_institution": source.institution[:64],
+            "transfer_id": source.transfer_id,
+            "received_patient_id": patient_id,
+            "received_issuer": issuer[:64],
+            "frame_offsets": frame_offsets,
+            **instance_attributes(cand.ds),
+        }
+
+        def index(conn: Connection) -> _Placement:
+            filed = place
+            if filed.series_fk is None:
+                filed = self._file_series(conn, cand, filed, patient_id, issuer)
+            conn.execute(_INSERT_INSTANCE, {**row, "series_fk": filed.series_fk})
+            if source.transfer_id is not None:
+                conn.execute(_INSERT_ARRIVAL, _arrival(source, cand, outcome.value, ""))
+            if outcome is Outcome.RECONCILED_COPY:
                 conn.execute(
-                    _INSERT_INSTANCE,
-                    {
-                        "sop_uid": cand.sop_uid,
-                        "series_fk": place.series_fk,
-                        "sop_class_uid": cand.sop_class_uid,
-                        "transfer_syntax_uid": cand.transfer_syntax,
-                        "blob_key": key,
-                        "dataset_offset": cand.layout.dataset_offset,
-                        "size": cand.size,
-                        "sha256": cand.sha256,
-                        "received_at": utcnow(),
-                        "door": source.door[:16],
-                        "source_ae": source.ae_title[:16],
-                        "source_host": source.host[:64],
-                        "source_institution": source.institution[:64],
-                        "transfer_id": source.transfer_id,
-                        "received_patient_id": patient_id,
-                        "received_issuer": issuer[:64],
-                        "frame_offsets": frame_offsets,
-                        **instance_attributes(cand.ds),
-                    },
+                    _INSERT_EVENT,
+                    _event(
+                        cand,
+                        source,
+                        "reconciled-copy",
+                        f"carried Patient ID {patient_id!r} issuer {issuer!r}",
+                    ),
                 )
-                if source.transfer_id is not None:
-                    conn.execute(_INSERT_ARRIVAL, _arrival(source, cand, outcome.value, ""))
-                if outcome is Outcome.RECONCILED_COPY:
-                    conn.execute(
-                        _INSERT_EVENT,
-                        _event(
-                            cand,
-                            source,
-                            "reconciled-copy",
-                            f"carried Patient ID {patient_id!r} issuer {issuer!r}",
-                        ),
-                    )
+            return filed
+
+        try:
+            # Committed together with the instances other receiving threads of this
+            # process index at the same moment: one flush for all of them.
+            place = self.db.write_grouped(index)
         except _FiledElsewhere as race:
             # Another receiver filed this study or series a moment ago, differently.
             self._places.clear()

@@ -1,0 +1,75 @@
+"""A receiving process killed in the middle of an ingest never leaves an index row
+without its blob, and the instance sent again is stored."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gateway.archive import Archive, Outcome
+from tests.factories import ct_slice, write
+from tests.gateway.archive.helpers import SOURCE, blob_keys, instances
+
+# Runs in a child process: ingest one file and die (SIGKILL, no cleanup) at `point`.
+_CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from pathlib import Path
+    from gateway.archive import Archive, Source, blobstore, db
+    from gateway.config import Settings
+
+    args = json.loads(sys.argv[1])
+    settings = Settings(data_dir=args["data_dir"], database_url=args["database_url"])
+    archive = Archive.open(settings)
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if args["point"] == "after-blob":
+        put = blobstore.FileStore.put_file
+        def put_then_die(self, *a, **kw):
+            put(self, *a, **kw)
+            die()
+        blobstore.FileStore.put_file = put_then_die
+    else:  # inside the index transaction, its rows written, before the commit
+        grouped = db.Database.write_grouped
+        def write_then_die(self, work):
+            return grouped(self, lambda conn: (work(conn), die()))
+        db.Database.write_grouped = write_then_die
+    archive.ingest_file(Path(args["path"]), Source(door="test"), owned=True)
+    """
+)
+
+
+@pytest.mark.parametrize("point", ["after-blob", "before-commit"])
+def test_killed_mid_ingest_leaves_no_row_and_a_resend_is_stored(
+    archive: Archive, tmp_path: Path, point: str
+) -> None:
+    ds = ct_slice()
+    staged = write(ds, archive.settings.staging_dir / "in.dcm")
+    args = {
+        "data_dir": str(archive.settings.data_dir),
+        "database_url": archive.settings.database_url,
+        "path": str(staged),
+        "point": point,
+    }
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])}
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(args)], env=env, capture_output=True, timeout=120
+    )
+    assert child.returncode == -9, child.stderr.decode()[-2000:]
+    # The blob was durable before anything was indexed: an orphan now, no row.
+    assert instances(archive) == []
+    assert len(blob_keys(archive)) == 1
+    # The sender, never answered, sends it again: stored, one blob, indexed.
+    result = archive.ingest_file(write(ds, tmp_path / "again.dcm"), SOURCE)
+    assert result.outcome is Outcome.STORED
+    rows = instances(archive)
+    assert [r.sop_uid for r in rows] == [ds.SOPInstanceUID]
+    assert rows[0].blob_key in blob_keys(archive)
