@@ -109,6 +109,7 @@ ECHOSCU = "/usr/bin/echoscu"
 ORTHANC = "/usr/sbin/Orthanc"
 
 CALLING_AET = "BENCHSCU"
+BENCH_INSTITUTION = "Bench Hospital"
 MAX_PDU = 131072  # the largest dcmtk accepts; used by sender and every receiver
 ROWS = COLS = 512
 GENERATOR_VERSION = 1  # bump when the corpus layout changes, to regenerate caches
@@ -473,7 +474,6 @@ class Studybridge(Target):
         data, port, http, log = run_dir / "data", free_port(), free_port(), run_dir / "server.log"
         env = child_env(
             {
-                "STUDYBRIDGE_ACCEPT_UNKNOWN_PEERS": "true",
                 "STUDYBRIDGE_AE_TITLE": self.aet,
                 "STUDYBRIDGE_DIMSE_HOST": LOOPBACK,
                 "STUDYBRIDGE_HTTP_HOST": LOOPBACK,
@@ -487,6 +487,18 @@ class Studybridge(Target):
         ]  # fmt: skip
         if self.backend is not None:
             self.backend.start_worker(procs, run_dir, env)
+        # The sender is a registered peer of an institution, as in real use: an unknown
+        # (institution-less) peer may add only to studies that do not exist yet, so
+        # the parallel run's associations would be refused once the first filed it.
+        for cli in (
+            ["institutions", "add", BENCH_INSTITUTION],
+            ["peers", "add", CALLING_AET, "--host", LOOPBACK, "--port", "104",
+             "--institution", BENCH_INSTITUTION],
+        ):  # fmt: skip
+            subprocess.run(
+                [self.exe, *cli, "--data-dir", str(data)],
+                env=env, cwd=run_dir, check=True, capture_output=True, timeout=120,
+            )  # fmt: skip
         proc = procs.start(argv, log=log, env=env, cwd=run_dir)
         # The port listens before the receiving processes run: wait until all of them
         # do, or the first one would take every association of the parallel run.
