@@ -90,6 +90,19 @@ def break_glass_filter(principal: Principal, now: dt.datetime | None = None) -> 
     return _break_glass_studies(principal.id, now or utcnow())
 
 
+def received_filter(principal: Principal, now: dt.datetime | None = None) -> ColumnElement[bool]:
+    """Studies an institution's staff see through someone else's decision, not because
+    the institution sent them: a patient's consent, or the user's own live break-glass
+    grant (an inbox). Always within ``study_filter`` for searching."""
+    if principal.kind is not Kind.STAFF or principal.institution_id is None:
+        return false()
+    now = now or utcnow()
+    return and_(
+        or_(_consented_to(principal.institution_id, now), _break_glass_studies(principal.id, now)),
+        not_(_sent_by(principal.institution)),
+    )
+
+
 def may_store(principal: Principal) -> bool:
     """Whether the principal may send instances in (STOW-RS; C-STORE is decided by the
     peer registry). What it stores is recorded as sent by its institution."""
@@ -201,25 +214,30 @@ def _link_studies(link_id: int, now: dt.datetime) -> ColumnElement[bool]:
     return Study.id.in_(stmt)
 
 
-def _institution_studies(
-    institution_id: int | None, institution: str, now: dt.datetime
-) -> ColumnElement[bool]:
+def _sent_by(institution: str) -> ColumnElement[bool]:
     series = aliased(Series)
     inst = aliased(Instance)
-    sent = Study.id.in_(
+    return Study.id.in_(
         select(series.study_fk)
         .join(inst, inst.series_fk == series.id)
         .where(inst.source_institution == institution)
     )
+
+
+def _consented_to(institution_id: int, now: dt.datetime) -> ColumnElement[bool]:
+    return and_(
+        _consented(institution_id, "permit", now),
+        not_(_consented(institution_id, "deny", now)),
+    )
+
+
+def _institution_studies(
+    institution_id: int | None, institution: str, now: dt.datetime
+) -> ColumnElement[bool]:
+    sent = _sent_by(institution)
     if institution_id is None:
         return sent  # a peer's institution not registered for consents: what it sent
-    return or_(
-        sent,
-        and_(
-            _consented(institution_id, "permit", now),
-            not_(_consented(institution_id, "deny", now)),
-        ),
-    )
+    return or_(sent, _consented_to(institution_id, now))
 
 
 def _consented(institution_id: int, decision: str, now: dt.datetime) -> ColumnElement[bool]:

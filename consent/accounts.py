@@ -28,6 +28,11 @@ class SignInFailed(Exception):
     """Wrong username, password or code (deliberately not saying which)."""
 
 
+class CodeRequired(SignInFailed):
+    """The password was right and the account needs its TOTP code: the second step of
+    a sign-in page. Said only after the password matched, as any two-step sign-in does."""
+
+
 def set_password(db: Database, username: str, password: str) -> None:
     if len(password) < MIN_PASSWORD:
         raise ConsentError(f"a password has at least {MIN_PASSWORD} characters")
@@ -65,7 +70,9 @@ def sign_in(db: Database, username: str, password: str, code: str | None = None)
     if needs_code:
         if not user.totp_secret:
             raise SignInFailed("sign-in failed: set up a second factor first")
-        if not code or not pyotp.TOTP(user.totp_secret).verify(code.strip(), valid_window=1):
+        if not code:
+            raise CodeRequired("enter the code from your authenticator app")
+        if not pyotp.TOTP(user.totp_secret).verify(code.strip(), valid_window=1):
             raise SignInFailed("sign-in failed")
     if _HASHER.check_needs_rehash(user.password_hash):
         set_password(db, username, password)

@@ -25,7 +25,18 @@ from consent.access import Gate
 from consent.audit import Auditor
 from consent.principals import ConsentError, Kind
 from consent.tokens import resolve
-from dicomweb import capabilities, custody, imports, media, portal, qido, stow, wado
+from dicomweb import (
+    capabilities,
+    custody,
+    imports,
+    media,
+    portal,
+    portal_studies,
+    qido,
+    sessions,
+    stow,
+    wado,
+)
 from dicomweb.access import require_principal
 from dicomweb.errors import (
     HTTPError,
@@ -121,6 +132,9 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     app.include_router(portal.router, prefix="/api", tags=["Portal"])
     # Transfers and forwarding jobs: operators and the institutions' staff (custody).
     app.include_router(custody.router, prefix="/api", tags=["Transfers and forwarding"])
+    # The portal pages' browser sessions (cookie + CSRF) and study lists.
+    app.include_router(sessions.router, prefix="/api", tags=["Portal"])
+    app.include_router(portal_studies.router, prefix="/api", tags=["Portal"])
     app.add_exception_handler(ConsentError, portal.consent_error_handler)
 
     services = {"QIDO-RS": qido, "WADO-RS": wado, "STOW-RS": stow}

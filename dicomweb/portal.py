@@ -22,6 +22,7 @@ import datetime as dt
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
+import segno
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -29,7 +30,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from consent import breakglass, consents
-from consent.accounts import SignInFailed, sign_in
+from consent.accounts import CodeRequired, SignInFailed, sign_in
 from consent.audit import Attempt
 from consent.history import access_history
 from consent.links import (
@@ -49,8 +50,9 @@ from consent.models import User
 from consent.patients import Relation, link_patient
 from consent.principals import ConsentError, Kind, Operation, Principal
 from consent.tokens import authenticate_client, issue_for_system, issue_for_user
-from dicomweb.access import client_address, gate_of, optional_principal, require_principal
+from dicomweb.access import client_address, gate_of, optional_principal
 from dicomweb.errors import HTTPError
+from dicomweb.sessions import caller
 from gateway.archive.fhir import imaging_study_bundle
 
 PRIVATE = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
@@ -123,6 +125,8 @@ def session(body: SignIn, request: Request) -> dict[str, Any]:
     db = _db(request)
     try:
         user_id = sign_in(db, body.username, body.password, body.code)
+    except CodeRequired as exc:
+        raise HTTPError(401, str(exc), "code-required") from exc
     except SignInFailed as exc:
         raise HTTPError(401, str(exc), "sign-in-failed") from exc
     issued = issue_for_user(db, user_id, _token_lifetime(request), client=client_address(request))
@@ -241,14 +245,12 @@ def _link_json(view: Any) -> dict[str, Any]:
 
 
 @router.get("/me/links", summary="My share links")
-def my_links(request: Request, me: Principal = Depends(require_principal)) -> list[dict]:
+def my_links(request: Request, me: Principal = Depends(caller)) -> list[dict]:
     return [_link_json(v) for v in list_links(_db(request), _need(me, Kind.PATIENT))]
 
 
 @router.post("/me/links", summary="Create a share link (its token is shown once)")
-def new_link(
-    body: NewLink, request: Request, me: Principal = Depends(require_principal)
-) -> dict[str, Any]:
+def new_link(body: NewLink, request: Request, me: Principal = Depends(caller)) -> dict[str, Any]:
     rules = LinkRules(
         can_download=body.can_download,
         single_use=body.single_use,
@@ -261,13 +263,18 @@ def new_link(
         _db(request), _need(me, Kind.PATIENT), body.study_uids, rules, _policy(request)
     )
     base = str(request.base_url).rstrip("/")
-    return {"id": link_id, "token": token, "url": f"{base}{SHARE_PAGE}#{token}"}
+    url = f"{base}{SHARE_PAGE}#{token}"
+    # The QR code is made here, the one time the token is known; it is never stored.
+    return {"id": link_id, "token": token, "url": url, "qr_svg": qr_svg(url)}
+
+
+def qr_svg(text: str) -> str:
+    """``text`` as a QR code (SVG, medium error correction, dark on white)."""
+    return segno.make(text, error="m").svg_inline(scale=4, border=2, dark="#000", light="#fff")
 
 
 @router.delete("/me/links/{link_id}", summary="Revoke one of my share links")
-def drop_link(
-    link_id: int, request: Request, me: Principal = Depends(require_principal)
-) -> dict[str, str]:
+def drop_link(link_id: int, request: Request, me: Principal = Depends(caller)) -> dict[str, str]:
     return {"notice": revoke_link(_db(request), _need(me, Kind.PATIENT), link_id)}
 
 
@@ -281,14 +288,14 @@ class NewConsent(BaseModel):
 
 
 @router.get("/me/consents", summary="My consents")
-def my_consents(request: Request, me: Principal = Depends(require_principal)) -> list[dict]:
+def my_consents(request: Request, me: Principal = Depends(caller)) -> list[dict]:
     db = _db(request)
     return [consents.to_fhir(db, c.id) for c in consents.list_consents(db, _need(me, Kind.PATIENT))]
 
 
 @router.post("/me/consents", summary="Give or refuse consent to an institution")
 def new_consent(
-    body: NewConsent, request: Request, me: Principal = Depends(require_principal)
+    body: NewConsent, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, Any]:
     db = _db(request)
     consent_id = consents.grant(
@@ -305,7 +312,7 @@ def new_consent(
 
 @router.delete("/me/consents/{consent_id}", summary="Revoke a consent")
 def drop_consent(
-    consent_id: int, request: Request, me: Principal = Depends(require_principal)
+    consent_id: int, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, Any]:
     db = _db(request)
     consents.revoke(db, _need(me, Kind.PATIENT), consent_id)
@@ -313,7 +320,7 @@ def drop_consent(
 
 
 @router.get("/me/requests", summary="Institutions' pending requests for my studies")
-def my_requests(request: Request, me: Principal = Depends(require_principal)) -> list[dict]:
+def my_requests(request: Request, me: Principal = Depends(caller)) -> list[dict]:
     return [
         {
             "id": r.id,
@@ -329,7 +336,7 @@ def my_requests(request: Request, me: Principal = Depends(require_principal)) ->
 
 @router.post("/me/requests/{request_id}/{decision}", summary="Approve or decline a request")
 def decide_request(
-    request_id: int, decision: str, request: Request, me: Principal = Depends(require_principal)
+    request_id: int, decision: str, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, Any]:
     if decision not in ("approve", "decline"):
         raise HTTPError(404, "approve or decline", "not-found")
@@ -349,7 +356,7 @@ class NewRequest(BaseModel):
 
 @router.post("/requests", summary="Ask a patient for access (institutions)")
 def new_request(
-    body: NewRequest, request: Request, me: Principal = Depends(require_principal)
+    body: NewRequest, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, int]:
     request_id = consents.request_access(
         _db(request),
@@ -365,7 +372,7 @@ def new_request(
 
 # -- history and break-glass ---------------------------------------------------------------
 @router.get("/me/history", summary="Who accessed my studies, and break-glass grants")
-def my_history(request: Request, me: Principal = Depends(require_principal)) -> dict[str, Any]:
+def my_history(request: Request, me: Principal = Depends(caller)) -> dict[str, Any]:
     history = access_history(_db(request), _need(me, Kind.PATIENT))
     return {
         "accesses": [
@@ -412,7 +419,7 @@ class BreakGlassRequest(BaseModel):
 
 @router.post("/break-glass", summary="Declare emergency access to one patient's studies")
 def declare_break_glass(
-    body: BreakGlassRequest, request: Request, me: Principal = Depends(require_principal)
+    body: BreakGlassRequest, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, Any]:
     settings = _settings(request)
     grant = breakglass.declare(
@@ -431,7 +438,7 @@ def declare_break_glass(
 
 @router.get("/break-glass", summary="Break-glass grants for review (operators, auditors)")
 def review_list(
-    request: Request, unreviewed: bool = True, me: Principal = Depends(require_principal)
+    request: Request, unreviewed: bool = True, me: Principal = Depends(caller)
 ) -> list[dict]:
     _need(me, Kind.OPERATOR, Kind.AUDITOR)
     return [_grant_json(g) for g in breakglass.grants(_db(request), unreviewed=unreviewed)]
@@ -443,7 +450,7 @@ class Review(BaseModel):
 
 @router.post("/break-glass/{grant_id}/review", summary="Record the review of a grant")
 def review_grant(
-    grant_id: int, body: Review, request: Request, me: Principal = Depends(require_principal)
+    grant_id: int, body: Review, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, str]:
     breakglass.review(_db(request), me, grant_id, body.note)
     return {"status": "reviewed"}
@@ -458,7 +465,7 @@ def review_grant(
 def manifest(
     request: Request,
     study: list[str] = Query(default_factory=list),
-    me: Principal = Depends(require_principal),
+    me: Principal = Depends(caller),
 ) -> Response:
     """The named studies (``study=``, repeatable), or, for a share link's holder, the
     link's studies. Each must be one the caller may view: any other answers 404, like a
@@ -481,7 +488,7 @@ def manifest(
 
 
 @router.post("/links/launch", summary="An IHE IID launch URL for an opened share link")
-def link_launch(request: Request, me: Principal = Depends(require_principal)) -> dict[str, Any]:
+def link_launch(request: Request, me: Principal = Depends(caller)) -> dict[str, Any]:
     """For the holder of an exchanged link token: the configured IID viewer's URL with
     the link's studies and a second short-lived access token of the link (never the
     share token), for a viewer that can take a token no other way."""
@@ -518,7 +525,7 @@ class NewPatientLink(BaseModel):
     summary="Link an account to a patient: themself, or a guardian / legal representative",
 )
 def new_patient_link(
-    body: NewPatientLink, request: Request, me: Principal = Depends(require_principal)
+    body: NewPatientLink, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, Any]:
     """Institution admins attest Patient IDs of their own issuer; operators verify any.
     A proxy (guardian, legal representative) then sees and shares the patient's

@@ -623,6 +623,28 @@ def _study_summary(session: Any, ids: list[int], keywords: list[str]) -> dict:
     return {k: values[k] for k in keywords}
 
 
+def study_sources(db: Database, study_uids: Sequence[str]) -> dict[str, list[str]]:
+    """The source institutions recorded at ingest for each study's instances (sorted;
+    '' where the sender named none): where a study came from, for portals grouping
+    studies by hospital. Only the studies asked about, which the caller has already
+    scoped."""
+    found: dict[str, list[str]] = {}
+    wanted = sorted(set(study_uids))
+    with db.reading() as session:
+        for start in range(0, len(wanted), _ID_CHUNK):
+            stmt = (
+                select(Study.study_uid, Instance.source_institution)
+                .join(Series, Series.study_fk == Study.id)
+                .join(Instance, Instance.series_fk == Series.id)
+                .where(Study.study_uid.in_(wanted[start : start + _ID_CHUNK]))
+                .distinct()
+                .order_by(Study.study_uid, Instance.source_institution)
+            )
+            for uid, source in session.execute(stmt):
+                found.setdefault(uid, []).append(source)
+    return found
+
+
 def _chunks(ids: list[int]) -> Iterator[list[int]]:
     # An unpaged C-FIND may return more rows than SQLite takes variables.
     for start in range(0, len(ids), _ID_CHUNK):
