@@ -19,6 +19,7 @@ token, never the share token, in a URL.
 from __future__ import annotations
 
 import datetime as dt
+import io
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
@@ -270,7 +271,12 @@ def new_link(body: NewLink, request: Request, me: Principal = Depends(caller)) -
 
 def qr_svg(text: str) -> str:
     """``text`` as a QR code (SVG, medium error correction, dark on white)."""
-    return segno.make(text, error="m").svg_inline(scale=4, border=2, dark="#000", light="#fff")
+    out = io.BytesIO()
+    # A standalone document (with its namespace): pages show it as an image.
+    segno.make(text, error="m").save(
+        out, kind="svg", scale=4, border=2, xmldecl=False, dark="#000", light="#fff"
+    )
+    return out.getvalue().decode()
 
 
 @router.delete("/me/links/{link_id}", summary="Revoke one of my share links")

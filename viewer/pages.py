@@ -5,6 +5,9 @@ at ``/viewer``:
 
 - ``/viewer/`` the viewer page (``static/index.html``); the study to show and any
   other state travel in the URL fragment, which browsers never send to a server;
+- ``/viewer/signin``, ``/viewer/portal``, ``/viewer/inbox`` the portal pages (sign-in,
+  a patient's studies and sharing, an institution's inbox), which talk to ``/api``
+  with a session cookie the scripts cannot read (``dicomweb.sessions``);
 - ``/viewer/config.json`` what the page needs to know about this server (where the
   DICOMweb API lives, the languages it speaks);
 - ``/viewer/static/...`` the page's modules, styles and language catalogues.
@@ -20,6 +23,7 @@ and new modules.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -88,6 +92,13 @@ def _page(_request: Request) -> Response:
     return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
 
+def _static_page(name: str) -> Callable[[Request], Response]:
+    def page(_request: Request) -> Response:
+        return FileResponse(STATIC / name, media_type="text/html; charset=utf-8")
+
+    return page
+
+
 def create_app(settings: Settings) -> ASGIApp:
     """The viewer's pages as an ASGI app, to be mounted at ``/viewer``."""
     config = json.dumps(
@@ -103,6 +114,11 @@ def create_app(settings: Settings) -> ASGIApp:
     app = Starlette(
         routes=[
             Route("/", _page),
+            # The portal: sign-in, a patient's studies, links, consents, requests and
+            # history, and an institution's inbox (their data comes from /api).
+            Route("/signin", _static_page("signin.html")),
+            Route("/portal", _static_page("portal.html")),
+            Route("/inbox", _static_page("inbox.html")),
             Route("/config.json", page_config),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ]

@@ -74,9 +74,14 @@ class _Inline(HTMLParser):
             self.problems.append("script body")
 
 
-def test_page_has_no_inline_script_or_style(client: TestClient) -> None:
+@pytest.mark.parametrize("path", ["/", "/signin", "/portal", "/inbox"])
+def test_page_has_no_inline_script_or_style(client: TestClient, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 200
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert "script-src 'self';" in response.headers["content-security-policy"]
     parser = _Inline()
-    parser.feed(client.get("/").text)
+    parser.feed(response.text)
     assert parser.problems == []
 
 
@@ -117,8 +122,10 @@ def test_every_translated_key_exists() -> None:
     """Keys used by the page and its modules are in the English catalogue."""
     english = json.loads((pages.STATIC / "i18n" / "en.json").read_text("utf-8"))
     plural_bases = {k.rsplit(".", 1)[0] for k in english if k.endswith(".other")}
-    html = (pages.STATIC / "index.html").read_text("utf-8")
-    used = set(re.findall(r'data-i18n(?:-title|-label)?="([^"]+)"', html))
+    used: set[str] = set()
+    for page in pages.STATIC.glob("*.html"):
+        html = page.read_text("utf-8")
+        used |= set(re.findall(r'data-i18n(?:-title|-label)?="([^"]+)"', html))
     for module in (pages.STATIC / "js").glob("*.js"):
         code = module.read_text("utf-8")
         used |= set(re.findall(r'\bt\("([\w.-]+)"', code))
