@@ -91,6 +91,7 @@ export function homeOf(account) {
 
 export async function openInViewer(studyUid) {
   const answer = await api("session/viewer-token", { method: "POST" });
-  setAccess(answer.access_token, answer.expires_at);
+  // Not a link's token: the share-link page may present it as who opens a link.
+  setAccess(answer.access_token, answer.expires_at, { source: "session" });
   location.assign(`./#study=${encodeURIComponent(studyUid)}`);
 }
