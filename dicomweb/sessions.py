@@ -34,11 +34,12 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from consent.accounts import CodeRequired, SignInFailed, sign_in
-from consent.models import User
+from consent.models import AccessToken, User
 from consent.principals import Principal
 from consent.tokens import issue_for_user, resolve, revoke_token
 from dicomweb.access import client_address, require_principal
 from dicomweb.errors import HTTPError
+from gateway.archive.models import utcnow
 
 COOKIE = "sb_session"
 COOKIE_PATH = "/api"
@@ -170,6 +171,10 @@ def viewer_token(request: Request, me: Principal = Depends(caller)) -> dict[str,
         raise HTTPError(403, "this account does not open studies", "forbidden")
     db = request.app.state.archive.db
     lifetime = dt.timedelta(minutes=VIEWER_TOKEN_MINUTES)
+    with db.reading() as session:
+        ends = session.scalar(select(AccessToken.expires_at).where(AccessToken.id == me.token_id))
+    if ends is not None:  # never outlive the session it came from
+        lifetime = min(lifetime, ends - utcnow())
     issued = issue_for_user(db, me.id, lifetime, client=client_address(request))
     return {
         "access_token": issued.token,

@@ -3,6 +3,8 @@ token, a patient's studies by institution, an institution's inbox), in-process."
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pyotp
 import pytest
 
@@ -56,6 +58,11 @@ def test_cookie_session_with_csrf(portal: Portal):
     # The viewer's own short-lived Bearer token sees what the patient sees.
     viewer = portal.http.post("/api/session/viewer-token", headers={CSRF_HEADER: body["csrf"]})
     assert viewer.status_code == 200, viewer.text
+    session_ends = dt.datetime.fromisoformat(body["expires_at"])
+    viewer_ends = dt.datetime.fromisoformat(viewer.json()["expires_at"])
+    assert viewer_ends <= session_ends and viewer_ends - dt.datetime.now(dt.UTC) < dt.timedelta(
+        minutes=16
+    )
     bearer = {"Authorization": f"Bearer {viewer.json()['access_token']}"}
     assert qido(portal, bearer) == {portal.a}
     # DICOMweb never takes the cookie.
