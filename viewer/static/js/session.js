@@ -89,9 +89,17 @@ export function homeOf(account) {
   return null;
 }
 
-export async function openInViewer(studyUid) {
+// A short-lived access token of the signed-in account ({access_token, expires_at}),
+// stored where the viewer reads it. Not a link's token: the share-link page may
+// present it as who opens a link bound to an institution. Needs whoAmI() or
+// signIn() first in this tab (the CSRF token).
+export async function viewerToken() {
   const answer = await api("session/viewer-token", { method: "POST" });
-  // Not a link's token: the share-link page may present it as who opens a link.
   setAccess(answer.access_token, answer.expires_at, { source: "session" });
+  return answer;
+}
+
+export async function openInViewer(studyUid) {
+  await viewerToken();
   location.assign(`./#study=${encodeURIComponent(studyUid)}`);
 }
