@@ -123,6 +123,14 @@ def browser_sign_in(body: SignIn, request: Request, response: Response) -> dict[
         raise HTTPError(401, str(exc), "code-required") from exc
     except SignInFailed as exc:
         raise _failed() from exc
+    return start_session(request, response, user_id)
+
+
+def start_session(request: Request, response: Response, user_id: int) -> dict[str, Any]:
+    """Open a browser session for an account that has just proved who it is (the local
+    sign-in above; an OpenID Connect callback calls this too): the cookie is set on
+    ``response``; the answer holds the account and the CSRF token for the page."""
+    db = request.app.state.archive.db
     lifetime = dt.timedelta(minutes=request.app.state.settings.access_token_minutes)
     issued = issue_for_user(db, user_id, lifetime, client=client_address(request))
     principal = resolve(db, issued.token)
