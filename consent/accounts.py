@@ -2,7 +2,7 @@
 
 Staff, operators and auditors must have a second factor (TOTP, RFC 6238) before they
 can sign in; patients may add one. Sites with an identity provider use OpenID
-Connect instead (not built yet). A failed sign-in says only that it failed, never
+Connect instead (``consent.oidc``). A failed sign-in says only that it failed, never
 which part was wrong.
 """
 

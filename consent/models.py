@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -52,6 +53,16 @@ class User(Base):
     """A person who signs in: patient, institution staff, operator or auditor."""
 
     __tablename__ = "users"
+    # One account per OpenID Connect subject; local accounts leave it empty.
+    __table_args__ = (
+        Index(
+            "ix_users_oidc_subject",
+            "oidc_subject",
+            unique=True,
+            sqlite_where=text("oidc_subject <> ''"),
+            postgresql_where=text("oidc_subject <> ''"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(128), nullable=False, unique=True)
@@ -65,10 +76,33 @@ class User(Base):
     # Local accounts (the embedded default); empty for accounts signing in via OIDC.
     password_hash: Mapped[str] = mapped_column(String(255), nullable=False, default="")
     totp_secret: Mapped[str] = mapped_column(String(64), nullable=False, default="")
-    # OpenID Connect subject (issuer + sub) for accounts from an identity provider.
+    # OpenID Connect subject for accounts from an identity provider: "<issuer>#<sub>"
+    # (an issuer URL has no fragment, so the first "#" separates them). Set by an
+    # operator (`studybridge users bind-oidc`) or, for staff under the
+    # institution-claim rule, at their first sign-in (consent.oidc).
     oidc_subject: Mapped[str] = mapped_column(String(255), nullable=False, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     disabled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class OIDCLogin(Base):
+    """A sign-in through the OpenID Connect provider that has started, not finished.
+
+    Kept on the server so that the callback can take it exactly once (the row is
+    deleted as it is read) from any gateway process: the state travels only as its
+    hash here, the browser holds a secret cookie whose hash must match, and the nonce
+    and PKCE verifier never leave the server until the token request.
+    """
+
+    __tablename__ = "oidc_logins"
+
+    state_hash: Mapped[str] = mapped_column(HASH, primary_key=True)
+    browser_hash: Mapped[str] = mapped_column(HASH, nullable=False)
+    nonce: Mapped[str] = mapped_column(String(64), nullable=False)
+    code_verifier: Mapped[str] = mapped_column(String(128), nullable=False)
+    redirect_uri: Mapped[str] = mapped_column(String(500), nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
 
 
 class InstitutionSystem(Base):

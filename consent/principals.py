@@ -31,6 +31,8 @@ class Kind(StrEnum):
 
 
 USER_KINDS = {Kind.PATIENT, Kind.STAFF, Kind.OPERATOR, Kind.AUDITOR}
+# Usernames of staff accounts made from an identity provider's claims (consent.oidc).
+CLAIMED_PREFIX = "oidc:"
 
 
 class Role(StrEnum):
@@ -108,6 +110,8 @@ def add_user(
     username = username.strip()
     if not username or len(username) > 128 or not username.isprintable():
         raise ConsentError("a username is 1 to 128 printable characters")
+    if username.startswith(CLAIMED_PREFIX):
+        raise ConsentError(f"usernames starting with {CLAIMED_PREFIX} are made by OIDC sign-in")
     if kind not in USER_KINDS:
         raise ConsentError(f"{kind} is not a kind of user account")
     inst_id = None

@@ -30,6 +30,7 @@ from dicomweb import (
     custody,
     imports,
     media,
+    oidc,
     portal,
     portal_studies,
     qido,
@@ -130,6 +131,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
 
     # The portal API (dicomweb.portal); share-link pages are the viewer's.
     app.include_router(portal.router, prefix="/api", tags=["Portal"])
+    app.include_router(oidc.router, prefix=oidc.COOKIE_PATH, tags=["Portal"])
     # Transfers and forwarding jobs: operators and the institutions' staff (custody).
     app.include_router(custody.router, prefix="/api", tags=["Transfers and forwarding"])
     # The portal pages' browser sessions (cookie + CSRF) and study lists.

@@ -23,6 +23,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+# How an OpenID Connect client authenticates at the provider's token endpoint.
+TokenAuth = Literal["client_secret_basic", "client_secret_post"]
+
 
 class Settings(BaseSettings):
     """Configuration of one studybridge installation."""
@@ -203,6 +206,36 @@ class Settings(BaseSettings):
     # holder may ask for a launch URL (requestType=STUDY&studyUID=...&access_token=<a
     # second short-lived access token of the link, never the share token>); empty: none.
     iid_viewer_url: str = ""
+    # Sign-in through an OpenID Connect provider (consent.oidc; docs/security.md).
+    # The issuer URL (its /.well-known/openid-configuration is read); empty: off.
+    oidc_issuer: str = ""
+    # This gateway's client at the provider, and how it authenticates at the token
+    # endpoint.
+    oidc_client_id: str = ""
+    oidc_client_secret: SecretStr = SecretStr("")
+    oidc_token_auth: TokenAuth = "client_secret_basic"  # noqa: S105 - a method's name
+    oidc_scopes: list[str] = ["openid"]
+    # The callback registered at the provider; empty: <public base URL or the
+    # request's>/api/oidc/callback.
+    oidc_redirect_url: str = ""
+    # How a signed-in subject becomes a studybridge account:
+    #   "subject": only accounts an operator bound to the subject
+    #     (`studybridge users bind-oidc USER --subject SUB`); patients and staff.
+    #   "institution-claim": bound accounts as above, and staff whose ID token carries
+    #     oidc_institution_claim (a value of oidc_institutions, or an institution's
+    #     name when that is empty) and oidc_role_claim (radiologist, clerk,
+    #     institution_admin): their account is made at first sign-in and follows
+    #     the claims at every sign-in after.
+    oidc_claim_mapping: Literal["subject", "institution-claim"] = "subject"
+    oidc_institution_claim: str = "institution"
+    oidc_role_claim: str = "role"
+    oidc_institutions: dict[str, str] = {}
+    # ID token signature algorithms accepted (asymmetric only: HS* and "none" are
+    # refused whatever this says) and the clock skew allowed (seconds).
+    oidc_algorithms: list[str] = ["RS256", "PS256", "ES256", "EdDSA"]
+    oidc_leeway_seconds: float = 60.0
+    # Minutes a started sign-in may take before its callback is refused.
+    oidc_login_minutes: float = 10.0
     # Break-glass grants: longest duration (minutes).
     break_glass_max_minutes: float = 240.0
     # Audit: repeats of one attempt within this window make one record.

@@ -25,6 +25,7 @@ from consent import audit
 from consent.accounts import enable_totp, set_password
 from consent.links import LinkView, find_links, revoke_any_link
 from consent.models import Institution, InstitutionSystem, User
+from consent.oidc import bind_subject
 from consent.patients import Relation, link_patient, unlink_patient
 from consent.principals import (
     ConsentError,
@@ -475,3 +476,33 @@ def links_revoke(
             )
         )
     console.print(f"link {link_id} revoked. {notice}")
+
+
+@users_app.command("bind-oidc")
+def users_bind_oidc(
+    username: Annotated[str, typer.Argument()],
+    subject: Annotated[
+        str, typer.Option(help="The provider's `sub` for this person; empty: unbind.")
+    ],
+    evidence: Annotated[str, typer.Option(help="How the person's identity was checked.")],
+    by: Annotated[str, typer.Option(help="Operator account taking responsibility.")],
+    issuer: Annotated[
+        str, typer.Option(help="The provider's issuer URL (default: the oidc_issuer setting).")
+    ] = "",
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Bind an account to an OpenID Connect subject, after checking who the person is:
+    they then sign in through the identity provider (docs/security.md). Audited."""
+    issuer = issuer or settings_from(data_dir, config).oidc_issuer
+    with _admin(data_dir, config) as (archive, auditor):
+        bind_subject(
+            archive.db,
+            auditor,
+            username,
+            issuer,
+            subject,
+            by=_acting(archive, by),
+            evidence=evidence,
+        )
+    console.print(f"{username} bound to {subject}" if subject else f"{username} unbound")

@@ -19,7 +19,9 @@ fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 # OHIF's prebuilt viewer (npm package tarball) for the browser tests.
 bash scripts/ohif.sh >/dev/null
+# node-oidc-provider (npm package) for the OpenID Connect sign-in tests.
+bash scripts/oidc-provider.sh >/dev/null
 
-ruff check gateway dicomweb viewer tests bench
-ruff format --check gateway dicomweb viewer tests bench
+ruff check gateway dicomweb viewer consent tests bench
+ruff format --check gateway dicomweb viewer consent tests bench
 python3 -m pytest "$@"

@@ -44,6 +44,12 @@ _SECRETS = [
     (re.compile(r"(?P<keep>\baccess_code\b['\"]?\s*[=:]\s*['\"]?)[^\s&'\",;]+"), "***"),
     # National identification numbers (gateway.ops.national_ids): never in logs.
     (national_ids.PATTERN, national_ids.MASK),
+    # OpenID Connect and OAuth 2 query parameters: the authorization code and state of a
+    # callback (/api/oidc/callback?code=...&state=...), a nonce, an ID token hint.
+    (
+        re.compile(r"(?P<keep>[?&](?:code|state|nonce|session_state|id_token_hint)=)[^\s&'\",;#]+"),
+        "***",
+    ),
 ]
 
 

@@ -213,3 +213,40 @@ def test_audit_exports_mask_national_ids(tmp_path: Path):
         shown = "\n".join([out, *decoded])
         assert "900101-1******" in shown, fmt
         assert "1234567" not in shown, fmt
+
+
+def test_users_bind_oidc(tmp_path: Path):
+    data = tmp_path / "var"
+    assert run(data, "users", "add", "pat", "--kind", "patient")[0] == 0
+    assert run(data, "users", "add", "other", "--kind", "patient")[0] == 0
+    assert run(data, "users", "add", "op", "--kind", "operator")[0] == 0
+    idp = "https://idp.example.org"
+    how = ["--by", "op", "--evidence", "passport checked at the desk"]
+
+    def bind(*args: str) -> tuple[int, str]:
+        return run(data, "users", "bind-oidc", *args, *how)
+
+    code, out = bind("pat", "--subject", "s-1", "--issuer", idp)
+    assert code == 0 and "bound" in out
+    # No issuer named and none configured; a subject bound already; an unknown user;
+    # a non-operator taking responsibility.
+    assert bind("other", "--subject", "s-2")[0] == 1
+    assert bind("other", "--subject", "s-1", "--issuer", idp)[0] == 1
+    assert bind("nobody", "--subject", "s-3", "--issuer", idp)[0] == 1
+    refused = run(data, "users", "bind-oidc", "other", "--subject", "s-4", "--issuer", idp,
+                  "--by", "pat", "--evidence", "passport checked at the desk")  # fmt: skip
+    assert refused[0] == 1
+    from consent.models import User
+    from gateway.archive import Archive
+    from gateway.config import Settings
+
+    archive = Archive.open(Settings(data_dir=data))
+    try:
+        with archive.db.reading() as session:
+            bound = {u.username: u.oidc_subject for u in session.query(User)}
+    finally:
+        archive.close()
+    assert bound == {"pat": f"{idp}#s-1", "other": "", "op": ""}
+    assert bind("pat", "--subject", "")[0] == 0  # unbind
+    code, out = run(data, "audit", "export", "--format", "text")
+    assert code == 0 and out.count("bind-oidc") == 2, out

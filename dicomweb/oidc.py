@@ -1,0 +1,108 @@
+"""Portal routes of OpenID Connect sign-in: ``/api/oidc/login`` and ``/api/oidc/callback``.
+
+``login`` sends the browser to the identity provider (``consent.oidc`` keeps the
+sign-in's state, nonce and PKCE verifier) and sets a short-lived, HttpOnly cookie
+binding the sign-in to this browser. ``callback`` finishes it and answers exactly
+what a local sign-in (``POST /api/session``) answers: an access token for the
+account the provider's subject maps to. The code and state arrive in the query
+string: nothing here logs them, and ``gateway.ops.logs`` masks both in any log line
+that carries the URL (an access log, if a site turns one on).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
+
+from consent.oidc import OIDCConfig, OIDCRefused, Provider, map_account
+from consent.tokens import issue_for_user
+from dicomweb.access import client_address
+from dicomweb.errors import HTTPError
+from dicomweb.portal import PRIVATE, _token_answer, _token_lifetime, private_answer
+
+COOKIE = "sb_oidc"
+COOKIE_PATH = "/api/oidc"
+
+router = APIRouter(dependencies=[Depends(private_answer)])
+
+
+def _provider(request: Request) -> Provider:
+    """The app's provider, made at first use from the settings (404 when not set up)."""
+    provider: Provider | None = getattr(request.app.state, "oidc", None)
+    if provider is None:
+        config = OIDCConfig.from_settings(request.app.state.settings)
+        if config is None:
+            raise HTTPError(404, "sign-in with an identity provider is not set up", "not-found")
+        provider = request.app.state.oidc = Provider(config)
+    return provider
+
+
+def _redirect_uri(request: Request, config: OIDCConfig) -> str:
+    if config.redirect_url:
+        return config.redirect_url
+    base = request.app.state.settings.public_base_url or str(request.base_url)
+    return base.rstrip("/") + COOKIE_PATH + "/callback"
+
+
+def _refused(exc: OIDCRefused) -> HTTPError:
+    return HTTPError(exc.status, str(exc), f"oidc-{exc.reason}")
+
+
+@router.get("/login", summary="Sign in with the identity provider (redirects there)")
+async def login(request: Request) -> RedirectResponse:
+    provider = _provider(request)
+    try:
+        started = await provider.start(
+            request.app.state.archive.db, _redirect_uri(request, provider.config)
+        )
+    except OIDCRefused as exc:
+        raise _refused(exc) from exc
+    response = RedirectResponse(started.url, status_code=303, headers=PRIVATE)
+    response.set_cookie(
+        COOKIE,
+        started.browser_secret,
+        max_age=int(provider.config.login_ttl.total_seconds()),
+        path=COOKIE_PATH,
+        secure=request.url.scheme == "https",
+        httponly=True,
+        samesite="lax",  # sent on the provider's top-level redirect back to us
+    )
+    return response
+
+
+@router.get("/callback", summary="Where the identity provider sends the browser back")
+async def callback(
+    request: Request,
+    code: str = "",
+    state: str = "",
+    iss: str | None = None,
+    error: str = "",
+) -> JSONResponse:
+    provider = _provider(request)
+    if error:
+        # The provider's own error code (access_denied, login_required...), no more.
+        raise HTTPError(401, "the identity provider did not sign you in", "oidc-" + error[:40])
+    if not code or not state:
+        raise HTTPError(400, "the identity provider's answer lacks code or state", "oidc-answer")
+    db = request.app.state.archive.db
+    try:
+        claims = await provider.finish(
+            db,
+            state=state,
+            code=code,
+            browser_secret=request.cookies.get(COOKIE, ""),
+            iss=iss,
+        )
+        user_id = await run_in_threadpool(map_account, db, provider.config, claims)
+    except OIDCRefused as exc:
+        raise _refused(exc) from exc
+    issued = await run_in_threadpool(
+        issue_for_user, db, user_id, _token_lifetime(request), client=client_address(request)
+    )
+    answer: dict[str, Any] = _token_answer(issued.token, issued.expires_at)
+    response = JSONResponse(answer, headers=PRIVATE)
+    response.delete_cookie(COOKIE, path=COOKIE_PATH)
+    return response
