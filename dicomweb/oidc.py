@@ -2,9 +2,11 @@
 
 ``login`` sends the browser to the identity provider (``consent.oidc`` keeps the
 sign-in's state, nonce and PKCE verifier) and sets a short-lived, HttpOnly cookie
-binding the sign-in to this browser. ``callback`` finishes it and answers exactly
-what a local sign-in (``POST /api/session``) answers: an access token for the
-account the provider's subject maps to. The code and state arrive in the query
+binding the sign-in to this browser. ``callback`` finishes it and answers what a
+local sign-in answers for the account the provider's subject maps to: to a browser
+(``Accept: text/html``) the portal pages' session cookie (``dicomweb.sessions``) and a
+redirect to ``/viewer/signin``, which goes on to the account's home page; to an API
+client the access token of ``POST /api/session``. The code and state arrive in the query
 string: nothing here logs them, and ``gateway.ops.logs`` masks both in any log line
 that carries the URL (an access log, if a site turns one on).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -22,6 +24,7 @@ from consent.tokens import issue_for_user
 from dicomweb.access import client_address
 from dicomweb.errors import HTTPError
 from dicomweb.portal import PRIVATE, _token_answer, _token_lifetime, private_answer
+from dicomweb.sessions import start_session
 
 COOKIE = "sb_oidc"
 COOKIE_PATH = "/api/oidc"
@@ -80,7 +83,7 @@ async def callback(
     state: str = "",
     iss: str | None = None,
     error: str = "",
-) -> JSONResponse:
+) -> Response:
     provider = _provider(request)
     if error:
         # The provider's own error code (access_denied, login_required...), no more.
@@ -99,6 +102,13 @@ async def callback(
         user_id = await run_in_threadpool(map_account, db, provider.config, claims)
     except OIDCRefused as exc:
         raise _refused(exc) from exc
+    if "text/html" in request.headers.get("accept", ""):
+        # A browser: the portal pages' session (HttpOnly cookie), then the sign-in page,
+        # which finds the session and goes on to the account's home page.
+        page = RedirectResponse("/viewer/signin", status_code=303, headers=PRIVATE)
+        await run_in_threadpool(start_session, request, page, user_id)
+        page.delete_cookie(COOKIE, path=COOKIE_PATH)
+        return page
     issued = await run_in_threadpool(
         issue_for_user, db, user_id, _token_lifetime(request), client=client_address(request)
     )

@@ -615,3 +615,20 @@ def test_running_gateway_signs_in_and_logs_no_secret(tmp_path: Path, issuer: str
     for value in (query["code"][0], query["state"][0], nonce, answer.json()["access_token"]):
         assert value not in logged
     assert "eyJ" not in logged
+
+
+def test_browser_gets_the_portal_session(portal: Portal):
+    """A browser (Accept: text/html) gets the portal pages' session cookie and is sent
+    to the sign-in page, which finds the session and goes on to the account's home."""
+    back = authorize(portal.start(), *ALICE[:2])
+    parts = urlsplit(back)
+    page = portal.http.get(
+        f"{parts.path}?{parts.query}",
+        headers={"Accept": "text/html,application/xhtml+xml"},
+        follow_redirects=False,
+    )
+    assert page.status_code == 303 and page.headers["location"] == "/viewer/signin"
+    assert "access_token" not in page.text and "sbat_" not in page.headers["location"]
+    session = portal.http.get("/api/session/browser")
+    assert session.status_code == 200, session.text
+    assert session.json()["account"]["username"] == "alice"
