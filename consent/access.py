@@ -355,6 +355,47 @@ class Gate:
             )
         return allowed
 
+    def check_delivery(
+        self,
+        principal: Principal,
+        receiver: Principal,
+        study_uids: Iterable[str],
+        *,
+        door: str,
+        operation: str,
+        client: str = "",
+    ) -> set[str]:
+        """Of ``study_uids`` (which ``principal`` may download), those it may also send
+        to ``receiver``, another system (a C-MOVE destination, a forwarding target, as
+        ``peer_principal`` sees it): a study goes there only if the receiver's
+        institution may download it itself, or the receiver belongs to the principal's
+        own institution. Every study's outcome is audited (destination in the detail)."""
+        wanted = sorted({u for u in study_uids if u})
+        same = bool(receiver.institution) and receiver.institution == principal.institution
+        allowed = (
+            set(wanted)
+            if same
+            else permitted_studies(self.db, receiver, Operation.DOWNLOAD, wanted)
+        )
+        to = f"to {receiver.name} ({receiver.institution or 'no institution'})"
+        refusal = (
+            f"{receiver.name}'s institution ({receiver.institution or 'none registered'}) "
+            "may not receive this study (no consent or share for it)"
+        )
+        for uid in wanted:
+            self.auditor.record(
+                Attempt(
+                    principal=principal,
+                    door=door,
+                    operation=operation,
+                    outcome="allowed" if uid in allowed else "denied",
+                    study_uid=uid,
+                    client=client,
+                    detail=to if uid in allowed else f"{to}: {refusal}",
+                )
+            )
+        return allowed
+
     def check_store(
         self, principal: Principal, *, door: str, client: str = "", study_uid: str = ""
     ) -> bool:

@@ -10,7 +10,9 @@
 - C-FIND: the identifier becomes a ``Query`` for the one query engine; answers are
   encoded in the requester's character set, or UTF-8 when a value does not fit;
 - C-MOVE / C-GET: the request becomes a ``RetrieveRequest``; instances are sent as
-  stored (see ``sending``).
+  stored (see ``sending``). A C-MOVE sends a study only if the destination peer's
+  institution may download it too (``Gate.check_delivery``, as forwarding does); the
+  others are failed sub-operations, answered "Refused: Not Authorized" (0x0124).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from gateway.peers import PeerRegistry
 from gateway.transfers.records import TransferBindings
 
 log = logging.getLogger(__name__)
+
+# Audit operation of the destination check (the caller's own is "download").
+MOVE_OPERATION = "move"
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
@@ -295,15 +300,39 @@ class Handlers:
             yield peer.host, peer.port
             yield status.query_failure(exc).Status, None
             return
+        # The destination's institution must be allowed the study too (the rule
+        # forwarding follows): otherwise the caller could hand it to anyone.
+        deliverable = self.gate.check_delivery(
+            self._principal(event),
+            peer_principal(self.archive.db, peer.ae_title, peer.institution),
+            {inst.study_uid for inst in instances},
+            door="dimse",
+            operation=MOVE_OPERATION,
+            client=str(event.assoc.requestor.address),
+        )
+        sent = [inst for inst in instances if inst.study_uid in deliverable]
+        refused = [inst for inst in instances if inst.study_uid not in deliverable]
         try:
-            target = client.destination(self.settings, peer, contexts_for(instances))
+            target = client.destination(self.settings, peer, contexts_for(sent or refused))
         except tls.TLSConfigError as exc:
             log.warning("C-MOVE to %s refused: %s", destination, exc)
             yield None, None  # answered as 0xA801: we cannot reach the destination
             return
         yield target
         yield len(instances)
-        yield from self._send_each(event, instances)
+        yield from self._send_each(event, sent)
+        if refused:
+            log.warning(
+                "C-MOVE to %s: %d instance(s) of %d study(ies) refused, its institution "
+                "may not receive them",
+                destination,
+                len(refused),
+                len({inst.study_uid for inst in refused}),
+            )
+            failed = Dataset()
+            failed.FailedSOPInstanceUIDList = [inst.sop_uid for inst in refused]
+            comment = "destination's institution may not receive the study"
+            yield status.status_dataset(status.MOVE_NOT_AUTHORIZED, comment), failed
 
     def on_get(self, event: Event) -> Iterator[Any]:
         try:

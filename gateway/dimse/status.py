@@ -36,6 +36,9 @@ FIND_UNABLE_TO_PROCESS = 0xC000
 MOVE_OUT_OF_RESOURCES_MATCHES = 0xA701
 MOVE_IDENTIFIER_DOES_NOT_MATCH = 0xA900
 MOVE_UNABLE_TO_PROCESS = 0xC000
+# PS3.7 C.4.2.1.3 again: the Move Destination's institution may not receive a study;
+# its instances are the failed sub-operations of the final response.
+MOVE_NOT_AUTHORIZED = 0x0124
 
 _STORE_TABLE: list[tuple[type[errors.ArchiveError], int]] = [
     (errors.StorageUnavailable, STORE_OUT_OF_RESOURCES),

@@ -92,7 +92,12 @@ def gateway(
             "--institution",
             "Elsewhere",
         )
-        for aet, host, port in (("DEST", "127.0.0.1", dest[0]), ("FARAWAY", "192.0.2.10", 104)):
+        for aet, host, port, institution in (
+            ("DEST", "127.0.0.1", dest[0], INSTITUTION),
+            ("FARAWAY", "192.0.2.10", 104, INSTITUTION),
+            # The same storescp, registered as another institution's system.
+            ("ELSEDEST", "127.0.0.1", dest[0], "Elsewhere"),
+        ):
             gw.cli(
                 "peers",
                 "add",
@@ -102,7 +107,7 @@ def gateway(
                 "--port",
                 str(port),
                 "--institution",
-                INSTITUTION,
+                institution,
             )
         gw.start("--dimse-workers", "2")
         yield gw
@@ -321,6 +326,54 @@ def test_another_institution_neither_finds_nor_retrieves_the_study(
     exported = gateway.cli("audit", "export", "--format", "text").stdout
     denied = [line for line in exported.splitlines() if study in line and "denied" in line]
     assert denied and all("OTHERSCU" in line for line in denied)
+
+
+def test_move_to_another_institutions_destination_is_refused(
+    gateway: Gateway, dest: tuple[int, Path], tmp_path: Path
+) -> None:
+    """A peer may not C-MOVE its studies to a system of an institution that may not
+    download them itself; to its own institution's system they are delivered."""
+    study = uid()
+    files = ct_series(tmp_path / "in", 3, study_uid=study, patient_id="DCMTK-3")
+    _store(gateway, files)
+    sops = {pydicom.dcmread(f).SOPInstanceUID for f in files}
+    _port, out = dest
+
+    def move(destination: str) -> str:
+        result = run_tool(
+            [
+                require_tool("movescu"),
+                "-v",
+                "-aet",
+                "MOVESCU",
+                "-aem",
+                destination,
+                "-S",
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={study}",
+                *_addr(gateway),
+            ]
+        )
+        return result.stdout + result.stderr
+
+    def arrived() -> set[str]:
+        return {
+            pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in out.iterdir()
+        } & sops
+
+    refused = move("ELSEDEST")
+    # dcmtk names 0x0124 (Refused: Not Authorized, a PS3.7 general status) "Unknown".
+    assert "Final Move Response (Unknown Status: 0x124)" in refused, refused
+    assert arrived() == set()
+    delivered = move("DEST")
+    assert "0x124" not in delivered, delivered
+    assert arrived() == sops
+    exported = gateway.cli("audit", "export", "--format", "text").stdout
+    lines = [line for line in exported.splitlines() if study in line and "op=move " in line]
+    assert any("denied" in line and "ELSEDEST" in line for line in lines), exported[-2000:]
+    assert any("allowed" in line and "to DEST" in line for line in lines), exported[-2000:]
 
 
 def test_move_to_unknown_destination_fails(gateway: Gateway) -> None:
