@@ -50,11 +50,14 @@ REVOKE_NOTICE = (
 
 
 class LinkRefused(Exception):
-    """An exchange is refused; ``reason`` is a short code, the message safe to show."""
+    """An exchange is refused; ``reason`` is a short code, the message safe to show.
+    For a wrong access code, ``remaining`` is how many more wrong codes lock the link
+    (or this address) out."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, remaining: int | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.remaining = remaining
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,13 @@ def exchange(
     if code_hash and (not access_code or not verify_secret(access_code.strip(), code_hash)):
         with db.writing() as session:
             session.add(AccessCodeFailure(link_fk=link_id, client=client, at=now))
-        raise LinkRefused("access-code", "the access code is not right")
+        remaining = min(
+            policy.max_failures - per_link - 1, policy.max_failures_per_client - per_client - 1
+        )
+        # 0: this was the last try; the next exchange is refused as locked.
+        raise LinkRefused(
+            "access-code", "the access code is not right", remaining=max(remaining, 0)
+        )
     acting_user = None
     if recipient is not None:
         if (

@@ -52,7 +52,7 @@ from consent.patients import Relation, link_patient
 from consent.principals import ConsentError, Kind, Operation, Principal
 from consent.tokens import authenticate_client, issue_for_system, issue_for_user
 from dicomweb.access import client_address, gate_of, optional_principal
-from dicomweb.errors import HTTPError
+from dicomweb.errors import HTTPError, error_body
 from dicomweb.sessions import caller
 from gateway.archive.fhir import imaging_study_bundle
 
@@ -190,7 +190,7 @@ def link_exchange(
     body: LinkToken,
     request: Request,
     presenter: Principal | None = Depends(optional_principal),
-) -> dict[str, Any]:
+) -> dict[str, Any] | JSONResponse:
     db = _db(request)
     holder = presenter or Principal(kind=Kind.LINK, id=0, name="link holder")
     try:
@@ -204,7 +204,10 @@ def link_exchange(
         )
     except LinkRefused as exc:
         _audit(request, holder, "link-exchange", "denied", detail=exc.reason)
-        raise HTTPError(_LINK_STATUS.get(exc.reason, 403), str(exc), exc.reason) from exc
+        refusal = error_body(exc.reason, str(exc))
+        if exc.remaining is not None:  # wrong access code: tries left before the lockout
+            refusal["remaining"] = exc.remaining
+        return JSONResponse(refusal, _LINK_STATUS.get(exc.reason, 403), headers=PRIVATE)
     _audit(request, holder, "link-exchange", "allowed", detail=f"access token {issued.id}")
     settings = _settings(request)
     base = str(request.base_url).rstrip("/") + settings.dicomweb_prefix.rstrip("/")

@@ -1,6 +1,8 @@
 """A study as a zip in the layout of a patient CD (IHE PDI, DICOM PS3.10/PS3.11):
-``DICOMDIR`` at the root, every instance as a Part 10 file under a File ID of
-uppercase 8-character components, and a ``README.TXT``.
+``DICOMDIR`` and ``README.TXT`` at the root, every instance as a Part 10 file in the
+``DICOM`` folder under a File ID of uppercase 8-character components
+(``DICOM/PT000000/ST000000/SE000000/IM000000``), as IHE PDI (RAD TF-3 4.47) lays out
+a CD: only DICOM files in ``DICOM``, nothing else there.
 
 A legacy PACS or CD importer reads such a zip once unpacked. The zip is streamed:
 ``iter_pdi_zip`` yields bytes as it goes and holds one chunk of an instance at a
@@ -9,8 +11,8 @@ time, so a large study never sits in memory or in a temporary file.
 How: the DICOMDIR needs each instance's identifying attributes, so a first pass
 reads the headers (stopping before pixel data) and lets pydicom's ``FileSet`` build
 the directory records from header-only copies in a scratch folder (cheap: no pixel
-data); the File IDs pydicom assigns there (``PT000000/ST000000/SE000000/IM000000``)
-are the names the real instances get in the zip. The second pass streams each
+data); the File IDs pydicom assigns there (``PT000000/ST000000/SE000000/IM000000``),
+moved under ``DICOM/``, are the names the real instances get in the zip. The second pass streams each
 stored blob (our file meta plus the data set exactly as received) into the zip.
 
 Where a header lacks a Type 1 key that a directory record requires (Patient ID,
@@ -41,6 +43,7 @@ from gateway.archive.errors import ArchiveError, InvalidDataset, NotFound
 from gateway.archive.retrieve import StoredInstance, iter_blob
 
 DICOMDIR = "DICOMDIR"
+PDI_FOLDER = "DICOM"  # IHE PDI: DICOM files in this folder, the DICOMDIR at the root
 README = "README.TXT"
 FILE_SET_ID = "STUDYBRIDGE"
 # Type 1 keys of PATIENT, STUDY, SERIES and IMAGE-like directory records (PS3.3 F.5).
@@ -113,15 +116,41 @@ def plan(
         by_sop[inst.sop_uid] = inst
     with tempfile.TemporaryDirectory(dir=scratch_dir, prefix="dicomdir-") as tmp:
         fs.write(tmp)
+        placed = _under_dicom_folder(Path(tmp), fs.ID)
         dicomdir = (Path(tmp) / DICOMDIR).read_bytes()
         files = [
-            MediaFile(
-                by_sop[item.SOPInstanceUID], "/".join(Path(item.FileID.replace("\\", "/")).parts)
-            )
-            for item in fs
+            MediaFile(by_sop[item.SOPInstanceUID], "/".join(_file_id(item.ReferencedFileID)))
+            for item in placed
         ]
     files.sort(key=lambda f: f.path)
     return MediaPlan(dicomdir=dicomdir, files=files)
+
+
+def _file_id(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _under_dicom_folder(root: Path, file_set_id: str) -> FileSet:
+    """Move the instances pydicom laid out at the root (``PT000000/...``) into the
+    ``DICOM`` folder that IHE PDI asks for, and rewrite the DICOMDIR's File IDs
+    (``DICOM\\PT000000\\...``) to match; the DICOMDIR itself stays at the root.
+
+    pydicom chooses its own File IDs when it writes a new file set; an existing one it
+    can rewrite in place (``use_existing``), recomputing the records' offsets, after
+    the records were edited in the loaded data set."""
+    folder = root / PDI_FOLDER
+    folder.mkdir()
+    for entry in list(root.iterdir()):
+        if entry.name not in (DICOMDIR, PDI_FOLDER):
+            entry.rename(folder / entry.name)
+    ds = pydicom.dcmread(root / DICOMDIR)
+    for record in ds.DirectoryRecordSequence:
+        if "ReferencedFileID" in record:
+            record.ReferencedFileID = [PDI_FOLDER, *_file_id(record.ReferencedFileID)]
+    placed = FileSet(ds)
+    placed.ID = file_set_id  # (also marks the file set as changed)
+    placed.write(use_existing=True)
+    return placed
 
 
 def readme(files: Sequence[MediaFile], now: dt.datetime) -> bytes:

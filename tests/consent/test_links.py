@@ -119,10 +119,12 @@ def test_access_code_and_lockout_per_link(site: Site):
     with pytest.raises(LinkRefused) as refused:
         exchange(site.db, token, POLICY, client="1.1.1.1")
     assert refused.value.reason == "access-code"
+    assert refused.value.remaining == POLICY.max_failures - 1
     assert exchange(site.db, token, POLICY, client="1.1.1.1", access_code="4711")
     for client in ("1.1.1.2", "1.1.1.3"):
-        with pytest.raises(LinkRefused):
+        with pytest.raises(LinkRefused) as refused:
             exchange(site.db, token, POLICY, client=client, access_code="0000")
+    assert refused.value.remaining == 0  # the third failure was the last try
     # Three failures (from three addresses) lock the link, even with the right code.
     with pytest.raises(LinkRefused) as refused:
         exchange(site.db, token, POLICY, client="1.1.1.4", access_code="4711")

@@ -15,7 +15,7 @@ from pydicom.fileset import FileSet
 
 from gateway.archive import Archive, Level, RetrieveRequest
 from gateway.archive.errors import NotFound
-from gateway.archive.media import DICOMDIR, README, iter_pdi_zip
+from gateway.archive.media import DICOMDIR, PDI_FOLDER, README, iter_pdi_zip
 from gateway.archive.retrieve import StoredInstance
 from tests.gateway.archive.helpers import SOURCE
 from tests.servers import require_tool
@@ -59,9 +59,10 @@ def test_zip_has_a_dicomdir_listing_every_instance(archive: Archive, tmp_path: P
     for sop, item in listed.items():
         path = Path(item.path)
         assert path.is_file()
-        assert path.relative_to(out).parts[0] != DICOMDIR
-        # Every File ID component is a PS3.10 one: 1-8 of A-Z, 0-9, _.
+        # IHE PDI: the DICOMDIR at the root, every DICOM file in the DICOM folder.
         parts = path.relative_to(out).parts
+        assert parts[0] == PDI_FOLDER and list(item.ReferencedFileID) == list(parts), parts
+        # Every File ID component is a PS3.10 one: 1-8 of A-Z, 0-9, _.
         assert all(re.fullmatch(r"[A-Z0-9_]{1,8}", p) for p in parts), parts
         # The file is the stored one, byte for byte.
         with archive.store.open(by_sop[sop].blob_key) as fh:
@@ -79,6 +80,9 @@ def test_zip_has_a_dicomdir_listing_every_instance(archive: Archive, tmp_path: P
     loaded = listed[next(iter(fs.find(Modality="SR"))).SOPInstanceUID].load()
     assert loaded.StudyInstanceUID == study.study_uid
     assert f"Study Instance UID {study.study_uid}" in (out / README).read_text()
+    assert sorted(p.name for p in out.iterdir()) == [PDI_FOLDER, DICOMDIR, README]
+    in_folder = [p for p in (out / PDI_FOLDER).rglob("*") if p.is_file()]
+    assert len(in_folder) == len(instances)  # nothing but the listed DICOM files there
 
 
 @pytest.mark.fast
