@@ -58,6 +58,12 @@ def require_principal(request: Request) -> Principal:
         raise HTTPError(
             401, "only Bearer access tokens are accepted", "unauthorized", headers=_CHALLENGE
         )
+    return principal_for_token(request, token)
+
+
+def principal_for_token(request: Request, token: str) -> Principal:
+    """The principal of an access token (from the header, or the one route that takes
+    it in a form body), recorded on the request; 401 if unknown, expired or revoked."""
     principal = resolve(request.app.state.archive.db, token.strip())
     if principal is None:
         raise HTTPError(

@@ -28,6 +28,7 @@ from consent.tokens import resolve
 from dicomweb import (
     capabilities,
     custody,
+    downloads,
     imports,
     media,
     oidc,
@@ -137,6 +138,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     # The portal pages' browser sessions (cookie + CSRF) and study lists.
     app.include_router(sessions.router, prefix="/api", tags=["Portal"])
     app.include_router(portal_studies.router, prefix="/api", tags=["Portal"])
+    app.include_router(downloads.router, prefix="/api", tags=["Downloads"])
     app.add_exception_handler(ConsentError, portal.consent_error_handler)
 
     services = {"QIDO-RS": qido, "WADO-RS": wado, "STOW-RS": stow}

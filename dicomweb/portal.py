@@ -185,7 +185,11 @@ def link_describe(body: LinkToken, request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/links/exchange", summary="Trade a share link for a short-lived access token")
+@router.post(
+    "/links/exchange",
+    summary="Trade a share link for a short-lived access token",
+    response_model=None,
+)
 def link_exchange(
     body: LinkToken,
     request: Request,

@@ -12,8 +12,9 @@ How: the DICOMDIR needs each instance's identifying attributes, so a first pass
 reads the headers (stopping before pixel data) and lets pydicom's ``FileSet`` build
 the directory records from header-only copies in a scratch folder (cheap: no pixel
 data); the File IDs pydicom assigns there (``PT000000/ST000000/SE000000/IM000000``),
-moved under ``DICOM/``, are the names the real instances get in the zip. The second pass streams each
-stored blob (our file meta plus the data set exactly as received) into the zip.
+moved under ``DICOM/``, are the names the real instances get in the zip. The second
+pass streams each stored blob (our file meta plus the data set exactly as received)
+into the zip.
 
 Where a header lacks a Type 1 key that a directory record requires (Patient ID,
 Study Date/Time, Study ID, Series Number, Instance Number), the record gets a

@@ -130,6 +130,7 @@ def test_access_code_answers(portal: Portal):
         "/api/links/exchange", json={"token": created["token"], "access_code": "1234"}
     )
     assert wrong.status_code == 401
+    assert wrong.json()["remaining"] == portal.settings.access_code_max_failures - 1
     right = portal.http.post(
         "/api/links/exchange", json={"token": created["token"], "access_code": "4711"}
     )
