@@ -21,9 +21,11 @@ from gateway.cli_common import (
     DataDir,
     console,
     err,
+    fail,
     open_archive,
     settings_from,
 )
+from gateway.config import Settings
 from gateway.consent_cli import audit_app, institutions_app, links_app, users_app
 from gateway.ops import commands as ops_commands
 from gateway.ops.doctor import redact_url
@@ -65,7 +67,12 @@ def serve(
         int | None, typer.Option(help="Receiving processes (default: one per core, min 2).")
     ] = None,
     demo: Annotated[
-        bool, typer.Option("--demo", help="Demo profile: accept any calling AE title.")
+        bool,
+        typer.Option(
+            "--demo",
+            help="Demo profile: seed the synthetic demo data (`studybridge demo`), accept "
+            "any calling AE title and anonymous HTTP requests. Never with real data.",
+        ),
     ] = False,
 ) -> None:
     """Run the DICOM node and the HTTP app on the configured (or embedded) backends."""
@@ -80,7 +87,51 @@ def serve(
         dimse_workers=dimse_workers,
         profile="demo" if demo else None,
     )
+    if demo:
+        _seed_demo(settings)
     raise typer.Exit(run_serve(settings, say=console.print))
+
+
+def _seed_demo(settings: Settings, ct_slices: int = 250) -> None:
+    from gateway.demo.seed import DemoRefused, seed
+
+    archive = _archive(settings)
+    try:
+        with console.status("Seeding the demo (synthetic patients and studies) ..."):
+            summary = seed(settings, archive, ct_slices=ct_slices, say=console.log)
+    except DemoRefused as exc:
+        raise fail(str(exc)) from exc
+    finally:
+        archive.close()
+    for line in summary.lines():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    code: Annotated[
+        str | None,
+        typer.Option(help="Print the current one-time code of this demo account and stop."),
+    ] = None,
+    ct_slices: Annotated[int, typer.Option(help="Slices of the demo chest CT.")] = 250,
+) -> None:
+    """Seed the demo's synthetic patients, institutions, studies, accounts and share
+    link (marked as demo data; refused by a production configuration). Idempotent."""
+    from gateway.demo.seed import DemoRefused, current_code
+
+    settings = _settings(data_dir, config)
+    if code is None:
+        _seed_demo(settings, ct_slices)
+        return
+    archive = _archive(settings)
+    try:
+        console.print(current_code(archive, code), markup=False, highlight=False)
+    except DemoRefused as exc:
+        raise fail(str(exc)) from exc
+    finally:
+        archive.close()
 
 
 @app.command()

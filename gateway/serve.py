@@ -200,6 +200,7 @@ class Supervisor:
                 raise SystemExit(f"TLS: {exc}") from exc
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate(settings.resolved_database_url)
+        refuse_demo_data(settings)
         clear_staging(settings)
 
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -325,6 +326,22 @@ class Supervisor:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
+
+
+def refuse_demo_data(settings: Settings) -> None:
+    """A production configuration never serves the demo's synthetic data."""
+    if settings.profile != "production":
+        return
+    from gateway.archive import Archive
+    from gateway.demo.seed import DemoRefused, refuse_in_production
+
+    archive = Archive.open(settings)
+    try:
+        refuse_in_production(settings, archive)
+    except DemoRefused as exc:
+        raise SystemExit(f"refusing to start: {exc}") from exc
+    finally:
+        archive.close()
 
 
 def serve(settings: Settings, say: Callable[[str], None] = print) -> int:

@@ -7,6 +7,7 @@ from sqlalchemy import create_engine
 
 import consent.models  # noqa: F401  (consent's tables live on the same Base)
 from gateway.archive.models import Base
+from gateway.demo import models as _demo_models  # noqa: F401 - registers tables
 from gateway.forward import models as _forward_models  # noqa: F401 - registers tables
 from gateway.transfers import models as _transfer_models  # noqa: F401 - registers tables
 

@@ -9,6 +9,7 @@ from alembic.migration import MigrationContext
 import consent.models  # noqa: F401  (consent's tables are part of the schema)
 from gateway.archive import Archive
 from gateway.archive.models import Base
+from gateway.demo import models as _demo_models  # noqa: F401 - registers tables
 from gateway.forward import models as _forward_models  # noqa: F401 - registers tables
 from gateway.transfers import models as _transfer_models  # noqa: F401 - registers tables
 
