@@ -153,6 +153,25 @@ def resolve(db: Database, token: str, now: dt.datetime | None = None) -> Princip
     return None
 
 
+def refusal(db: Database, token: str, now: dt.datetime | None = None) -> str:
+    """Why ``resolve`` refuses a token, for its holder: ``revoked`` (the token, or the
+    share link it came from), ``expired``, or ``invalid`` (unknown, malformed). The
+    holder learns only what became of a token they hold."""
+    if not token.startswith(ACCESS_PREFIX) or len(token) > 200:
+        return "invalid"
+    now = now or utcnow()
+    with db.reading() as session:
+        row = session.scalar(select(AccessToken).where(AccessToken.token_hash == token_hash(token)))
+        if row is None:
+            return "invalid"
+        link = session.get(ShareLink, row.link_fk) if row.link_fk is not None else None
+        if row.revoked_at is not None or (link is not None and link.revoked_at is not None):
+            return "revoked"
+        if row.expires_at <= now or (link is not None and link.expires_at <= now):
+            return "expired"
+    return "invalid"
+
+
 def revoke_token(db: Database, token_id: int, now: dt.datetime | None = None) -> None:
     with db.writing() as session:
         session.execute(

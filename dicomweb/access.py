@@ -26,7 +26,7 @@ from sqlalchemy import ColumnElement
 from consent.access import Gate, permitted_studies
 from consent.principals import DEMO, Operation, Principal
 from consent.redact import redact
-from consent.tokens import resolve
+from consent.tokens import refusal, resolve
 from dicomweb.errors import HTTPError
 from gateway.archive.errors import NotFound
 from gateway.archive.query import Level
@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 DOOR = "dicomweb"
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="studybridge"'}
 _demo_warned = 0.0
+_REFUSALS = {
+    "invalid": "the access token is not valid (unknown, expired or revoked)",
+    "expired": "the access token has expired (or the share link it came from)",
+    "revoked": "the access was revoked (the token, or the share link it came from)",
+}
 
 
 def require_principal(request: Request) -> Principal:
@@ -64,12 +69,15 @@ def require_principal(request: Request) -> Principal:
 def principal_for_token(request: Request, token: str) -> Principal:
     """The principal of an access token (from the header, or the one route that takes
     it in a form body), recorded on the request; 401 if unknown, expired or revoked."""
-    principal = resolve(request.app.state.archive.db, token.strip())
+    db = request.app.state.archive.db
+    principal = resolve(db, token.strip())
     if principal is None:
+        # The holder may know what became of their token (the viewer says "revoked").
+        why = refusal(db, token.strip())
         raise HTTPError(
             401,
-            "the access token is not valid (unknown, expired or revoked)",
-            "invalid-token",
+            _REFUSALS[why],
+            "invalid-token" if why == "invalid" else f"token-{why}",
             headers={"WWW-Authenticate": 'Bearer realm="studybridge", error="invalid_token"'},
         )
     request.state.principal = principal

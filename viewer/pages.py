@@ -8,6 +8,9 @@ at ``/viewer``:
 - ``/viewer/signin``, ``/viewer/portal``, ``/viewer/inbox`` the portal pages (sign-in,
   a patient's studies and sharing, an institution's inbox), which talk to ``/api``
   with a session cookie the scripts cannot read (``dicomweb.sessions``);
+- ``/viewer/share`` the share-link page (``static/share.html``): a link is
+  ``/viewer/share#sbl_...``; the page trades the token for an access token by POST
+  and opens the viewer (``static/js/share.js``);
 - ``/viewer/config.json`` what the page needs to know about this server (where the
   DICOMweb API lives, the languages it speaks);
 - ``/viewer/static/...`` the page's modules, styles and language catalogues.
@@ -97,6 +100,13 @@ def _static_page(name: str) -> Callable[[Request], Response]:
         return FileResponse(STATIC / name, media_type="text/html; charset=utf-8")
 
     return page
+def _share_page(_request: Request) -> Response:
+    # Static: the link's token is in the fragment, which never reaches this server, and
+    # serving the page consumes nothing (link scanners fetch it). no-store: nothing of
+    # a link page is kept in caches.
+    response = FileResponse(STATIC / "share.html", media_type="text/html; charset=utf-8")
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def create_app(settings: Settings) -> ASGIApp:
@@ -119,6 +129,7 @@ def create_app(settings: Settings) -> ASGIApp:
             Route("/signin", _static_page("signin.html")),
             Route("/portal", _static_page("portal.html")),
             Route("/inbox", _static_page("inbox.html")),
+            Route("/share", _share_page),
             Route("/config.json", page_config),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ]

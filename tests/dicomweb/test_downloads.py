@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import time
 import zipfile
@@ -15,6 +16,7 @@ from pydicom.fileset import FileSet
 from consent.accounts import enable_totp, set_password
 from consent.audit import iter_records
 from consent.principals import Kind, Role, add_user
+from consent.tokens import refusal
 from gateway.forward.jobs import get_job
 from gateway.peers import PeerRegistry
 from tests.dicomweb import test_portal
@@ -132,3 +134,23 @@ def test_staff_send_a_study_to_their_own_pacs(portal: Portal, tmp_path: Path):
     )
     assert refused.status_code == 403
     assert any(op == portal.a for op, _ in _audited(portal, "forward"))
+
+
+def test_a_refused_token_says_what_became_of_it(portal: Portal):
+    """The viewer tells "revoked" and "expired" apart from an unknown token."""
+    alice = portal.login("alice")
+    body = {"study_uids": [portal.a]}
+    created = portal.http.post("/api/me/links", json=body, headers=alice).json()
+    token = portal.http.post("/api/links/exchange", json={"token": created["token"]}).json()
+    holder = {"Authorization": f"Bearer {token['access_token']}"}
+    assert portal.http.get(f"/api/studies/{portal.a}/actions", headers=holder).status_code == 200
+    portal.http.delete(f"/api/me/links/{created['id']}", headers=alice)
+    refused = portal.http.get("/dicom-web/studies", headers=holder)
+    assert refused.status_code == 401 and refused.json()["error"] == "token-revoked"
+    unknown = portal.http.get("/dicom-web/studies", headers={"Authorization": "Bearer sbat_x"})
+    assert unknown.status_code == 401 and unknown.json()["error"] == "invalid-token"
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    fresh = portal.http.post("/api/me/links", json=body, headers=alice).json()
+    issued = portal.http.post("/api/links/exchange", json={"token": fresh["token"]}).json()
+    assert refusal(portal.archive.db, issued["access_token"], later) == "expired"
+    # (refusal is asked only after resolve refused a token: a valid one has no reason)

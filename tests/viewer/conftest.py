@@ -22,6 +22,7 @@ from tests.servers import missing, running_gateway
 from tests.viewer.studies import ViewerStudy, make_study
 
 INSTITUTION = "Viewer Hospital"
+ISSUER = "VIEWER-HOSP"  # the study's Issuer of Patient ID (patients link to it)
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -62,9 +63,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     shots = Path(os.environ.get("STUDYBRIDGE_VIEWER_SHOTS") or tmp / "shots")
     shots.mkdir(parents=True, exist_ok=True)
     study = make_study(tmp / "data")
-    with running_gateway(tmp) as gw:
-        gw.cli("institutions", "add", INSTITUTION)
-        gw.cli("import", str(tmp / "data"), "--institution", INSTITUTION)
+    # Every page comes from 127.0.0.1: the share-link tests' wrong access codes must
+    # not lock the address out (the per-link lockout is what they test).
+    env = {"STUDYBRIDGE_ACCESS_CODE_MAX_FAILURES_PER_CLIENT": "100"}
+    with running_gateway(tmp, env) as gw:
+        gw.cli("institutions", "add", INSTITUTION, "--issuer", ISSUER)
+        gw.cli("import", str(tmp / "data"), "--institution", INSTITUTION, "--issuer", ISSUER)
         gw.start()
         url = f"http://127.0.0.1:{gw.http_port}"
         token = gw.access_token(INSTITUTION, "viewer-test")

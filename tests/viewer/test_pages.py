@@ -29,8 +29,9 @@ def _csp(value: str) -> dict[str, list[str]]:
     return out
 
 
-def test_page_is_served_with_strict_headers(client: TestClient) -> None:
-    response = client.get("/")
+@pytest.mark.parametrize("path", ["/", "/share"])
+def test_page_is_served_with_strict_headers(client: TestClient, path: str) -> None:
+    response = client.get(path)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert response.headers["referrer-policy"] == "no-referrer"
@@ -74,7 +75,7 @@ class _Inline(HTMLParser):
             self.problems.append("script body")
 
 
-@pytest.mark.parametrize("path", ["/", "/signin", "/portal", "/inbox"])
+@pytest.mark.parametrize("path", ["/", "/signin", "/portal", "/inbox", "/share"])
 def test_page_has_no_inline_script_or_style(client: TestClient, path: str) -> None:
     response = client.get(path)
     assert response.status_code == 200
@@ -83,6 +84,16 @@ def test_page_has_no_inline_script_or_style(client: TestClient, path: str) -> No
     parser = _Inline()
     parser.feed(response.text)
     assert parser.problems == []
+
+
+def test_share_page_is_static_and_not_cached(client: TestClient) -> None:
+    """A link is /viewer/share#sbl_...: the page never sees the token, holds nothing
+    of a link, and is kept in no cache."""
+    first = client.get("/share")
+    assert first.headers["cache-control"] == "no-store"
+    assert first.headers["referrer-policy"] == "no-referrer"
+    assert "sbl_" not in first.text
+    assert client.get("/share?x=1").text == first.text
 
 
 def test_static_files_and_config(client: TestClient) -> None:

@@ -6,10 +6,12 @@
 import { authHeaders } from "./auth.js";
 
 export class ApiError extends Error {
-  constructor(kind, status, message) {
+  // reason: the server's short code ("error" of the JSON body), e.g. token-revoked.
+  constructor(kind, status, message, reason = "") {
     super(message);
     this.kind = kind;
     this.status = status;
+    this.reason = reason;
   }
 }
 
@@ -49,13 +51,15 @@ export class DicomWeb {
     }
     if (!response.ok) {
       let message = `HTTP ${response.status}`;
+      let reason = "";
       try {
         const body = await response.json();
         message = body.message || body.detail || message;
+        reason = typeof body.error === "string" ? body.error : "";
       } catch {
         /* not JSON */
       }
-      throw new ApiError(kindOf(response.status), response.status, message);
+      throw new ApiError(kindOf(response.status), response.status, message, reason);
     }
     return response;
   }

@@ -4,18 +4,22 @@
 // sent in a URL) for a short-lived access token scoped to the link's studies, and
 // hands it over with setAccess(). It lives in sessionStorage: it survives a reload
 // of this tab, is gone when the tab closes, and is never part of any URL.
+// `details` says where it came from ({source: "link"} for a share link), so the
+// share-link page presents only a sign-in token, never a previous link's, as who
+// is opening a link bound to an institution.
 
 const KEY = "studybridge.access";
 
-export function setAccess(token, expiresAt = null) {
-  sessionStorage.setItem(KEY, JSON.stringify({ token, expiresAt }));
+export function setAccess(token, expiresAt = null, details = {}) {
+  sessionStorage.setItem(KEY, JSON.stringify({ ...details, token, expiresAt }));
 }
 
 export function clearAccess() {
   sessionStorage.removeItem(KEY);
 }
 
-export function accessToken() {
+// The stored access ({token, expiresAt, ...details}) while it lasts, else null.
+export function access() {
   let stored;
   try {
     stored = JSON.parse(sessionStorage.getItem(KEY) || "null");
@@ -24,7 +28,11 @@ export function accessToken() {
   }
   if (!stored || typeof stored.token !== "string") return null;
   if (stored.expiresAt && Date.parse(stored.expiresAt) <= Date.now()) return null;
-  return stored.token;
+  return stored;
+}
+
+export function accessToken() {
+  return access()?.token ?? null;
 }
 
 export function authHeaders(extra = {}) {

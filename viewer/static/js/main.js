@@ -5,6 +5,7 @@
 // fragment never reaches a server. Without one, the page lists the studies the
 // access token may see.
 
+import { renderActions, studyActions } from "./actions.js";
 import { ApiError, DicomWeb } from "./api.js";
 import {
   TAG,
@@ -64,6 +65,7 @@ async function main() {
     "state", "viewer", "toolbar", "series-list", "viewport", "canvas", "ov-tl", "ov-tr",
     "ov-bl", "ov-br", "or-top", "or-bottom", "or-left", "or-right", "lossy", "busy",
     "document", "attr-list", "notice", "study-title", "lang", "preset", "side",
+    "study-actions", "action-status",
   ]) {
     ui[id] = $(id);
   }
@@ -142,7 +144,10 @@ function fail(error, retry) {
   // A server's message is shown as detail; a browser's network error text is not
   // (it is in the browser's language, not the page's).
   const detail = error instanceof ApiError && error.status ? error.message : "";
-  setState(stateForError(error), { onRetry: retry, detail });
+  const state = stateForError(error);
+  // A revoked or expired link does not come back: no retry, the state says it all.
+  if (state === "revoked" || state === "expired") return setState(state);
+  setState(state, { onRetry: retry, detail });
 }
 
 // -- study list (no study in the fragment) ---------------------------------------------
@@ -221,9 +226,25 @@ async function openStudy(study) {
   clearState();
   renderStudyTitle();
   renderSeriesList();
+  // Download / send buttons once the first image is up (they never delay it).
+  app.firstImage.then(() => showActions(study));
   const firstImage = app.series.find((s) => !["SR", "DOC", "KO", "PR"].includes(text(s.ds, TAG.Modality)));
   await selectSeries(firstImage || app.series[0]);
   app.refreshTimer = setTimeout(refreshSeries, REFRESH_MS);
+}
+
+async function showActions(study) {
+  const actions = await studyActions(study);
+  if (study !== app.study) return;
+  app.actions = actions;
+  renderActions(ui["study-actions"], study, actions, say);
+}
+
+function say(text, ok = true) {
+  const status = ui["action-status"];
+  status.textContent = text;
+  status.dataset.ok = String(ok);
+  status.hidden = false;
 }
 
 // New images of a study still arriving: counts and series are re-read now and then.
@@ -749,6 +770,7 @@ function bindKeys() {
 // -- language switch -------------------------------------------------------------------
 function refreshTexts() {
   translate(document);
+  if (app.actions) renderActions(ui["study-actions"], app.study, app.actions, say);
   if (app.stateName) showState(ui.state, app.stateName, app.stateOptions || {});
   if (app.current) {
     renderSeriesList();

@@ -1,6 +1,7 @@
 // The page's states other than "showing images": one place that draws them, so the
 // viewer and the share-link pages (which add expired, revoked, wrong code, locked,
-// used and wrong recipient from the link exchange's refusal reasons) look alike.
+// used and wrong recipient from the link exchange's refusal reasons, an unknown
+// link and an address without one) look alike.
 
 import { t } from "./i18n.js";
 
@@ -18,6 +19,8 @@ export const STATES = [
   "locked",
   "used",
   "recipient",
+  "invalid",
+  "no-link",
   "no-study",
 ];
 
@@ -69,6 +72,9 @@ export function stateForError(error) {
     case "unavailable":
       return "unavailable";
     case "unauthorized":
+      // What became of the access token: its share link was revoked or has expired.
+      if (error.reason === "token-revoked") return "revoked";
+      if (error.reason === "token-expired") return "expired";
       return "unauthorized";
     case "forbidden":
       return "forbidden";
