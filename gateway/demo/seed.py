@@ -121,6 +121,17 @@ class Summary:
         return out
 
 
+def base_url(settings: Settings) -> str:
+    """Where people reach this server (its public address when configured)."""
+    if settings.public_base_url:
+        return settings.public_base_url.rstrip("/")
+    host = settings.http_host
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 - listening everywhere: use loopback
+        host = "127.0.0.1"
+    scheme = "https" if settings.http_tls else "http"
+    return f"{scheme}://{host}:{settings.http_port}"
+
+
 # -- marks -------------------------------------------------------------------------------
 def _marked(archive: Archive, kind: str, ref: str) -> bool:
     with archive.db.reading() as session:
@@ -159,7 +170,7 @@ def seed(
 ) -> Summary:
     if settings.profile == "production":
         raise DemoRefused("the demo never seeds a production configuration")
-    base = f"http://{settings.http_host}:{settings.http_port}"
+    base = base_url(settings)
     summary = Summary(base_url=base)
     db = archive.db
     auditor = Auditor(db)
