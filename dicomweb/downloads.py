@@ -13,10 +13,12 @@ Routes (mounted under ``/api`` beside the portal, with its private headers):
   6750 2.2): the token travels in a request body, never in a URL or a log.
 - ``POST /api/studies/{study}/forward`` ``{"peer": AE}``: staff of an institution (or
   a recipient-bound share link they opened) with the download permission queue a
-  forwarding job (``gateway.forward``) to one of their institution's registered peers.
+  forwarding job (``gateway.forward``) to one of their institution's registered peers,
+  once ``gateway.forward.access.authorize_forward`` permits it (they and the peer's
+  institution may both download the study).
 
-Every decision is audited through the app's gate (operation ``download``), and a
-forwarding job also as operation ``forward`` naming the peer and the job.
+Every decision is audited: downloads through the app's gate (operation
+``download``), forwarding by ``authorize_forward`` (operation ``forward``).
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from consent.access import permitted_studies
-from consent.audit import Attempt
-from consent.principals import Kind, Operation, Principal
+from consent.principals import Kind, Operation, Principal, peer_principal
 from dicomweb.access import (
     authorize,
     client_address,
@@ -46,6 +47,7 @@ from gateway.archive import Level, RetrieveRequest
 from gateway.archive.media import iter_pdi_zip
 from gateway.archive.retrieve import StoredInstance
 from gateway.archive.uids import check_uid
+from gateway.forward.access import ForwardDenied, authorize_forward
 from gateway.forward.jobs import ForwardError, create_job
 from gateway.forward.tasks import FORWARD
 from gateway.peers import Peer, PeerRegistry
@@ -71,13 +73,23 @@ def _study_instances(request: Request, study: str) -> list[StoredInstance]:
     return found
 
 
-def _institution_peers(request: Request, principal: Principal) -> list[Peer]:
+def _institution_peers(request: Request, principal: Principal, study: str) -> list[Peer]:
     """The DICOM peers registered for the caller's institution (staff, or a share link
-    exchanged by its staff): where "send to our PACS" may go."""
+    exchanged by its staff) that may receive the study: where "send to our PACS" may
+    go. The same two questions ``authorize_forward`` asks (and audits) when it is
+    done; listing them for the buttons is not an access, so it is not audited."""
     if principal.kind not in (Kind.STAFF, Kind.LINK) or not principal.institution:
         return []
-    peers = PeerRegistry(_archive(request).db).list()
-    return [p for p in peers if p.institution == principal.institution]
+    db = _archive(request).db
+    peers = PeerRegistry(db).list()
+    return [
+        p
+        for p in peers
+        if p.institution == principal.institution
+        and permitted_studies(
+            db, peer_principal(db, p.ae_title, p.institution), Operation.DOWNLOAD, [study]
+        )
+    ]
 
 
 @router.get("/studies/{study}/actions", summary="What I may do with a study (viewer buttons)")
@@ -87,7 +99,7 @@ def actions(study: str, request: Request, me: Principal = Depends(require_princi
     # Not audited: it reads no study data, and a hidden study looks like a missing one.
     can_view = bool(permitted_studies(db, me, Operation.VIEW, [study]))
     can_download = can_view and bool(permitted_studies(db, me, Operation.DOWNLOAD, [study]))
-    peers = _institution_peers(request, me) if can_download else []
+    peers = _institution_peers(request, me, study) if can_download else []
     return {
         "view": can_view,
         "download": can_download,
@@ -150,26 +162,30 @@ def forward(
 ) -> dict[str, Any]:
     archive = _archive(request)
     _study_instances(request, study)
-    authorize(request, Operation.DOWNLOAD, {study}, not_found(Level.STUDY, study))
-    peers = {p.ae_title: p for p in _institution_peers(request, me)}
-    if body.peer not in peers:
+    peer = PeerRegistry(archive.db).get(body.peer)
+    if peer is None or not me.institution or peer.institution != me.institution:
         raise HTTPError(
             403, "send only to a DICOM peer registered for your institution", "forbidden"
         )
     try:
+        # The one forwarding decision: the asker and the destination may both download
+        # the study (audited as operation forward); hidden studies answer as missing.
+        authorize_forward(
+            archive.db,
+            gate_of(request).auditor,
+            me,
+            study,
+            body.peer,
+            door="portal",
+            client=client_address(request),
+        )
+    except ForwardDenied as exc:
+        if str(exc).startswith("no such study"):
+            raise not_found(Level.STUDY, study) from exc
+        raise HTTPError(403, str(exc), "forbidden") from exc
+    try:
         job = create_job(archive, study, body.peer)
     except ForwardError as exc:
         raise HTTPError(409, str(exc), "conflict") from exc
-    gate_of(request).auditor.record(
-        Attempt(
-            principal=me,
-            door="portal",
-            operation="forward",
-            outcome="allowed",
-            study_uid=study,
-            client=client_address(request),
-            detail=f"peer {body.peer} job {job.id}",
-        )
-    )
     archive.tasks.submit(FORWARD, job_id=job.id)
     return {"job": job.id, "peer": body.peer, "status": job.status, "instances": job.counts}
