@@ -147,6 +147,19 @@ function presenter() {
   return stored && stored.source !== "link" ? { Authorization: `Bearer ${stored.token}` } : {};
 }
 
+// A link bound to an institution needs its staff: staff signed in to the portal in
+// this browser (a session cookie) get a token of their account for the exchange.
+async function signedInStaff() {
+  if (Object.keys(presenter()).length) return;
+  try {
+    const session = await import("./session.js");
+    const account = await session.whoAmI();
+    if (account?.kind === "staff") await session.viewerToken();
+  } catch {
+    /* not signed in (or no portal here): the exchange says who the link is for */
+  }
+}
+
 async function exchange(code) {
   if (page.busy) return;
   page.busy = true;
@@ -160,6 +173,7 @@ async function exchange(code) {
 }
 
 async function tryExchange(code) {
+  if (page.info?.recipient_institution) await signedInStaff();
   const body = { token: page.token, access_code: code };
   let reply;
   try {
