@@ -1,4 +1,5 @@
-"""Study downloads (PDI zip) and "send to our PACS" through the real app (in-process)."""
+"""The viewer's study actions: the PDI zip download (also as a browser form) and "send
+to our PACS" (a forwarding job) through the real app (in-process)."""
 
 from __future__ import annotations
 
@@ -49,14 +50,14 @@ def test_view_only_links_get_no_download(portal: Portal):
     holder = _link_holder(portal, can_download=False)
     actions = portal.http.get(f"/api/studies/{portal.a}/actions", headers=holder).json()
     assert actions == {"view": True, "download": False, "forward": []}
-    refused = portal.http.get(f"/api/studies/{portal.a}/download", headers=holder)
+    refused = portal.http.get(f"/api/studies/{portal.a}/media", headers=holder)
     assert refused.status_code == 403 and "viewing, not downloading" in refused.json()["message"]
     token = holder["Authorization"].split()[1]
-    form = portal.http.post(f"/api/studies/{portal.a}/download", data={"access_token": token})
+    form = portal.http.post(f"/api/studies/{portal.a}/media", data={"access_token": token})
     assert form.status_code == 403
     # Another patient's study is indistinguishable from a missing one.
-    other = portal.http.get(f"/api/studies/{portal.b}/download", headers=holder)
-    missing = portal.http.get("/api/studies/1.2.3.4/download", headers=holder)
+    other = portal.http.get(f"/api/studies/{portal.b}/media", headers=holder)
+    missing = portal.http.get("/api/studies/1.2.3.4/media", headers=holder)
     assert other.status_code == missing.status_code == 404
     assert other.json()["message"].replace(portal.b, "X") == missing.json()["message"].replace(
         "1.2.3.4", "X"
@@ -73,7 +74,7 @@ def test_download_is_a_pdi_zip(portal: Portal, tmp_path: Path):
     holder = _link_holder(portal, can_download=True)
     actions = portal.http.get(f"/api/studies/{portal.a}/actions", headers=holder).json()
     assert actions["download"] is True
-    answer = portal.http.get(f"/api/studies/{portal.a}/download", headers=holder)
+    answer = portal.http.get(f"/api/studies/{portal.a}/media", headers=holder)
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == "application/zip"
     assert answer.headers["referrer-policy"] == "no-referrer"
@@ -88,13 +89,13 @@ def test_download_is_a_pdi_zip(portal: Portal, tmp_path: Path):
     assert [i.StudyInstanceUID for i in fs] == [portal.a]
     # The browser's way: the token in a form body, never in the URL.
     token = holder["Authorization"].split()[1]
-    form = portal.http.post(f"/api/studies/{portal.a}/download", data={"access_token": token})
+    form = portal.http.post(f"/api/studies/{portal.a}/media", data={"access_token": token})
     assert form.status_code == 200 and zipfile.ZipFile(io.BytesIO(form.content)).testzip() is None
     assert token not in str(form.url)
-    assert portal.http.post(f"/api/studies/{portal.a}/download").status_code == 415
-    nothing = portal.http.post(f"/api/studies/{portal.a}/download", data={"access_token": ""})
+    assert portal.http.post(f"/api/studies/{portal.a}/media").status_code == 415
+    nothing = portal.http.post(f"/api/studies/{portal.a}/media", data={"access_token": ""})
     assert nothing.status_code == 401
-    bad = portal.http.post(f"/api/studies/{portal.a}/download", data={"access_token": "sbat_x"})
+    bad = portal.http.post(f"/api/studies/{portal.a}/media", data={"access_token": "sbat_x"})
     assert bad.status_code == 401
     assert (portal.a, "allowed") in _audited(portal, "download")
 
@@ -112,15 +113,16 @@ def test_staff_send_a_study_to_their_own_pacs(portal: Portal, tmp_path: Path):
         actions = portal.http.get(f"/api/studies/{portal.a}/actions", headers=north).json()
         assert actions["download"] is True
         assert actions["forward"] == [{"ae_title": "NORTHPACS", "description": "PACS"}]
+        # What the viewer's Send button posts: a forwarding job (dicomweb.custody).
         other = portal.http.post(
-            f"/api/studies/{portal.a}/forward", json={"peer": "EASTPACS"}, headers=north
+            "/api/jobs", json={"study_uid": portal.a, "peer": "EASTPACS"}, headers=north
         )
         assert other.status_code == 403
         sent = portal.http.post(
-            f"/api/studies/{portal.a}/forward", json={"peer": "NORTHPACS"}, headers=north
+            "/api/jobs", json={"study_uid": portal.a, "peer": "NORTHPACS"}, headers=north
         )
-        assert sent.status_code == 200, sent.text
-        job = sent.json()["job"]
+        assert sent.status_code == 202, sent.text
+        job = sent.json()["id"]
         deadline = time.monotonic() + 60
         while get_job(portal.archive, job).status != "done" and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -129,8 +131,11 @@ def test_staff_send_a_study_to_their_own_pacs(portal: Portal, tmp_path: Path):
         assert pydicom.dcmread(file).StudyInstanceUID == portal.a
     # A view-only link holder, or a patient, is offered no peer.
     holder = _link_holder(portal, can_download=False)
+    assert (
+        portal.http.get(f"/api/studies/{portal.a}/actions", headers=holder).json()["forward"] == []
+    )
     refused = portal.http.post(
-        f"/api/studies/{portal.a}/forward", json={"peer": "NORTHPACS"}, headers=holder
+        "/api/jobs", json={"study_uid": portal.a, "peer": "NORTHPACS"}, headers=holder
     )
     assert refused.status_code == 403
     assert any(op == portal.a for op, _ in _audited(portal, "forward"))

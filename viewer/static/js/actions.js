@@ -1,8 +1,8 @@
 // What the viewer offers beyond looking: download the study (a zip with a DICOMDIR,
 // the layout a CD importer or PACS reads) and "send to our PACS" (forwarding to a
-// DICOM peer of the signed-in institution). The server decides which
-// (/api/studies/{uid}/actions, from consent.access); the buttons only mirror it, and
-// the download and forward routes check again.
+// DICOM peer of the signed-in institution: a forwarding job, POST /api/jobs). The
+// server decides which (/api/studies/{uid}/actions, from consent.access); the
+// buttons only mirror it, and the download and job routes decide again.
 //
 // A download is a native browser download (streamed to disk, not held in memory):
 // a POST form carrying the access token as the form field access_token (RFC 6750
@@ -32,7 +32,7 @@ export async function studyActions(study) {
 export function download(study) {
   const form = document.createElement("form");
   form.method = "POST";
-  form.action = `${API}/${study}/download`;
+  form.action = `${API}/${study}/media`;
   form.hidden = true;
   const field = document.createElement("input");
   field.type = "hidden";
@@ -47,10 +47,10 @@ export function download(study) {
 export async function forward(study, peer) {
   let response;
   try {
-    response = await fetch(`${API}/${study}/forward`, {
+    response = await fetch("/api/jobs", {
       method: "POST",
       headers: authHeaders({ "Content-Type": "application/json", Accept: "application/json" }),
-      body: JSON.stringify({ peer }),
+      body: JSON.stringify({ study_uid: study, peer }),
       credentials: "omit",
       referrerPolicy: "no-referrer",
     });
