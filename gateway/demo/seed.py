@@ -107,7 +107,7 @@ class Summary:
     def lines(self) -> list[str]:
         out = [
             "studybridge demo (synthetic data; never use these accounts for real patients)",
-            f"  Portal and viewer: {self.base_url}/viewer/",
+            f"  Portal (sign in):  {self.base_url}/viewer/signin",
             f"  Share link:        {self.share_url}",
             f"  Access code:       {self.access_code}",
             f"  Password of every demo account: {PASSWORD}",
