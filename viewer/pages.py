@@ -100,6 +100,8 @@ def _static_page(name: str) -> Callable[[Request], Response]:
         return FileResponse(STATIC / name, media_type="text/html; charset=utf-8")
 
     return page
+
+
 def _share_page(_request: Request) -> Response:
     # Static: the link's token is in the fragment, which never reaches this server, and
     # serving the page consumes nothing (link scanners fetch it). no-store: nothing of
