@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from consent.access import permitted_studies
-from consent.principals import Kind, Operation, Principal, peer_principal
+from consent.principals import Kind, Operation, Principal
 from dicomweb import media
 from dicomweb.access import principal_for_token, require_principal
 from dicomweb.errors import HTTPError
@@ -39,21 +39,15 @@ router = APIRouter(dependencies=[Depends(private_answer)])
 _FORM = "application/x-www-form-urlencoded"
 
 
-def _receiving_peers(request: Request, principal: Principal, study: str) -> list[Peer]:
-    """The DICOM peers of the caller's institution (staff) that may receive the study:
-    where "send to our PACS" may go. Listing them for a button is not an access, so it
-    is not audited; forwarding is (``authorize_forward``)."""
+def _receiving_peers(request: Request, principal: Principal) -> list[Peer]:
+    """The DICOM peers of the caller's institution (staff): where "send to our PACS"
+    may go. A peer of the caller's own institution may receive what the caller may
+    download (``Gate.check_delivery``, asked and audited by ``authorize_forward`` when
+    the job is made); listing them for a button is not an access, so not audited."""
     if principal.kind is not Kind.STAFF or not principal.institution:
         return []
-    db = request.app.state.archive.db
-    return [
-        p
-        for p in PeerRegistry(db).list()
-        if p.institution == principal.institution
-        and permitted_studies(
-            db, peer_principal(db, p.ae_title, p.institution), Operation.DOWNLOAD, [study]
-        )
-    ]
+    peers = PeerRegistry(request.app.state.archive.db).list()
+    return [p for p in peers if p.institution == principal.institution]
 
 
 @router.get("/studies/{study}/actions", summary="What I may do with a study (viewer buttons)")
@@ -63,7 +57,7 @@ def actions(study: str, request: Request, me: Principal = Depends(require_princi
     # A hidden study looks like a missing one: nothing permitted.
     can_view = bool(permitted_studies(db, me, Operation.VIEW, [study]))
     can_download = can_view and bool(permitted_studies(db, me, Operation.DOWNLOAD, [study]))
-    peers = _receiving_peers(request, me, study) if can_download else []
+    peers = _receiving_peers(request, me) if can_download else []
     return {
         "view": can_view,
         "download": can_download,
