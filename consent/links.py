@@ -29,7 +29,6 @@ from sqlalchemy import ColumnElement, func, not_, or_, select, update
 from consent.access import permitted_studies
 from consent.crypto import hash_secret, new_token, token_hash, verify_secret
 from consent.models import (
-    AccessCodeFailure,
     AccessToken,
     Institution,
     ShareLink,
@@ -38,6 +37,7 @@ from consent.models import (
 )
 from consent.notify import LinkOpened, LogNotifier, Notifier
 from consent.principals import ConsentError, Kind, Operation, Principal
+from consent.throttle import ACCESS_CODE, Throttle
 from consent.tokens import LINK_PREFIX, IssuedToken, issue_for_link
 from gateway.archive.db import Database
 from gateway.archive.models import utcnow
@@ -79,6 +79,9 @@ class LinkPolicy:
             max_failures_per_client=settings.access_code_max_failures_per_client,
             lockout=dt.timedelta(minutes=settings.access_code_lockout_minutes),
         )
+
+    def throttle(self) -> Throttle:
+        return Throttle(ACCESS_CODE, self.max_failures, self.max_failures_per_client, self.lockout)
 
 
 @dataclass(frozen=True)
@@ -238,33 +241,20 @@ def exchange(
         status = _status(link, now)
         if status != "usable":
             raise LinkRefused(status, f"this link is {status}")
-        since = now - policy.lockout
-        per_link = session.scalar(
-            select(func.count())
-            .select_from(AccessCodeFailure)
-            .where(AccessCodeFailure.link_fk == link.id, AccessCodeFailure.at > since)
-        )
-        per_client = session.scalar(
-            select(func.count())
-            .select_from(AccessCodeFailure)
-            .where(AccessCodeFailure.client == client, AccessCodeFailure.at > since)
-        )
         link_id, owner, expires = link.id, link.user_fk, link.expires_at
         code_hash, single_use = link.access_code_hash, link.single_use
         recipient = link.recipient_institution_fk
-    if per_link >= policy.max_failures:
+    throttle = policy.throttle()
+    standing = throttle.standing(db, str(link_id), client, now)
+    if standing.locked_by == "subject":
         raise LinkRefused("locked", "too many wrong access codes for this link; try again later")
-    if per_client >= policy.max_failures_per_client:
+    if standing.locked_by:
         raise LinkRefused("locked", "too many wrong access codes from this address; try later")
     if code_hash and (not access_code or not verify_secret(access_code.strip(), code_hash)):
-        with db.writing() as session:
-            session.add(AccessCodeFailure(link_fk=link_id, client=client, at=now))
-        remaining = min(
-            policy.max_failures - per_link - 1, policy.max_failures_per_client - per_client - 1
-        )
+        throttle.failed(db, str(link_id), client, now)
         # 0: this was the last try; the next exchange is refused as locked.
         raise LinkRefused(
-            "access-code", "the access code is not right", remaining=max(remaining, 0)
+            "access-code", "the access code is not right", remaining=standing.remaining - 1
         )
     acting_user = None
     if recipient is not None:

@@ -235,17 +235,19 @@ class ShareLinkStudy(Base):
     study_uid: Mapped[str] = mapped_column(UID, primary_key=True)
 
 
-class AccessCodeFailure(Base):
-    """One wrong access code: counted per link and per client address for lockout."""
+class AuthFailure(Base):
+    """One wrong secret (access code, password, client secret): counted per subject
+    and per client address for lockout (``consent.throttle``)."""
 
-    __tablename__ = "access_code_failures"
+    __tablename__ = "auth_failures"
     __table_args__ = (
-        Index("ix_access_code_failures_link_fk_at", "link_fk", "at"),
-        Index("ix_access_code_failures_client_at", "client", "at"),
+        Index("ix_auth_failures_kind_subject_at", "kind", "subject", "at"),
+        Index("ix_auth_failures_kind_client_at", "kind", "client", "at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    link_fk: Mapped[int] = mapped_column(ForeignKey("share_links.id"), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    subject: Mapped[str] = mapped_column(String(128), nullable=False)
     client: Mapped[str] = mapped_column(String(64), nullable=False)
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from consent import breakglass, consents
-from consent.accounts import CodeRequired, SignInFailed, sign_in
+from consent.accounts import CodeRequired, SignInFailed
 from consent.audit import Attempt
 from consent.history import access_history
 from consent.links import (
@@ -49,11 +49,18 @@ from consent.links import (
 )
 from consent.models import User
 from consent.patients import Relation, link_patient
-from consent.principals import ConsentError, Kind, Operation, Principal
+from consent.principals import (
+    ConsentError,
+    Kind,
+    Operation,
+    Principal,
+)
+from consent.throttle import CLIENT_CREDENTIALS
 from consent.tokens import authenticate_client, issue_for_system, issue_for_user
 from dicomweb.access import client_address, gate_of, optional_principal
 from dicomweb.errors import HTTPError, error_body
 from dicomweb.sessions import caller
+from dicomweb.throttling import LOCKED_MESSAGE, failed, retry_after, throttled_sign_in
 from gateway.archive.fhir import imaging_study_bundle
 
 PRIVATE = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
@@ -125,7 +132,7 @@ class SignIn(BaseModel):
 def session(body: SignIn, request: Request) -> dict[str, Any]:
     db = _db(request)
     try:
-        user_id = sign_in(db, body.username, body.password, body.code)
+        user_id = throttled_sign_in(request, body.username, body.password, body.code)
     except CodeRequired as exc:
         raise HTTPError(401, str(exc), "code-required") from exc
     except SignInFailed as exc:
@@ -142,10 +149,19 @@ async def client_token(request: Request) -> JSONResponse:
     if form.get("grant_type") != "client_credentials":
         return JSONResponse({"error": "unsupported_grant_type"}, 400, headers=PRIVATE)
     db = _db(request)
+    client_id = form.get("client_id", "")
+    seconds = await run_in_threadpool(retry_after, request, CLIENT_CREDENTIALS, client_id)
+    if seconds is not None:
+        return JSONResponse(
+            {"error": "too-many-attempts", "message": LOCKED_MESSAGE},
+            429,
+            headers={**PRIVATE, "Retry-After": str(seconds)},
+        )
     system_id = await run_in_threadpool(
-        authenticate_client, db, form.get("client_id", ""), form.get("client_secret", "")
+        authenticate_client, db, client_id, form.get("client_secret", "")
     )
     if system_id is None:
+        await run_in_threadpool(failed, request, CLIENT_CREDENTIALS, client_id, "invalid_client")
         return JSONResponse({"error": "invalid_client"}, 401, headers=PRIVATE)
     issued = await run_in_threadpool(
         issue_for_system, db, system_id, _token_lifetime(request), client=client_address(request)

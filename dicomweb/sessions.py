@@ -33,12 +33,13 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from consent.accounts import CodeRequired, SignInFailed, sign_in
+from consent.accounts import CodeRequired, SignInFailed
 from consent.models import AccessToken, User
 from consent.principals import Principal
 from consent.tokens import issue_for_user, resolve, revoke_token
 from dicomweb.access import client_address, require_principal
 from dicomweb.errors import HTTPError
+from dicomweb.throttling import throttled_sign_in
 from gateway.archive.models import utcnow
 
 COOKIE = "sb_session"
@@ -116,9 +117,8 @@ def _secure(request: Request) -> bool:
 def browser_sign_in(body: SignIn, request: Request, response: Response) -> dict[str, Any]:
     """Password, then (for staff, operators, auditors, and patients who set one up)
     the TOTP code: without a code such an account gets 401 ``code-required``."""
-    db = request.app.state.archive.db
     try:
-        user_id = sign_in(db, body.username, body.password, body.code)
+        user_id = throttled_sign_in(request, body.username, body.password, body.code)
     except CodeRequired as exc:
         raise HTTPError(401, str(exc), "code-required") from exc
     except SignInFailed as exc:

@@ -198,6 +198,12 @@ class Settings(BaseSettings):
     access_code_max_failures: int = 5
     access_code_max_failures_per_client: int = 10
     access_code_lockout_minutes: float = 15.0
+    # Failed sign-ins (POST /api/session: one account; POST /api/token: one client id)
+    # before that account or client, or a client address, gets 429 with Retry-After,
+    # counted within (and locked for up to) the lockout window.
+    sign_in_max_failures: int = 5
+    sign_in_max_failures_per_client: int = 20
+    sign_in_lockout_minutes: float = 15.0
     # An external DICOMweb viewer that takes a token only in its URL (OHIF 3.x's
     # /viewer): a link exchange answers with its launch URL ?StudyInstanceUIDs=...&
     # token=<short-lived access token, never the share token>; empty: none.
