@@ -239,3 +239,84 @@ def disable_user(db: Database, user_id: int, now: dt.datetime | None = None) -> 
         if row is None:
             raise ConsentError("no such user")
         row.disabled_at = now or utcnow()
+
+
+# -- administration: what the operator CLI and the admin API share ------------------------
+@dataclass(frozen=True)
+class InstitutionView:
+    name: str
+    issuer: str
+    description: str
+    disabled: bool
+    clients: tuple[str, ...]  # its enabled DICOMweb client ids
+
+
+@dataclass(frozen=True)
+class UserView:
+    username: str
+    kind: str
+    display_name: str
+    institution: str
+    role: str
+    disabled: bool
+    has_password: bool
+    has_totp: bool
+
+
+def list_institutions(db: Database) -> list[InstitutionView]:
+    with db.reading() as session:
+        insts = session.scalars(select(Institution).order_by(Institution.name)).all()
+        systems = session.scalars(
+            select(InstitutionSystem).where(InstitutionSystem.disabled_at.is_(None))
+        ).all()
+    return [
+        InstitutionView(
+            name=inst.name,
+            issuer=inst.issuer,
+            description=inst.description,
+            disabled=inst.disabled_at is not None,
+            clients=tuple(s.client_id for s in systems if s.institution_fk == inst.id),
+        )
+        for inst in insts
+    ]
+
+
+def disable_institution(db: Database, name: str, now: dt.datetime | None = None) -> None:
+    """From the next request its staff and DICOMweb clients are refused and its DIMSE
+    peers see nothing (``user_principal``, ``system_principal``, ``peer_principal``)."""
+    with db.writing() as session:
+        row = session.scalar(select(Institution).where(Institution.name == name.strip()))
+        if row is None:
+            raise ConsentError(f"no institution named {name!r}")
+        if row.disabled_at is None:
+            row.disabled_at = now or utcnow()
+
+
+def list_users(db: Database) -> list[UserView]:
+    with db.reading() as session:
+        rows = session.execute(
+            select(User, Institution.name)
+            .outerjoin(Institution, Institution.id == User.institution_fk)
+            .order_by(User.username)
+        ).all()
+    return [
+        UserView(
+            username=user.username,
+            kind=user.kind,
+            display_name=user.display_name,
+            institution=inst or "",
+            role=user.role,
+            disabled=user.disabled_at is not None,
+            has_password=bool(user.password_hash),
+            has_totp=bool(user.totp_secret),
+        )
+        for user, inst in rows
+    ]
+
+
+def disable_username(db: Database, username: str) -> None:
+    with db.reading() as session:
+        user_id = session.scalar(select(User.id).where(User.username == username.strip()))
+    if user_id is None:
+        raise ConsentError(f"no user {username!r}")
+    disable_user(db, user_id)

@@ -19,11 +19,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from fastapi import Request
 from sqlalchemy import ColumnElement
 
 from consent.access import Gate, permitted_studies
+from consent.audit import Attempt
 from consent.principals import DEMO, Operation, Principal
 from consent.redact import redact
 from consent.tokens import refusal, resolve
@@ -112,6 +114,22 @@ def client_address(request: Request) -> str:
 def principal_of(request: Request) -> Principal:
     principal: Principal = request.state.principal
     return principal
+
+
+def record_attempt(
+    request: Request, principal: Principal, door: str, operation: str, outcome: str, **kw: Any
+) -> None:
+    """One audit record of a request through an HTTP door, with its client address."""
+    gate_of(request).auditor.record(
+        Attempt(
+            principal=principal,
+            door=door,
+            operation=operation,
+            outcome=outcome,
+            client=client_address(request),
+            **kw,
+        )
+    )
 
 
 def gate_of(request: Request) -> Gate:

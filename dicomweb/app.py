@@ -26,6 +26,7 @@ from consent.audit import Auditor
 from consent.principals import ConsentError, Kind
 from consent.tokens import resolve
 from dicomweb import (
+    admin,
     capabilities,
     custody,
     downloads,
@@ -133,6 +134,8 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     # The portal API (dicomweb.portal); share-link pages are the viewer's.
     app.include_router(portal.router, prefix="/api", tags=["Portal"])
     app.include_router(oidc.router, prefix=oidc.COOKIE_PATH, tags=["Portal"])
+    # The operators' API: institutions, DIMSE peers, user accounts (dicomweb.admin).
+    app.include_router(admin.router, prefix="/api/admin", tags=["Administration"])
     # Transfers and forwarding jobs: operators and the institutions' staff (custody).
     app.include_router(custody.router, prefix="/api", tags=["Transfers and forwarding"])
     # The portal pages' browser sessions (cookie + CSRF) and study lists.

@@ -26,9 +26,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from consent.audit import Attempt
 from consent.principals import Kind, Principal
-from dicomweb.access import client_address, gate_of, require_principal
+from dicomweb.access import client_address, gate_of, record_attempt, require_principal
 from dicomweb.errors import HTTPError
 from dicomweb.portal import PRIVATE, private_answer
 from gateway.forward.access import ForwardDenied, authorize_forward
@@ -119,17 +118,7 @@ def _audit(
     study_uid: str = "",
     detail: str = "",
 ) -> None:
-    gate_of(request).auditor.record(
-        Attempt(
-            principal=principal,
-            door=DOOR,
-            operation=operation,
-            outcome=outcome,
-            study_uid=study_uid,
-            client=client_address(request),
-            detail=detail,
-        )
-    )
+    record_attempt(request, principal, DOOR, operation, outcome, study_uid=study_uid, detail=detail)
 
 
 def custodian(request: Request, principal: Principal = Depends(require_principal)) -> Principal:

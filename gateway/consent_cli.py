@@ -24,7 +24,7 @@ from sqlalchemy import select
 from consent import audit
 from consent.accounts import enable_totp, set_password
 from consent.links import LinkView, find_links, revoke_any_link
-from consent.models import Institution, InstitutionSystem, User
+from consent.models import User
 from consent.oidc import bind_subject
 from consent.patients import Relation, link_patient, unlink_patient
 from consent.principals import (
@@ -35,6 +35,10 @@ from consent.principals import (
     add_dicomweb_client,
     add_institution,
     add_user,
+    disable_institution,
+    disable_username,
+    list_institutions,
+    list_users,
     user_principal,
 )
 from gateway.archive import Archive
@@ -210,22 +214,32 @@ def institutions_list(data_dir: DataDir = None, config: ConfigFile = None) -> No
     """Institutions with their DIMSE peers (from the peer registry) and DICOMweb clients."""
     _s, archive = _open(data_dir, config)
     try:
-        with archive.db.reading() as session:
-            insts = session.scalars(select(Institution).order_by(Institution.name)).all()
-            systems = session.scalars(select(InstitutionSystem)).all()
+        insts = list_institutions(archive.db)
         peers = PeerRegistry(archive.db).list()
     finally:
         archive.close()
-    table = Table("institution", "issuer", "DIMSE peers", "DICOMweb clients")
+    table = Table("institution", "issuer", "DIMSE peers", "DICOMweb clients", "disabled")
     for inst in insts:
-        clients = [s for s in systems if s.institution_fk == inst.id and s.disabled_at is None]
         table.add_row(
             inst.name,
             inst.issuer,
             ", ".join(p.ae_title for p in peers if p.institution == inst.name),
-            ", ".join(s.client_id for s in clients),
+            ", ".join(inst.clients),
+            "yes" if inst.disabled else "",
         )
     console.print(table)
+
+
+@institutions_app.command("disable")
+def institutions_disable(
+    name: Annotated[str, typer.Argument(help="Institution.")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Disable an institution: its staff, clients and peers are refused from now on."""
+    with _admin(data_dir, config) as (archive, _auditor):
+        disable_institution(archive.db, name)
+    console.print(f"institution {name} disabled")
 
 
 # -- users --------------------------------------------------------------------------------------
@@ -257,20 +271,27 @@ def users_list(data_dir: DataDir = None, config: ConfigFile = None) -> None:
     """Accounts with their kind, institution and role."""
     _s, archive = _open(data_dir, config)
     try:
-        with archive.db.reading() as session:
-            rows = session.execute(
-                select(User, Institution.name)
-                .outerjoin(Institution, Institution.id == User.institution_fk)
-                .order_by(User.username)
-            ).all()
+        users = list_users(archive.db)
     finally:
         archive.close()
     table = Table("user", "kind", "institution", "role", "disabled")
-    for user, inst in rows:
+    for user in users:
         table.add_row(
-            user.username, user.kind, inst or "", user.role, "yes" if user.disabled_at else ""
+            user.username, user.kind, user.institution, user.role, "yes" if user.disabled else ""
         )
     console.print(table)
+
+
+@users_app.command("disable")
+def users_disable(
+    username: Annotated[str, typer.Argument()],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Disable an account: its sessions and tokens are refused from the next request."""
+    with _admin(data_dir, config) as (archive, _auditor):
+        disable_username(archive.db, username)
+    console.print(f"account {username} disabled")
 
 
 @users_app.command("set-password")

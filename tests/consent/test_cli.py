@@ -136,6 +136,14 @@ def test_institutions_and_users(tmp_path: Path):
         assert sign_in(archive.db, "rad", "correct horse battery", pyotp.TOTP(secret).now())
     finally:
         archive.close()
+    assert run(data, "users", "disable", "rad")[0] == 0
+    assert run(data, "users", "disable", "nobody")[0] == 1
+    code, out = run(data, "users", "list")
+    assert any(line.split()[1:2] == ["rad"] and "yes" in line for line in out.splitlines())
+    assert run(data, "institutions", "disable", "North")[0] == 0
+    assert run(data, "institutions", "disable", "Nowhere")[0] == 1
+    code, out = run(data, "institutions", "list")
+    assert any("North" in line and "yes" in line for line in out.splitlines())
 
 
 def test_links_list_show_revoke_never_print_a_token(site, caplog: pytest.LogCaptureFixture):
