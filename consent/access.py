@@ -18,6 +18,11 @@ Default deny. The rules:
   does a guardian or legal representative linked by proxy (until the link ends);
 - a share link's holder sees the link's studies while the link is live (view; whole
   instances only if the link allows download);
+- an institution (its staff and its systems, who may also exchange such a link) sees
+  the studies of a live share link bound to it as recipient (not single-use, not
+  expired, not revoked), with the link's rights, for its lifetime: a signed-in member
+  of the recipient institution is the intended recipient, so no token or access code
+  is needed (``shared_with``);
 - a user with a live break-glass grant sees that patient's studies (flagged);
 - operators and auditors administer but read no images (break-glass aside);
 - the demo principal (demo profile only) sees everything.
@@ -31,7 +36,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Iterable
 
-from sqlalchemy import ColumnElement, and_, exists, false, not_, or_, select, true
+from sqlalchemy import ColumnElement, Select, and_, exists, false, not_, or_, select, true
 from sqlalchemy.orm import aliased
 
 from consent.audit import Attempt, Auditor
@@ -75,6 +80,8 @@ def study_filter(
         if not principal.institution:
             return false()
         clauses = [_institution_studies(principal.institution_id, principal.institution, now)]
+        if principal.institution_id is not None:
+            clauses.append(_shared_with(principal.institution_id, operation, now))
         if kind is Kind.STAFF:
             clauses.append(_break_glass_studies(principal.id, now))
         return or_(*clauses)
@@ -92,15 +99,48 @@ def break_glass_filter(principal: Principal, now: dt.datetime | None = None) -> 
 
 def received_filter(principal: Principal, now: dt.datetime | None = None) -> ColumnElement[bool]:
     """Studies an institution's staff see through someone else's decision, not because
-    the institution sent them: a patient's consent, or the user's own live break-glass
-    grant (an inbox). Always within ``study_filter`` for searching."""
+    the institution sent them: a patient's consent or share link bound to the
+    institution, or the user's own live break-glass grant (an inbox). Always within
+    ``study_filter`` for searching."""
     if principal.kind is not Kind.STAFF or principal.institution_id is None:
         return false()
     now = now or utcnow()
     return and_(
-        or_(_consented_to(principal.institution_id, now), _break_glass_studies(principal.id, now)),
+        or_(
+            _consented_to(principal.institution_id, now),
+            _shared_with(principal.institution_id, Operation.SEARCH, now),
+            _break_glass_studies(principal.id, now),
+        ),
         not_(_sent_by(principal.institution)),
     )
+
+
+def shared_with(
+    db: Database,
+    principal: Principal,
+    operation: Operation,
+    study_uids: Iterable[str],
+    now: dt.datetime | None = None,
+) -> dict[str, list[tuple[int, dt.datetime]]]:
+    """For each of ``study_uids`` the staff or system principal reaches through share
+    links bound to its institution: those links' (id, expiry), for the audit and the
+    inbox. The same rows ``study_filter`` grants by, not a second rule."""
+    wanted = sorted({u for u in study_uids if u})
+    if not wanted or principal.kind not in (Kind.STAFF, Kind.SYSTEM):
+        return {}
+    if principal.institution_id is None or not principal.institution:
+        return {}
+    stmt, s = _recipient_links(principal.institution_id, operation, now or utcnow())
+    found: dict[str, list[tuple[int, dt.datetime]]] = {}
+    with db.reading() as session:
+        rows = session.execute(
+            stmt.with_only_columns(s.study_uid, ShareLink.id, ShareLink.expires_at)
+            .where(s.study_uid.in_(wanted))
+            .order_by(ShareLink.id)
+        ).all()
+    for uid, link_id, expires_at in rows:
+        found.setdefault(uid, []).append((link_id, expires_at))
+    return found
 
 
 def may_store(principal: Principal) -> bool:
@@ -195,9 +235,9 @@ def _patient_studies(user_id: int, now: dt.datetime) -> ColumnElement[bool]:
     return Study.id.in_(stmt)
 
 
-def _link_studies(link_id: int, now: dt.datetime) -> ColumnElement[bool]:
-    # The link's studies, and only while they are still the owner's (a revoked patient
-    # link takes its studies out of every share link made from it).
+def _live_link_studies(now: dt.datetime) -> tuple[Select[tuple[int]], type[Study]]:
+    # Live share links' studies, and only while they are still the owner's (a revoked
+    # patient link takes its studies out of every share link made from it).
     stmt, s, link = _linked_patient_studies(ShareLink.user_fk, now)
     stmt = (
         stmt.join(ShareLink, ShareLink.user_fk == link.user_fk)
@@ -205,12 +245,35 @@ def _link_studies(link_id: int, now: dt.datetime) -> ColumnElement[bool]:
             ShareLinkStudy,
             and_(ShareLinkStudy.link_fk == ShareLink.id, ShareLinkStudy.study_uid == s.study_uid),
         )
-        .where(
-            ShareLink.id == link_id,
-            ShareLink.revoked_at.is_(None),
-            ShareLink.expires_at > now,
-        )
+        .where(ShareLink.revoked_at.is_(None), ShareLink.expires_at > now)
     )
+    return stmt, s
+
+
+def _link_studies(link_id: int, now: dt.datetime) -> ColumnElement[bool]:
+    stmt, _s = _live_link_studies(now)
+    return Study.id.in_(stmt.where(ShareLink.id == link_id))
+
+
+def _recipient_links(
+    institution_id: int, operation: Operation, now: dt.datetime
+) -> tuple[Select[tuple[int]], type[Study]]:
+    # Links bound to the institution as recipient. A single-use link is for one
+    # exchange by one holder, so it grants the institution nothing standing.
+    stmt, s = _live_link_studies(now)
+    stmt = stmt.where(
+        ShareLink.recipient_institution_fk == institution_id,
+        ShareLink.single_use.is_(False),
+    )
+    if operation is Operation.DOWNLOAD:
+        stmt = stmt.where(ShareLink.can_download.is_(True))
+    return stmt, s
+
+
+def _shared_with(
+    institution_id: int, operation: Operation, now: dt.datetime
+) -> ColumnElement[bool]:
+    stmt, _s = _recipient_links(institution_id, operation, now)
     return Study.id.in_(stmt)
 
 
@@ -340,7 +403,11 @@ class Gate:
                         )
                     ).all()
                 )
+        # Access under a recipient-bound share link names the link (its id, never its
+        # token) as the reason.
+        shared = shared_with(self.db, principal, operation, allowed, now) if allowed else {}
         for uid in wanted:
+            links = shared.get(uid, [])
             self.auditor.record(
                 Attempt(
                     principal=principal,
@@ -351,6 +418,7 @@ class Gate:
                     purpose=purpose or ("ETREAT" if uid in flagged else ""),
                     client=client,
                     break_glass=uid in flagged,
+                    detail=", ".join(f"share link {i}" for i, _ in links),
                 )
             )
         return allowed

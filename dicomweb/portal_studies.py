@@ -15,9 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import and_, select
 
-from consent.access import break_glass_filter, received_filter
+from consent.access import break_glass_filter, received_filter, shared_with
 from consent.models import Institution
-from consent.principals import Kind, Principal
+from consent.principals import Kind, Operation, Principal
 from dicomweb.access import client_address, gate_of
 from dicomweb.errors import HTTPError
 from dicomweb.sessions import caller
@@ -102,10 +102,11 @@ def my_studies(request: Request, me: Principal = Depends(caller)) -> dict[str, A
     return {"institutions": ordered, "truncated": truncated}
 
 
-@router.get("/inbox", summary="Studies shared with my institution by patients' consent")
+@router.get("/inbox", summary="Studies patients shared with or consented to my institution")
 def inbox(request: Request, me: Principal = Depends(caller)) -> dict[str, Any]:
-    """What the institution sees through someone else's decision (consents; the user's
-    own break-glass grants, flagged), not what it sent itself."""
+    """What the institution sees through someone else's decision (consents; share links
+    bound to it, with their expiry; the user's own break-glass grants, flagged), not
+    what it sent itself."""
     if me.kind is not Kind.STAFF:
         raise HTTPError(403, "the inbox is for institution staff", "forbidden")
     now = utcnow()
@@ -120,8 +121,16 @@ def inbox(request: Request, me: Principal = Depends(caller)) -> dict[str, Any]:
                     )
                 )
             )
+        db = request.app.state.archive.db
+        links = shared_with(db, me, Operation.SEARCH, [s["study_uid"] for s in studies], now)
         for study in studies:
-            study["reason"] = "break-glass" if study["study_uid"] in flagged else "consent"
+            uid = study["study_uid"]
+            shared = links.get(uid)
+            study["shared_until"] = max(e for _i, e in shared).isoformat() if shared else None
+            if uid in flagged:
+                study["reason"] = "break-glass"
+            else:
+                study["reason"] = "share-link" if shared else "consent"
     return {"institution": me.institution, "studies": studies, "truncated": truncated}
 
 

@@ -1,5 +1,6 @@
-// An institution's inbox: the studies patients shared with it by consent (and those a
-// user reaches through their own declared break-glass access, flagged), each opened
+// An institution's inbox: the studies patients shared with it by consent or by a share
+// link bound to it (until the link expires; no token or code needed), and those a
+// user reaches through their own declared break-glass access (flagged), each opened
 // in the viewer with the user's own short-lived access token.
 
 import { t, tn } from "./i18n.js";
@@ -47,7 +48,9 @@ function draw() {
           {},
           s.reason === "break-glass"
             ? el("span", { class: "badge break-glass", text: t("portal.breakGlass") })
-            : t("inbox.reason.consent"),
+            : s.reason === "share-link"
+              ? t("inbox.reason.shareLink", { until: new Date(s.shared_until).toLocaleString() })
+              : t("inbox.reason.consent"),
         ),
         el(
           "td",
