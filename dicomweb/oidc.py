@@ -8,7 +8,9 @@ local sign-in answers for the account the provider's subject maps to: to a brows
 redirect to ``/viewer/signin``, which goes on to the account's home page; to an API
 client the access token of ``POST /api/session``. The code and state arrive in the query
 string: nothing here logs them, and ``gateway.ops.logs`` masks both in any log line
-that carries the URL (an access log, if a site turns one on).
+that carries the URL (an access log, if a site turns one on). Every callback is
+audited (operation ``oidc-sign-in``): allowed with the account signed in, or denied
+with the reason (never the code, state or claims).
 """
 
 from __future__ import annotations
@@ -20,13 +22,18 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
 from consent.oidc import OIDCConfig, OIDCRefused, Provider, map_account
+from consent.principals import Kind, Principal
 from consent.tokens import issue_for_user
-from dicomweb.access import client_address
+from dicomweb.access import client_address, record_attempt
 from dicomweb.errors import HTTPError
 from dicomweb.portal import PRIVATE, _token_answer, _token_lifetime, private_answer
 from dicomweb.sessions import start_session
+from dicomweb.throttling import signed_in
 
 COOKIE = "sb_oidc"
+SIGN_IN_OIDC = "oidc-sign-in"
+# Who a refused callback claims to be is not known (the provider did not say).
+UNKNOWN = Principal(kind=Kind.STAFF, id=0, name="unknown account")
 COOKIE_PATH = "/api/oidc"
 
 router = APIRouter(dependencies=[Depends(private_answer)])
@@ -52,6 +59,10 @@ def _redirect_uri(request: Request, config: OIDCConfig) -> str:
 
 def _refused(exc: OIDCRefused) -> HTTPError:
     return HTTPError(exc.status, str(exc), f"oidc-{exc.reason}")
+
+
+def _refusal(request: Request, reason: str) -> None:
+    record_attempt(request, UNKNOWN, "portal", SIGN_IN_OIDC, "denied", detail=reason)
 
 
 @router.get("/login", summary="Sign in with the identity provider (redirects there)")
@@ -87,8 +98,10 @@ async def callback(
     provider = _provider(request)
     if error:
         # The provider's own error code (access_denied, login_required...), no more.
+        _refusal(request, "oidc-" + error[:40])
         raise HTTPError(401, "the identity provider did not sign you in", "oidc-" + error[:40])
     if not code or not state:
+        _refusal(request, "oidc-answer")
         raise HTTPError(400, "the identity provider's answer lacks code or state", "oidc-answer")
     db = request.app.state.archive.db
     try:
@@ -101,7 +114,9 @@ async def callback(
         )
         user_id = await run_in_threadpool(map_account, db, provider.config, claims)
     except OIDCRefused as exc:
+        await run_in_threadpool(_refusal, request, f"oidc-{exc.reason}")
         raise _refused(exc) from exc
+    await run_in_threadpool(signed_in, request, SIGN_IN_OIDC, user_id=user_id)
     if "text/html" in request.headers.get("accept", ""):
         # A browser: the portal pages' session (HttpOnly cookie), then the sign-in page,
         # which finds the session and goes on to the account's home page.

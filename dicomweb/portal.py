@@ -60,7 +60,13 @@ from consent.tokens import authenticate_client, issue_for_system, issue_for_user
 from dicomweb.access import client_address, gate_of, optional_principal
 from dicomweb.errors import HTTPError, error_body
 from dicomweb.sessions import caller
-from dicomweb.throttling import LOCKED_MESSAGE, failed, retry_after, throttled_sign_in
+from dicomweb.throttling import (
+    LOCKED_MESSAGE,
+    failed,
+    retry_after,
+    signed_in,
+    throttled_sign_in,
+)
 from gateway.archive.fhir import imaging_study_bundle
 
 PRIVATE = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
@@ -163,6 +169,7 @@ async def client_token(request: Request) -> JSONResponse:
     if system_id is None:
         await run_in_threadpool(failed, request, CLIENT_CREDENTIALS, client_id, "invalid_client")
         return JSONResponse({"error": "invalid_client"}, 401, headers=PRIVATE)
+    await run_in_threadpool(signed_in, request, CLIENT_CREDENTIALS, system_id=system_id)
     issued = await run_in_threadpool(
         issue_for_system, db, system_id, _token_lifetime(request), client=client_address(request)
     )

@@ -6,9 +6,11 @@ After ``sign_in_max_failures`` failures for one account or client id, or
 ``sign_in_max_failures_per_client`` from one address, within
 ``sign_in_lockout_minutes``, the next attempts are answered 429 with ``Retry-After``
 without checking the secret (a right password is refused too) until the window has
-let enough failures go. Failures and lockouts are audited (operation ``sign-in`` or
-``client-creds``, outcome denied); the typed name of an unknown account is never
-recorded (it may be a mistyped password).
+let enough failures go. Every sign-in is audited (operation ``sign-in`` or
+``client-creds``): successes as allowed, with the account or client signed in
+(``signed_in``, which the OpenID Connect callback calls too), failures and lockouts as
+denied; the typed name of an unknown account is never recorded (it may be a mistyped
+password).
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ from fastapi import Request
 from sqlalchemy import select
 
 from consent.accounts import SignInFailed, sign_in
-from consent.audit import Attempt
 from consent.models import InstitutionSystem
-from consent.principals import Kind, Principal, principal_by_username, system_principal
+from consent.principals import (
+    Kind,
+    Principal,
+    principal_by_username,
+    system_principal,
+    user_principal,
+)
 from consent.throttle import SIGN_IN, Throttle
-from dicomweb.access import client_address, gate_of
+from dicomweb.access import client_address, record_attempt
 from dicomweb.errors import HTTPError
 
 LOCKED_MESSAGE = "too many failed sign-ins; try again later"
@@ -56,16 +63,22 @@ def _claimant(request: Request, kind: str, subject: str) -> Principal:
 
 
 def _audit(request: Request, kind: str, subject: str, detail: str) -> None:
-    gate_of(request).auditor.record(
-        Attempt(
-            principal=_claimant(request, kind, subject),
-            door="portal",
-            operation=kind,
-            outcome="denied",
-            client=client_address(request),
-            detail=detail,
-        )
+    record_attempt(
+        request, _claimant(request, kind, subject), "portal", kind, "denied", detail=detail
     )
+
+
+def signed_in(
+    request: Request, operation: str, *, user_id: int | None = None, system_id: int | None = None
+) -> None:
+    """Audit a successful sign-in: a local or identity provider's account, or a client."""
+    db = request.app.state.archive.db
+    if user_id is not None:
+        principal = user_principal(db, user_id)
+    else:
+        principal = system_principal(db, system_id) if system_id is not None else None
+    if principal is not None:
+        record_attempt(request, principal, "portal", operation, "allowed")
 
 
 def retry_after(request: Request, kind: str, subject: str) -> int | None:
@@ -94,8 +107,11 @@ def throttled_sign_in(request: Request, username: str, password: str, code: str 
     seconds = retry_after(request, SIGN_IN, subject)
     if seconds is not None:
         raise HTTPError(429, LOCKED_MESSAGE, "too-many-attempts", {"Retry-After": str(seconds)})
+    db = request.app.state.archive.db
     try:
-        return sign_in(request.app.state.archive.db, username, password, code)
+        user_id = sign_in(db, username, password, code)
     except SignInFailed:
         failed(request, SIGN_IN, subject, "sign-in-failed")
         raise
+    signed_in(request, SIGN_IN, user_id=user_id)
+    return user_id

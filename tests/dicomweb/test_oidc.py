@@ -257,12 +257,25 @@ def test_patient_signs_in_and_uses_the_api(portal: Portal, caplog: pytest.LogCap
     assert back_query["code"][0] not in redact(line)
     assert back_query["state"][0] not in redact(line)
 
+    # The sign-in is in the audit trail, as the account it mapped to.
+    portal.http.app.state.gate.auditor.flush()
+    from consent.audit import iter_records
+
+    done = [r for r in iter_records(portal.archive.db) if r.operation == "oidc-sign-in"]
+    assert [(r.principal_name, r.outcome) for r in done] == [("alice", "allowed")]
+    assert not any(v in r.detail for r in done for v in secrets_seen)
+
 
 def test_unknown_subject_is_refused(portal: Portal):
     answer = portal.sign_in(MALLORY)
     assert answer.status_code == 403
     assert answer.json()["error"] == "oidc-unknown-subject"
     assert "access_token" not in answer.text
+    portal.http.app.state.gate.auditor.flush()
+    from consent.audit import iter_records
+
+    refused = [r for r in iter_records(portal.archive.db) if r.operation == "oidc-sign-in"]
+    assert [(r.outcome, r.detail) for r in refused] == [("denied", "oidc-unknown-subject")]
 
 
 def test_disabled_account_is_refused(portal: Portal):

@@ -90,3 +90,27 @@ def test_client_credentials_lockout(portal: Portal):
     _age_failures(portal, dt.timedelta(minutes=16))
     issued = portal.http.post("/api/token", data=form)
     assert issued.status_code == 200 and issued.json()["token_type"] == "Bearer"
+
+
+def test_successful_and_failed_sign_ins_are_audited_once(portal: Portal):
+    """Successes are audited as allowed with who signed in; a failure is one denied
+    record (the throttle's), not two."""
+    right = {"username": "alice", "password": PASSWORD}
+    assert portal.http.post("/api/session", json=right).status_code == 200
+    assert portal.http.post("/api/session/browser", json=right).status_code == 200
+    wrong = {"username": "alice", "password": "not it"}
+    assert portal.http.post("/api/session", json=wrong).status_code == 401
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": "north-viewer",
+        "client_secret": portal.client_secret,
+    }
+    assert portal.http.post("/api/token", data=form).status_code == 200
+    portal.http.app.state.gate.auditor.flush()
+    records = [r for r in iter_records(portal.archive.db) if r.door == "portal"]
+    allowed = [(r.operation, r.principal_name, r.count) for r in records if r.outcome == "allowed"]
+    assert sum(n for op, who, n in allowed if (op, who) == ("sign-in", "alice")) == 2
+    assert ("client-creds", "north-viewer", 1) in allowed
+    denied = [r for r in records if r.outcome == "denied" and r.operation == "sign-in"]
+    assert [(r.principal_name, r.count) for r in denied] == [("alice", 1)]
+    assert not any(portal.client_secret in r.detail or "not it" in r.detail for r in records)
