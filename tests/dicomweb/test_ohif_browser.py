@@ -214,7 +214,8 @@ def environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
         gw.cli("import", str(tmp / "data"))
         # Demo profile: OHIF's requests arrive anonymous and are served as the demo
         # principal (what OHIF with ?token= sends is not tested here yet).
-        gw.start("--demo")
+        gw.env["STUDYBRIDGE_PROFILE"] = "demo"  # the profile, without --demo's seeded studies
+        gw.start()
         site = _OHIFSite(url=site_origin, dicomweb=f"http://127.0.0.1:{gw.http_port}/dicom-web")
         site.configure()
         handler = type("Handler", (_OHIFHandler,), {"site": site})

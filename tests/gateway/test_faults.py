@@ -126,7 +126,10 @@ def test_postgres_restart_mid_push_loses_no_acknowledged_instance(tmp_path: Path
         admin.dispose()
         url = pg.url("sb")
         with running_gateway(tmp_path, {"STUDYBRIDGE_DATABASE_URL": url}) as gw:
-            gw.start("--demo", "--dimse-workers", "2")
+            # The demo profile (unknown calling AEs accepted) without --demo's seeded studies,
+            # which this test's instance count must not include.
+            gw.env["STUDYBRIDGE_PROFILE"] = "demo"
+            gw.start("--dimse-workers", "2")
             study, series = uid(), uid()
             datasets = [
                 ct_slice(study_uid=study, series_uid=series, instance_number=i, rows=32, columns=32)

@@ -118,7 +118,8 @@ def test_c_move_to_a_tls_destination(pki: Pki, tmp_path: Path) -> None:
             "peers", "add", "VIEWER", "--host", "127.0.0.1", "--port", "104",
             "--institution", "Test Hospital",
         )  # fmt: skip
-        gw.start("--dimse-workers", "1", "--demo")
+        gw.env["STUDYBRIDGE_PROFILE"] = "demo"  # the profile, without --demo's seeded studies
+        gw.start("--dimse-workers", "1")
         ae = AE(ae_title="VIEWER")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         assoc = ae.associate("127.0.0.1", gw.dimse_port, ae_title=gw.ae_title)

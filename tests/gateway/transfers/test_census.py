@@ -87,7 +87,8 @@ def test_a_series_at_the_cap_is_counted_by_content_time(tmp_path: Path) -> None:
             "peers", "add", "STUDYBRIDGE", "--host", "127.0.0.1", "--port", str(gw.dimse_port),
             "--institution", "Test Hospital",
         )  # fmt: skip
-        gw.start("--dimse-workers", "1", "--demo")
+        gw.env["STUDYBRIDGE_PROFILE"] = "demo"  # the profile, without --demo's seeded studies
+        gw.start("--dimse-workers", "1")
         settings = Settings(data_dir=tmp_path / "other", acse_timeout=10)
         peer = Peer("STUDYBRIDGE", "127.0.0.1", gw.dimse_port)
         census = take_census(settings, peer, DAY, DAY, cap=3, image_level=True)
