@@ -38,6 +38,9 @@ from gateway.dimse.receive import VERIFICATION, StorageReceiver, StoreResult
 
 _STORAGE = frozenset(str(uid) for uid in _STORAGE_CLASSES.values())
 _WAIT_SLICE = 0.1  # seconds between checks while waiting for the association request
+# The DUL's states from the accepted A-ASSOCIATE-RQ to the data phase: Sta3 (our
+# response queued, not yet sent) and Sta6 (established).
+_NEGOTIATED = ("Sta3", "Sta6")
 
 
 def storage_only(contexts: dict[int, Any]) -> bool:
@@ -139,10 +142,17 @@ class Acceptor(Association):
             super()._run_reactor()
 
     def _handed_over(self) -> bool:
-        """Wait for the DUL thread to stop at the start of the data phase."""
+        """Wait for the DUL thread to stop at the start of the data phase.
+
+        ``negotiate_association`` only queues the A-ASSOCIATE-AC: the DUL thread
+        sends it and enters Sta6 when it next runs, which on a busy machine can be
+        well after this thread gets here. Until then it is in Sta3, and waiting is
+        right: giving up there would leave pynetdicom's reactor to find the DUL
+        thread stopped (it stops itself in Sta6) and drop the connection silently.
+        """
         while self.dul.is_alive():
             self.dul.join(_WAIT_SLICE)
-            if self.dul.state_machine.current_state != "Sta6":
+            if self.dul.state_machine.current_state not in _NEGOTIATED:
                 return False  # it is handling something else (an abort): its reactor runs
         return (
             self.dul.state_machine.current_state == "Sta6"

@@ -219,7 +219,8 @@ class Handlers:
         ``receive.StorageReceiver`` (which hashed the file as it wrote it: ``digests``).
         """
         try:
-            self.archive.ingest_file(path, self._source(assoc), owned=True, digests=digests)
+            source = self._source(assoc)
+            self.archive.ingest_file(path, source, owned=True, digests=digests)
         except ArchiveError as exc:
             log.info("C-STORE refused (%s): %s", exc.reason, exc)
             return status.store_failure_status(exc)

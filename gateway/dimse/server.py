@@ -206,6 +206,8 @@ def run_worker(
     receiving processes of ``serve`` and ``counts`` their connection counts (one slot
     each, ``balance``); without them this process binds its own sockets."""
     listeners = listeners or {}
+    # An error escaping an association's thread would otherwise only reach stderr.
+    threading.excepthook = _log_thread_error
     balance = AcceptBalance(counts, index) if listeners and counts is not None else None
     configure_pynetdicom()
     settings.staging_dir.mkdir(parents=True, exist_ok=True)
@@ -241,6 +243,17 @@ def run_worker(
     stop.wait()
     drain(servers, settings.shutdown_grace)
     archive.close()
+
+
+def _log_thread_error(args: threading.ExceptHookArgs) -> None:
+    if issubclass(args.exc_type, SystemExit):
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    log.error(
+        "unhandled error in thread %s",
+        name,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+    )
 
 
 def drain(servers: list[ReusePortServer], grace: float) -> None:
