@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from consent.crypto import hash_secret, new_client_secret
 from consent.models import Institution, InstitutionSystem, User
 from gateway.archive.db import Database
+from gateway.archive.errors import IndexUnavailable
 from gateway.archive.models import utcnow
 
 
@@ -209,6 +210,21 @@ def system_principal(
             institution=inst.name,
             token_id=token_id,
         )
+
+
+def institution_disabled(db: Database, name: str) -> bool:
+    """Whether ``name`` is a registered institution that an operator disabled (its
+    systems are then refused at the door, not just shown nothing)."""
+    if not name.strip():
+        return False
+    try:
+        with db.reading() as session:
+            disabled_at = session.scalar(
+                select(Institution.disabled_at).where(Institution.name == name.strip())
+            )
+    except (OperationalError, InterfaceError) as exc:
+        raise IndexUnavailable(f"institutions unavailable: {exc.__class__.__name__}") from exc
+    return disabled_at is not None
 
 
 def peer_principal(db: Database, ae_title: str, institution: str) -> Principal:

@@ -33,7 +33,7 @@ from pynetdicom.events import Event
 
 from consent.access import Gate, StudyAdmission
 from consent.audit import Auditor
-from consent.principals import DEMO, Operation, Principal, peer_principal
+from consent.principals import DEMO, Operation, Principal, institution_disabled, peer_principal
 from gateway.archive import Archive, Digests, Level, Query, RetrieveRequest, Source
 from gateway.archive.charsets import response_character_set
 from gateway.archive.errors import ArchiveError, IndexUnavailable, InvalidQuery
@@ -96,6 +96,7 @@ class Handlers:
         address = event.assoc.requestor.address
         try:
             peer = self.peers.get(calling)
+            disabled = peer is not None and institution_disabled(self.archive.db, peer.institution)
         except IndexUnavailable:
             # Fail closed but retryable: rejected-transient, temporary congestion.
             log.warning("refused association from %r: peer registry unavailable", calling)
@@ -115,6 +116,15 @@ class Handlers:
                 calling,
                 peer.host,
                 address,
+            )
+            self._reject(event)
+            return
+        if disabled:
+            assert peer is not None
+            log.warning(
+                "refused association: AE %r belongs to disabled institution %r",
+                calling,
+                peer.institution,
             )
             self._reject(event)
             return

@@ -139,6 +139,28 @@ def test_registered_ae_from_another_host_is_refused(gateway: Gateway) -> None:
     assert result.returncode != 0
 
 
+def test_systems_of_a_disabled_institution_are_refused(gateway: Gateway) -> None:
+    gateway.cli("institutions", "add", "Closing Clinic")
+    gateway.cli(
+        "peers",
+        "add",
+        "CLOSINGSCU",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "104",
+        "--institution",
+        "Closing Clinic",
+    )
+    echo = [require_tool("echoscu"), "-aet", "CLOSINGSCU", *_addr(gateway)]
+    assert run_tool(echo).returncode == 0
+    gateway.cli("institutions", "disable", "Closing Clinic")
+    refused = run_tool(echo)
+    assert refused.returncode != 0
+    assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+    assert "disabled institution 'Closing Clinic'" in gateway.log_text()
+
+
 def _store(gw: Gateway, files: list[Path], *extra: str) -> None:
     result = run_tool(
         [require_tool("storescu"), "-aet", "STORESCU", "-R", *extra, *_addr(gw), *map(str, files)]
