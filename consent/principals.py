@@ -53,6 +53,10 @@ class ConsentError(ValueError):
     """A consent-side request cannot be done as asked (message safe to show)."""
 
 
+class AlreadyExists(ConsentError):
+    """The institution, account or client asked for is already registered (HTTP 409)."""
+
+
 @dataclass(frozen=True)
 class Principal:
     kind: Kind
@@ -87,7 +91,7 @@ def add_institution(db: Database, name: str, *, issuer: str = "", description: s
             session.flush()
             return row.id
     except IntegrityError as exc:
-        raise ConsentError(f"institution {name!r} already exists") from exc
+        raise AlreadyExists(f"institution {name!r} already exists") from exc
 
 
 def institution_id(db: Database, name: str) -> int:
@@ -136,7 +140,7 @@ def add_user(
             session.flush()
             return row.id
     except IntegrityError as exc:
-        raise ConsentError(f"user {username!r} already exists") from exc
+        raise AlreadyExists(f"user {username!r} already exists") from exc
 
 
 def add_dicomweb_client(
@@ -162,7 +166,7 @@ def add_dicomweb_client(
             session.flush()
             return row.id, secret
     except IntegrityError as exc:
-        raise ConsentError(f"client {client_id!r} already exists") from exc
+        raise AlreadyExists(f"client {client_id!r} already exists") from exc
 
 
 def user_principal(db: Database, user_id: int, *, token_id: int | None = None) -> Principal | None:
@@ -304,6 +308,57 @@ def disable_institution(db: Database, name: str, now: dt.datetime | None = None)
         row = session.scalar(select(Institution).where(Institution.name == name.strip()))
         if row is None:
             raise ConsentError(f"no institution named {name!r}")
+        if row.disabled_at is None:
+            row.disabled_at = now or utcnow()
+
+
+@dataclass(frozen=True)
+class ClientView:
+    """A DICOMweb client as operators see it: never its secret nor the secret's hash."""
+
+    client_id: str
+    institution: str
+    description: str
+    created_at: dt.datetime
+    disabled: bool
+
+
+def list_clients(db: Database, institution: str) -> list[ClientView]:
+    """An institution's DICOMweb clients, disabled ones included."""
+    inst_id = institution_id(db, institution)
+    with db.reading() as session:
+        rows = session.scalars(
+            select(InstitutionSystem)
+            .where(InstitutionSystem.institution_fk == inst_id)
+            .order_by(InstitutionSystem.client_id)
+        ).all()
+    return [
+        ClientView(
+            client_id=row.client_id,
+            institution=institution.strip(),
+            description=row.description,
+            created_at=row.created_at,
+            disabled=row.disabled_at is not None,
+        )
+        for row in rows
+    ]
+
+
+def disable_client(
+    db: Database, institution: str, client_id: str, now: dt.datetime | None = None
+) -> None:
+    """From the next request the client can get no token and the tokens it holds are
+    refused (``authenticate_client`` and ``system_principal`` read ``disabled_at``)."""
+    inst_id = institution_id(db, institution)
+    with db.writing() as session:
+        row = session.scalar(
+            select(InstitutionSystem).where(
+                InstitutionSystem.institution_fk == inst_id,
+                InstitutionSystem.client_id == client_id.strip(),
+            )
+        )
+        if row is None:
+            raise ConsentError(f"no such client {client_id!r} of {institution.strip()!r}")
         if row.disabled_at is None:
             row.disabled_at = now or utcnow()
 

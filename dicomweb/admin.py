@@ -1,4 +1,5 @@
-"""The operators' API (``/api/admin``): institutions, DIMSE peers, user accounts.
+"""The operators' API (``/api/admin``): institutions and their DICOMweb clients, DIMSE
+peers, user accounts.
 
 The HTTP twin of ``studybridge institutions|peers|users``: both call the same
 functions (``consent.principals``, ``consent.accounts``, ``gateway.peers``). Only
@@ -7,7 +8,8 @@ audited too). Cookie sessions need the page's CSRF token on changes
 (``dicomweb.sessions.caller``). Every call is one audit record with the operator as
 actor, door ``admin``. Password hashes and TOTP secrets are never answered; the one
 exception is the enrollment answer of ``POST /users/{username}/totp`` (the otpauth://
-URI the account holder scans once), which is not logged.
+URI the account holder scans once) and of ``POST /institutions/{name}/clients`` (the
+client secret, shown once and stored only as a hash), neither of which is logged.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ from pydantic import BaseModel, Field
 from consent import principals
 from consent.accounts import enable_totp, set_password
 from consent.principals import (
+    ClientView,
     InstitutionView,
     Kind,
     Principal,
     Role,
     UserView,
+    add_dicomweb_client,
     add_institution,
     add_user,
+    disable_client,
     disable_username,
+    list_clients,
     list_institutions,
     list_users,
 )
@@ -94,6 +100,55 @@ def create_institution(
 def disable_institution(name: str, request: Request, me: Principal = Depends(operator)) -> Done:
     _audit(request, me, "allowed", f"institution {name}")
     principals.disable_institution(_db(request), name)
+    return Done(status="disabled")
+
+
+# -- DICOMweb clients of an institution -------------------------------------------------
+class ClientIn(BaseModel):
+    client_id: str = Field(min_length=1, max_length=64)
+    description: str = Field(default="", max_length=1000)
+
+
+class ClientCredentials(BaseModel):
+    client_id: str
+    institution: str
+    client_secret: str = Field(
+        description="Shown once, never again: only its hash is stored (POST /api/token)"
+    )
+
+
+@router.get("/institutions/{name}/clients", summary="List an institution's DICOMweb clients")
+def list_institution_clients(
+    name: str, request: Request, me: Principal = Depends(operator)
+) -> list[ClientView]:
+    _audit(request, me, "allowed", f"institution {name}")
+    return list_clients(_db(request), name)
+
+
+@router.post(
+    "/institutions/{name}/clients",
+    status_code=201,
+    summary="Create DICOMweb client credentials (the secret is answered once)",
+)
+def create_client(
+    name: str, body: ClientIn, request: Request, me: Principal = Depends(operator)
+) -> ClientCredentials:
+    _audit(request, me, "allowed", f"client {body.client_id} of {name}")
+    _id, secret = add_dicomweb_client(_db(request), name, body.client_id, body.description)
+    return ClientCredentials(
+        client_id=body.client_id.strip(), institution=name.strip(), client_secret=secret
+    )
+
+
+@router.post(
+    "/institutions/{name}/clients/{client_id}/disable",
+    summary="Disable a DICOMweb client (its tokens are refused from the next request)",
+)
+def disable_institution_client(
+    name: str, client_id: str, request: Request, me: Principal = Depends(operator)
+) -> Done:
+    _audit(request, me, "allowed", f"client {client_id} of {name}")
+    disable_client(_db(request), name, client_id)
     return Done(status="disabled")
 
 

@@ -50,6 +50,7 @@ from consent.links import (
 from consent.models import User
 from consent.patients import Relation, link_patient
 from consent.principals import (
+    AlreadyExists,
     ConsentError,
     Kind,
     Operation,
@@ -591,9 +592,13 @@ def new_patient_link(
 
 
 async def consent_error_handler(_request: Request, exc: Exception) -> JSONResponse:
-    """A consent-side refusal: 404 for things that are not (or not yours), else 400."""
+    """A consent-side refusal: 404 for things that are not (or not yours), 409 for a
+    name already registered, else 400."""
     message = str(exc)
-    status = 404 if message.startswith("no such") else 400
+    if isinstance(exc, AlreadyExists):
+        status = 409
+    else:
+        status = 404 if message.startswith("no such") else 400
     return JSONResponse({"error": "refused", "message": message}, status, headers=PRIVATE)
 
 

@@ -35,6 +35,7 @@ from consent.principals import (
     add_dicomweb_client,
     add_institution,
     add_user,
+    disable_client,
     disable_institution,
     disable_username,
     list_institutions,
@@ -207,6 +208,19 @@ def institutions_add_client(
     with _admin(data_dir, config) as (archive, _auditor):
         _id, secret = add_dicomweb_client(archive.db, name, client_id)
     console.print(f"client {client_id} of {name}; secret (shown once): {secret}")
+
+
+@institutions_app.command("disable-client")
+def institutions_disable_client(
+    name: Annotated[str, typer.Argument(help="Institution.")],
+    client_id: Annotated[str, typer.Argument(help="DICOMweb client id.")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+) -> None:
+    """Disable a DICOMweb client: it gets no new token, its tokens are refused from now on."""
+    with _admin(data_dir, config) as (archive, _auditor):
+        disable_client(archive.db, name, client_id)
+    console.print(f"client {client_id} of {name} disabled")
 
 
 @institutions_app.command("list")

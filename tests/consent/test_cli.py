@@ -100,6 +100,11 @@ def test_institutions_and_users(tmp_path: Path):
     assert code == 0 and "secret (shown once)" in out
     code, out = run(data, "institutions", "list")
     assert "NORTHPACS" in out and "viewer" in out
+    code, out = run(data, "institutions", "disable-client", "North", "viewer")
+    assert code == 0 and "disabled" in out
+    code, out = run(data, "institutions", "list")
+    assert "viewer" not in out  # the list names enabled clients only
+    assert run(data, "institutions", "disable-client", "North", "nobody")[0] == 1
     code, _ = run(
         data,
         "users",

@@ -80,7 +80,7 @@ def test_operator_administers_institutions_peers_users(
     names = [i["name"] for i in http.get("/api/admin/institutions", headers=op).json()]
     assert names == ["East", "North"]
     again = http.post("/api/admin/institutions", json={"name": "East"}, headers=op)
-    assert again.status_code == 400 and "already exists" in again.json()["message"]
+    assert again.status_code == 409 and "already exists" in again.json()["message"]
 
     peer = {"ae_title": "EASTPACS", "host": "127.0.0.1", "port": 11112, "institution": "East"}
     assert http.post("/api/admin/peers", json=peer, headers=op).status_code == 201
@@ -155,6 +155,60 @@ def test_operator_administers_institutions_peers_users(
 
 
 @pytest.mark.fast
+def test_operator_manages_dicomweb_clients(admin: Admin, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    http = admin.http
+    op = admin.operator()
+    clients = "/api/admin/institutions/North/clients"
+    assert http.get(clients, headers=op).json() == []
+
+    made = http.post(clients, json={"client_id": "north-viewer", "description": "PACS"}, headers=op)
+    assert made.status_code == 201, made.text
+    secret = made.json()["client_secret"]
+    assert made.json()["client_id"] == "north-viewer" and made.json()["institution"] == "North"
+    again = http.post(clients, json={"client_id": "north-viewer"}, headers=op)
+    assert again.status_code == 409 and "already exists" in again.json()["message"]
+    elsewhere = http.post(
+        "/api/admin/institutions/Nowhere/clients", json={"client_id": "x"}, headers=op
+    )
+    assert elsewhere.status_code == 400 and "no institution" in elsewhere.json()["message"]
+
+    listed = http.get(clients, headers=op)
+    assert [(c["client_id"], c["description"], c["disabled"]) for c in listed.json()] == [
+        ("north-viewer", "PACS", False)
+    ]
+    assert secret not in listed.text and "secret" not in listed.text
+    assert "scrypt" not in listed.text and "$" not in listed.text
+    institutions = http.get("/api/admin/institutions", headers=op).json()
+    assert next(i for i in institutions if i["name"] == "North")["clients"] == ["north-viewer"]
+
+    # The credentials work, and a token got with them works until the client is disabled.
+    form = {"grant_type": "client_credentials", "client_id": "north-viewer"}
+    issued = http.post("/api/token", data={**form, "client_secret": secret})
+    assert issued.status_code == 200, issued.text
+    north = {"Authorization": f"Bearer {issued.json()['access_token']}"}
+    assert http.get("/dicom-web/studies", headers=north).status_code in (200, 204)
+    disabled = http.post(f"{clients}/north-viewer/disable", headers=op)
+    assert disabled.status_code == 200 and disabled.json() == {"status": "disabled"}
+    assert http.get("/dicom-web/studies", headers=north).status_code == 401
+    refused = http.post("/api/token", data={**form, "client_secret": secret})
+    assert refused.status_code == 401 and refused.json() == {"error": "invalid_client"}
+    assert http.get(clients, headers=op).json()[0]["disabled"] is True
+    missing = http.post(f"{clients}/nobody/disable", headers=op)
+    assert missing.status_code == 404
+
+    assert secret not in caplog.text
+    records = admin.audit()
+    assert {r.operation for r in records} >= {
+        "list_institution_clients",
+        "create_client",
+        "disable_institution_client",
+    }
+    assert any(r.detail == "client north-viewer of North" for r in records)
+    assert all(secret not in (r.detail or "") for r in records)
+
+
+@pytest.mark.fast
 def test_only_operators(admin: Admin) -> None:
     http = admin.http
     assert http.get("/api/admin/users").status_code == 401
@@ -168,10 +222,19 @@ def test_only_operators(admin: Admin) -> None:
         assert http.post("/api/admin/peers", json=new, headers=headers).status_code == 403
         user = {"username": "mallory", "kind": "operator"}
         assert http.post("/api/admin/users", json=user, headers=headers).status_code == 403
+        clients = "/api/admin/institutions/North/clients"
+        assert http.get(clients, headers=headers).status_code == 403
+        made = http.post(clients, json={"client_id": "mallory"}, headers=headers)
+        assert made.status_code == 403 and "client_secret" not in made.text
+        assert http.post(f"{clients}/x/disable", headers=headers).status_code == 403
     assert http.get("/api/admin/peers", headers=admin.operator()).json() == []
     denied = [r for r in admin.audit() if r.outcome == "denied"]
     assert {r.principal_name for r in denied} == {"alice", "north_rad"}
-    assert {r.operation for r in denied} >= {"register_peer", "create_user"}
+    assert {r.operation for r in denied} >= {"register_peer", "create_user", "create_client"}
+    assert (
+        admin.http.get("/api/admin/institutions/North/clients", headers=admin.operator()).json()
+        == []
+    )
 
 
 @pytest.mark.fast
@@ -200,11 +263,15 @@ def test_openapi_documents_the_admin_api(admin: Admin) -> None:
         "/api/admin/users",
         "/api/admin/users/{username}/disable",
         "/api/admin/users/{username}/totp",
+        "/api/admin/institutions/{name}/clients",
+        "/api/admin/institutions/{name}/clients/{client_id}/disable",
     ):
         assert path in paths, path
     ok = paths["/api/admin/users"]["get"]["responses"]["200"]["content"]["application/json"]
     assert ok["schema"]["items"]["$ref"].endswith("/UserView")
     assert "password_hash" not in str(spec["components"]["schemas"]["UserView"])
+    client_fields = spec["components"]["schemas"]["ClientView"]["properties"]
+    assert not [name for name in client_fields if "secret" in name or "hash" in name]
 
 
 @pytest.mark.integration
