@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -276,6 +277,11 @@ class AccessToken(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, nullable=False)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # A browser session opened by an OpenID Connect sign-in: its sign-out also offers
+    # the provider's end_session_endpoint (RP-initiated logout).
+    via_oidc: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default=false()
+    )
 
 
 class BreakGlass(Base):

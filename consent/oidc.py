@@ -22,6 +22,11 @@ and claims, with authlib's ``CodeIDToken`` rules for nonce, azp and at_hash):
    ``institution-claim`` (also staff accounts made and kept up to date from an
    institution claim and a role claim). The portal then issues the same access
    token a local sign-in gets.
+4. ``end_session_url`` (OpenID Connect RP-Initiated Logout 1.0): where a browser
+   signing out of a session an OpenID Connect sign-in opened goes so the provider's
+   own session ends too, when the provider announces an ``end_session_endpoint``.
+   We keep no ID token, so the URL names our ``client_id`` (and the configured
+   ``post_logout_redirect_uri``) instead of an ``id_token_hint``.
 
 Nothing here logs a code, state, nonce or token; refusals carry a fixed message.
 """
@@ -38,6 +43,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
+from authlib.common.urls import add_params_to_uri
 from authlib.integrations.base_client import OAuthError
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from authlib.oidc.core import CodeIDToken
@@ -84,6 +90,7 @@ class OIDCConfig:
     token_auth: str = "client_secret_basic"  # noqa: S105 - a method name
     scopes: tuple[str, ...] = ("openid",)
     redirect_url: str = ""
+    post_logout_redirect_url: str = ""
     claim_mapping: str = "subject"
     institution_claim: str = "institution"
     role_claim: str = "role"
@@ -101,6 +108,11 @@ class OIDCConfig:
             raise ConsentError("oidc_issuer is set but oidc_client_id is not")
         if not secure_url(settings.oidc_issuer):
             raise ConsentError("oidc_issuer must be https:// (http only on a loopback address)")
+        after_logout = urlsplit(settings.oidc_post_logout_redirect_url)
+        if settings.oidc_post_logout_redirect_url and (
+            after_logout.scheme not in ("http", "https") or not after_logout.hostname
+        ):
+            raise ConsentError("oidc_post_logout_redirect_url must be an absolute http(s) URL")
         scopes = tuple(settings.oidc_scopes)
         return cls(
             issuer=settings.oidc_issuer,
@@ -109,6 +121,7 @@ class OIDCConfig:
             token_auth=settings.oidc_token_auth,
             scopes=scopes if "openid" in scopes else ("openid", *scopes),
             redirect_url=settings.oidc_redirect_url,
+            post_logout_redirect_url=settings.oidc_post_logout_redirect_url,
             claim_mapping=settings.oidc_claim_mapping,
             institution_claim=settings.oidc_institution_claim,
             role_claim=settings.oidc_role_claim,
@@ -136,6 +149,18 @@ def subject_key(issuer: str, subject: str) -> str:
 class Started:
     url: str  # the provider's authorization URL to send the browser to
     browser_secret: str  # for a cookie: the callback must come from the same browser
+
+
+def provider_of(state: Any) -> Provider | None:
+    """The app's one ``Provider`` (``state`` is ``app.state``: made from its settings
+    at first use and kept there), or None when OpenID Connect sign-in is off."""
+    provider: Provider | None = getattr(state, "oidc", None)
+    if provider is None:
+        config = OIDCConfig.from_settings(state.settings)
+        if config is None:
+            return None
+        provider = state.oidc = Provider(config)
+    return provider
 
 
 class Provider:
@@ -198,6 +223,27 @@ class Provider:
             self._jwks = await self._get_json((await self.metadata())["jwks_uri"])
             self._jwks_at = time.monotonic()
         return self._jwks
+
+    async def end_session_url(self) -> str | None:
+        """Where to send a browser signing out so the provider's session ends too
+        (RP-Initiated Logout 1.0), or None when the provider announces no
+        ``end_session_endpoint`` or cannot be reached (the sign-out stays local).
+
+        We keep no ID token, so no ``id_token_hint``: the request names our
+        ``client_id`` and, when configured, the ``post_logout_redirect_uri`` (which the
+        provider accepts only when it is registered for our client). Nothing secret is
+        in it."""
+        try:
+            meta = await self.metadata()
+        except OIDCRefused:
+            return None  # _get_json logged why
+        endpoint = meta.get("end_session_endpoint")
+        if not isinstance(endpoint, str) or not secure_url(endpoint):
+            return None
+        params = [("client_id", self.config.client_id)]
+        if self.config.post_logout_redirect_url:
+            params.append(("post_logout_redirect_uri", self.config.post_logout_redirect_url))
+        return add_params_to_uri(endpoint, params)
 
     # -- the flow ----------------------------------------------------------------------
     async def start(self, db: Database, redirect_uri: str) -> Started:

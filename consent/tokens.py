@@ -50,6 +50,7 @@ def _issue(
     acting_user_fk: int | None = None,
     expires_at: dt.datetime | None = None,
     now: dt.datetime | None = None,
+    via_oidc: bool = False,
 ) -> IssuedToken:
     now = now or utcnow()
     token = ACCESS_PREFIX + new_token()
@@ -66,6 +67,7 @@ def _issue(
             client=client[:64],
             created_at=now,
             expires_at=expires,
+            via_oidc=via_oidc,
         )
         session.add(row)
         session.flush()
@@ -73,10 +75,11 @@ def _issue(
 
 
 def issue_for_user(
-    db: Database, user_id: int, ttl: dt.timedelta, *, client: str = ""
+    db: Database, user_id: int, ttl: dt.timedelta, *, client: str = "", via_oidc: bool = False
 ) -> IssuedToken:
-    """A token for a signed-in user (the sign-in itself is the caller's business)."""
-    return _issue(db, ttl, client=client, user_fk=user_id)
+    """A token for a signed-in user (the sign-in itself is the caller's business);
+    ``via_oidc`` marks one an OpenID Connect sign-in opened."""
+    return _issue(db, ttl, client=client, user_fk=user_id, via_oidc=via_oidc)
 
 
 def issue_for_system(
@@ -172,10 +175,13 @@ def refusal(db: Database, token: str, now: dt.datetime | None = None) -> str:
     return "invalid"
 
 
-def revoke_token(db: Database, token_id: int, now: dt.datetime | None = None) -> None:
+def revoke_token(db: Database, token_id: int, now: dt.datetime | None = None) -> bool:
+    """Revoke a token; returns whether an OpenID Connect sign-in had issued it."""
     with db.writing() as session:
         session.execute(
             update(AccessToken)
             .where(AccessToken.id == token_id, AccessToken.revoked_at.is_(None))
             .values(revoked_at=now or utcnow())
         )
+        via_oidc = session.scalar(select(AccessToken.via_oidc).where(AccessToken.id == token_id))
+    return bool(via_oidc)

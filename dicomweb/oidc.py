@@ -6,7 +6,9 @@ binding the sign-in to this browser. ``callback`` finishes it and answers what a
 local sign-in answers for the account the provider's subject maps to: to a browser
 (``Accept: text/html``) the portal pages' session cookie (``dicomweb.sessions``) and a
 redirect to ``/viewer/signin``, which goes on to the account's home page; to an API
-client the access token of ``POST /api/session``. The code and state arrive in the query
+client the access token of ``POST /api/session``. The browser session is marked as
+opened here, so that signing out of it (``dicomweb.sessions.browser_sign_out``) also
+offers the provider's sign-out (RP-initiated logout). The code and state arrive in the query
 string: nothing here logs them, and ``gateway.ops.logs`` masks both in any log line
 that carries the URL (an access log, if a site turns one on). Every callback is
 audited (operation ``oidc-sign-in``): allowed with the account signed in, or denied
@@ -21,7 +23,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from consent.oidc import OIDCConfig, OIDCRefused, Provider, map_account
+from consent.oidc import OIDCConfig, OIDCRefused, Provider, map_account, provider_of
 from consent.principals import Kind, Principal
 from consent.tokens import issue_for_user
 from dicomweb.access import client_address, record_attempt
@@ -41,12 +43,9 @@ router = APIRouter(dependencies=[Depends(private_answer)])
 
 def _provider(request: Request) -> Provider:
     """The app's provider, made at first use from the settings (404 when not set up)."""
-    provider: Provider | None = getattr(request.app.state, "oidc", None)
+    provider = provider_of(request.app.state)
     if provider is None:
-        config = OIDCConfig.from_settings(request.app.state.settings)
-        if config is None:
-            raise HTTPError(404, "sign-in with an identity provider is not set up", "not-found")
-        provider = request.app.state.oidc = Provider(config)
+        raise HTTPError(404, "sign-in with an identity provider is not set up", "not-found")
     return provider
 
 
@@ -121,7 +120,7 @@ async def callback(
         # A browser: the portal pages' session (HttpOnly cookie), then the sign-in page,
         # which finds the session and goes on to the account's home page.
         page = RedirectResponse("/viewer/signin", status_code=303, headers=PRIVATE)
-        await run_in_threadpool(start_session, request, page, user_id)
+        await run_in_threadpool(start_session, request, page, user_id, via_oidc=True)
         page.delete_cookie(COOKIE, path=COOKIE_PATH)
         return page
     issued = await run_in_threadpool(

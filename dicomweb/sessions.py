@@ -20,6 +20,10 @@ access token goes into a cookie the page's scripts cannot read:
 
 ``caller`` is the portal routes' principal dependency: a Bearer header (API clients)
 wins, then the cookie; DICOMweb routes never read the cookie.
+
+Signing out of a session an OpenID Connect sign-in opened also answers the provider's
+sign-out URL when it has one (``end_session_url``, RP-Initiated Logout 1.0), which the
+page follows so the provider forgets the browser too.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from consent.accounts import CodeRequired, SignInFailed
 from consent.models import AccessToken, User
+from consent.oidc import provider_of
 from consent.principals import Principal
 from consent.tokens import issue_for_user, resolve, revoke_token
 from dicomweb.access import client_address, require_principal
@@ -126,13 +132,18 @@ def browser_sign_in(body: SignIn, request: Request, response: Response) -> dict[
     return start_session(request, response, user_id)
 
 
-def start_session(request: Request, response: Response, user_id: int) -> dict[str, Any]:
+def start_session(
+    request: Request, response: Response, user_id: int, *, via_oidc: bool = False
+) -> dict[str, Any]:
     """Open a browser session for an account that has just proved who it is (the local
-    sign-in above; an OpenID Connect callback calls this too): the cookie is set on
-    ``response``; the answer holds the account and the CSRF token for the page."""
+    sign-in above; an OpenID Connect callback calls this too, with ``via_oidc``): the
+    cookie is set on ``response``; the answer holds the account and the CSRF token for
+    the page."""
     db = request.app.state.archive.db
     lifetime = dt.timedelta(minutes=request.app.state.settings.access_token_minutes)
-    issued = issue_for_user(db, user_id, lifetime, client=client_address(request))
+    issued = issue_for_user(
+        db, user_id, lifetime, client=client_address(request), via_oidc=via_oidc
+    )
     principal = resolve(db, issued.token)
     if principal is None:  # disabled between the two reads
         raise _failed()
@@ -162,13 +173,24 @@ def browser_session(request: Request) -> dict[str, Any]:
 
 
 @router.delete("/session/browser", summary="Sign out (the session's token is revoked)")
-def browser_sign_out(
+async def browser_sign_out(
     request: Request, response: Response, me: Principal = Depends(caller)
 ) -> dict[str, str]:
+    """Sign out here. A session an OpenID Connect sign-in opened is answered with
+    ``end_session_url`` too when the provider announces an ``end_session_endpoint``:
+    the page sends the browser there so the provider's session ends as well (otherwise
+    the next sign-in would come straight back without asking who it is)."""
+    via_oidc = False
     if request.cookies.get(COOKIE) and me.token_id is not None:
-        revoke_token(request.app.state.archive.db, me.token_id)
+        via_oidc = await run_in_threadpool(revoke_token, request.app.state.archive.db, me.token_id)
     response.delete_cookie(COOKIE, path=COOKIE_PATH, secure=_secure(request), httponly=True)
-    return {"status": "signed out"}
+    answer = {"status": "signed out"}
+    provider = provider_of(request.app.state) if via_oidc else None
+    if provider is not None:
+        url = await provider.end_session_url()
+        if url is not None:
+            answer["end_session_url"] = url
+    return answer
 
 
 @router.post("/session/viewer-token", summary="A short-lived access token for the viewer")

@@ -224,6 +224,10 @@ class Settings(BaseSettings):
     # The callback registered at the provider; empty: <public base URL or the
     # request's>/api/oidc/callback.
     oidc_redirect_url: str = ""
+    # Where the provider sends the browser after signing out there (OpenID Connect
+    # RP-Initiated Logout 1.0; register it at the provider, e.g.
+    # https://bridge.example.org/viewer/signin); empty: the provider's own page.
+    oidc_post_logout_redirect_url: str = ""
     # How a signed-in subject becomes a studybridge account:
     #   "subject": only accounts an operator bound to the subject
     #     (`studybridge users bind-oidc USER --subject SUB`); patients and staff.

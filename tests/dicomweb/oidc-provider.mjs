@@ -2,7 +2,8 @@
 // oidc-provider, installed by scripts/oidc-provider.sh) with test clients, test accounts
 // and a scripted password login. tests/dicomweb/test_oidc.py starts it as
 //   node oidc-provider.mjs <folder holding node_modules> <port> <redirect URI>[,<another>...]
-// on 127.0.0.1 and stops it. Its clients and accounts are the test's constants: keep
+// on 127.0.0.1 and stops it. Each client may come back after signing out
+// (RP-initiated logout) to /viewer/signin at the origin of each redirect URI. Its clients and accounts are the test's constants: keep
 // both files in step. Synthetic people only.
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { join } from 'node:path';
@@ -35,6 +36,8 @@ const client = (id, extra = {}) => ({
   client_id: id,
   client_secret: `${id}-secret-0123456789abcdef0123456789abcdef`,
   redirect_uris: redirectUris.split(','),
+  // RP-initiated logout sends the browser back to the sign-in page of the same origin.
+  post_logout_redirect_uris: redirectUris.split(',').map((uri) => new URL('/viewer/signin', uri).href),
   grant_types: ['authorization_code'],
   response_types: ['code'],
   token_endpoint_auth_method: 'client_secret_basic',

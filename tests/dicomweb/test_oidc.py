@@ -27,16 +27,19 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import anyio
 import httpx
+import pyotp
 import pytest
 from fastapi.testclient import TestClient
 from joserfc.jwk import RSAKey
 from pydantic import SecretStr
 
+from consent.accounts import enable_totp, set_password
 from consent.oidc import OIDCConfig, OIDCRefused, Provider, bind_subject, validate_id_token
 from consent.patients import link_patient
 from consent.principals import Kind, Role, add_institution, add_user, user_principal
 from consent.redact import redact
 from dicomweb.app import create_app
+from dicomweb.sessions import CSRF_HEADER
 from gateway.archive import Archive
 from gateway.config import Settings
 from tests.dicomweb.conftest import TEST_INSTITUTION, ingest_study
@@ -103,25 +106,35 @@ def issuer(tmp_path_factory: pytest.TempPathFactory, serve_port: int) -> Iterato
 
 
 def authorize(url: str, login: str, password: str, callback: str = CALLBACK) -> str:
-    """Be the browser at the provider: follow its redirects, fill in its login form;
+    """Be a new browser at the provider: follow its redirects, fill in its login form;
     return the callback URL it finally sends the browser to."""
     with httpx.Client(timeout=30) as browser:
-        response = browser.get(url)
-        for _ in range(12):
-            if response.status_code in (302, 303):
-                location = str(response.url.join(response.headers["location"]))
-                if location.startswith(callback):
-                    return location
-                response = browser.get(location)
-            elif response.status_code == 200 and 'name="login"' in response.text:
-                action = re.search(r'action="([^"]+)"', response.text)
-                assert action is not None
-                response = browser.post(
-                    response.url.join(action.group(1)),
-                    data={"login": login, "password": password},
-                )
-            else:
-                raise AssertionError(f"provider: {response.status_code} {response.text[:300]}")
+        return visit_provider(browser, url, login, password, callback)[0]
+
+
+def visit_provider(
+    browser: httpx.Client, url: str, login: str, password: str, callback: str = CALLBACK
+) -> tuple[str, bool]:
+    """``authorize`` in a given browser (its cookies are the provider's session):
+    the callback URL, and whether the provider asked who the browser is."""
+    asked = False
+    response = browser.get(url)
+    for _ in range(12):
+        if response.status_code in (302, 303):
+            location = str(response.url.join(response.headers["location"]))
+            if location.startswith(callback):
+                return location, asked
+            response = browser.get(location)
+        elif response.status_code == 200 and 'name="login"' in response.text:
+            asked = True
+            action = re.search(r'action="([^"]+)"', response.text)
+            assert action is not None
+            response = browser.post(
+                response.url.join(action.group(1)),
+                data={"login": login, "password": password},
+            )
+        else:
+            raise AssertionError(f"provider: {response.status_code} {response.text[:300]}")
     raise AssertionError("the provider never sent the browser back")
 
 
@@ -645,3 +658,95 @@ def test_browser_gets_the_portal_session(portal: Portal):
     session = portal.http.get("/api/session/browser")
     assert session.status_code == 200, session.text
     assert session.json()["account"]["username"] == "alice"
+
+
+# -- signing out: RP-initiated logout -------------------------------------------------
+SIGNED_OUT = "http://testserver/viewer/signin"  # registered at the provider
+
+
+def browser_sign_in(portal: Portal, browser: httpx.Client) -> bool:
+    """Sign Alice in through the provider as a browser does (the portal session
+    cookie lands in ``portal.http``); whether the provider asked who she is."""
+    back, asked = visit_provider(browser, portal.start(), *ALICE[:2])
+    parts = urlsplit(back)
+    page = portal.http.get(
+        f"{parts.path}?{parts.query}", headers={"Accept": "text/html"}, follow_redirects=False
+    )
+    assert page.status_code == 303, page.text
+    return asked
+
+
+def sign_out(portal: Portal) -> dict:
+    csrf = portal.http.get("/api/session/browser").json()["csrf"]
+    answer = portal.http.delete("/api/session/browser", headers={CSRF_HEADER: csrf})
+    assert answer.status_code == 200, answer.text
+    assert portal.http.get("/api/session/browser").status_code == 401  # ended here
+    return answer.json()
+
+
+def test_sign_out_ends_the_provider_session(
+    settings: Settings,
+    archive: Archive,
+    tmp_path: Path,
+    issuer: str,
+    caplog: pytest.LogCaptureFixture,
+):
+    """Signing out of a session an OpenID Connect sign-in opened answers the provider's
+    end_session_endpoint; after the browser confirms there, the provider has forgotten
+    it: the next sign-in asks for the password again instead of coming straight back."""
+    caplog.set_level(logging.DEBUG)
+    configured = oidc_settings(settings, issuer, oidc_post_logout_redirect_url=SIGNED_OUT)
+    with (
+        portal_app(configured, archive, tmp_path, issuer) as portal,
+        httpx.Client(timeout=30) as browser,
+    ):
+        assert browser_sign_in(portal, browser)  # a new browser: asked
+        # Signed out here only (the provider's page not visited): the provider still
+        # knows the browser, and a sign-in comes back without asking. This is what
+        # RP-initiated logout is for.
+        assert sign_out(portal)["end_session_url"]
+        assert not browser_sign_in(portal, browser)
+
+        answer = sign_out(portal)
+        url = answer["end_session_url"]
+        end = urlsplit(url)
+        meta = browser.get(f"{issuer}/.well-known/openid-configuration").json()
+        assert f"{end.scheme}://{end.netloc}{end.path}" == meta["end_session_endpoint"]
+        query = parse_qs(end.query)
+        assert query == {"client_id": ["studybridge"], "post_logout_redirect_uri": [SIGNED_OUT]}
+        # The provider asks the browser to confirm (a form with its xsrf value).
+        page = browser.get(url)
+        assert page.status_code == 200, page.text
+        action = re.search(r'action="([^"]+)"', page.text)
+        xsrf = re.search(r'name="xsrf" value="([^"]+)"', page.text)
+        assert action is not None and xsrf is not None
+        done = browser.post(
+            page.url.join(action.group(1)), data={"xsrf": xsrf.group(1), "logout": "yes"}
+        )
+        assert done.status_code in (302, 303) and done.headers["location"] == SIGNED_OUT
+
+        assert browser_sign_in(portal, browser)  # asked again: the provider forgot it
+        assert portal.http.get("/api/session/browser").status_code == 200
+
+    assert "eyJ" not in caplog.text  # no ID token (JWT) in any log line
+    assert "id_token" not in url
+
+
+def test_sign_out_without_provider_logout(portal: Portal):
+    """A local sign-in's session signs out locally only; and with no
+    post_logout_redirect_uri configured the URL names our client alone (the provider
+    then shows its own signed-out page)."""
+    with httpx.Client(timeout=30) as browser:
+        browser_sign_in(portal, browser)
+        answer = sign_out(portal)
+    assert parse_qs(urlsplit(answer["end_session_url"]).query) == {"client_id": ["studybridge"]}
+
+    op_password = "a long operator password"
+    set_password(portal.archive.db, "op", op_password)
+    code = pyotp.parse_uri(enable_totp(portal.archive.db, "op")).now()
+    signed = portal.http.post(
+        "/api/session/browser", json={"username": "op", "password": op_password, "code": code}
+    )
+    assert signed.status_code == 200, signed.text
+    local = portal.http.delete("/api/session/browser", headers={CSRF_HEADER: signed.json()["csrf"]})
+    assert local.status_code == 200 and local.json() == {"status": "signed out"}

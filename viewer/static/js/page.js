@@ -31,10 +31,11 @@ export function showAccount(account) {
   const out = document.getElementById("sign-out");
   out.hidden = false;
   out.addEventListener("click", async () => {
+    let next = "signin";
     try {
-      await signOut();
+      next = (await signOut()) || next;
     } finally {
-      location.assign("signin");
+      location.assign(next);
     }
   });
 }

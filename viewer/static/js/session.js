@@ -74,9 +74,13 @@ export async function whoAmI() {
   }
 }
 
+// Sign out; returns where the browser should go next: the identity provider's sign-out
+// page when the session came from an OpenID Connect sign-in and the provider has one
+// (so it forgets this browser too), otherwise null.
 export async function signOut() {
   try {
-    await api("session/browser", { method: "DELETE" });
+    const answer = await api("session/browser", { method: "DELETE" });
+    return (answer && answer.end_session_url) || null;
   } finally {
     sessionStorage.removeItem(CSRF_KEY);
   }
