@@ -59,6 +59,22 @@ from consent.principals import (
 from consent.throttle import CLIENT_CREDENTIALS
 from consent.tokens import authenticate_client, issue_for_system, issue_for_user
 from dicomweb.access import client_address, gate_of, optional_principal
+from dicomweb.answers import (
+    AccessRequest,
+    BreakGlassGrant,
+    Created,
+    History,
+    LinkDescription,
+    LinkExchanged,
+    LinkLaunch,
+    NewShareLink,
+    Notice,
+    PatientLinkMade,
+    RequestDecided,
+    ShareLink,
+    Status,
+    TokenAnswer,
+)
 from dicomweb.errors import HTTPError, error_body
 from dicomweb.sessions import caller
 from dicomweb.throttling import (
@@ -135,7 +151,11 @@ class SignIn(BaseModel):
     code: str | None = None
 
 
-@router.post("/session", summary="Sign in with a local account (password, TOTP code)")
+@router.post(
+    "/session",
+    summary="Sign in with a local account (password, TOTP code)",
+    response_model=TokenAnswer,
+)
 def session(body: SignIn, request: Request) -> dict[str, Any]:
     db = _db(request)
     try:
@@ -194,7 +214,11 @@ _LINK_STATUS = {
 }
 
 
-@router.post("/links/describe", summary="What a share link's landing page may show")
+@router.post(
+    "/links/describe",
+    summary="What a share link's landing page may show",
+    response_model=LinkDescription,
+)
 def link_describe(body: LinkToken, request: Request) -> dict[str, Any]:
     info = describe(_db(request), body.token)
     if info is None:
@@ -212,7 +236,8 @@ def link_describe(body: LinkToken, request: Request) -> dict[str, Any]:
 @router.post(
     "/links/exchange",
     summary="Trade a share link for a short-lived access token",
-    response_model=None,
+    response_model=LinkExchanged,
+    response_model_exclude_none=True,  # "viewer" only when one is configured
 )
 def link_exchange(
     body: LinkToken,
@@ -276,12 +301,16 @@ def _link_json(view: Any) -> dict[str, Any]:
     }
 
 
-@router.get("/me/links", summary="My share links")
+@router.get("/me/links", summary="My share links", response_model=list[ShareLink])
 def my_links(request: Request, me: Principal = Depends(caller)) -> list[dict]:
     return [_link_json(v) for v in list_links(_db(request), _need(me, Kind.PATIENT))]
 
 
-@router.post("/me/links", summary="Create a share link (its token is shown once)")
+@router.post(
+    "/me/links",
+    summary="Create a share link (its token is shown once)",
+    response_model=NewShareLink,
+)
 def new_link(body: NewLink, request: Request, me: Principal = Depends(caller)) -> dict[str, Any]:
     rules = LinkRules(
         can_download=body.can_download,
@@ -310,7 +339,7 @@ def qr_svg(text: str) -> str:
     return out.getvalue().decode()
 
 
-@router.delete("/me/links/{link_id}", summary="Revoke one of my share links")
+@router.delete("/me/links/{link_id}", summary="Revoke one of my share links", response_model=Notice)
 def drop_link(link_id: int, request: Request, me: Principal = Depends(caller)) -> dict[str, str]:
     return {"notice": revoke_link(_db(request), _need(me, Kind.PATIENT), link_id)}
 
@@ -356,7 +385,11 @@ def drop_consent(
     return consents.to_fhir(db, consent_id)
 
 
-@router.get("/me/requests", summary="Institutions' pending requests for my studies")
+@router.get(
+    "/me/requests",
+    summary="Institutions' pending requests for my studies",
+    response_model=list[AccessRequest],
+)
 def my_requests(request: Request, me: Principal = Depends(caller)) -> list[dict]:
     return [
         {
@@ -371,7 +404,11 @@ def my_requests(request: Request, me: Principal = Depends(caller)) -> list[dict]
     ]
 
 
-@router.post("/me/requests/{request_id}/{decision}", summary="Approve or decline a request")
+@router.post(
+    "/me/requests/{request_id}/{decision}",
+    summary="Approve or decline a request",
+    response_model=RequestDecided,
+)
 def decide_request(
     request_id: int, decision: str, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, Any]:
@@ -391,7 +428,7 @@ class NewRequest(BaseModel):
     study_uids: list[str] = Field(default_factory=list, max_length=100)
 
 
-@router.post("/requests", summary="Ask a patient for access (institutions)")
+@router.post("/requests", summary="Ask a patient for access (institutions)", response_model=Created)
 def new_request(
     body: NewRequest, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, int]:
@@ -408,7 +445,9 @@ def new_request(
 
 
 # -- history and break-glass ---------------------------------------------------------------
-@router.get("/me/history", summary="Who accessed my studies, and break-glass grants")
+@router.get(
+    "/me/history", summary="Who accessed my studies, and break-glass grants", response_model=History
+)
 def my_history(request: Request, me: Principal = Depends(caller)) -> dict[str, Any]:
     history = access_history(_db(request), _need(me, Kind.PATIENT))
     return {
@@ -454,7 +493,11 @@ class BreakGlassRequest(BaseModel):
     minutes: float = 60
 
 
-@router.post("/break-glass", summary="Declare emergency access to one patient's studies")
+@router.post(
+    "/break-glass",
+    summary="Declare emergency access to one patient's studies",
+    response_model=BreakGlassGrant,
+)
 def declare_break_glass(
     body: BreakGlassRequest, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, Any]:
@@ -473,7 +516,11 @@ def declare_break_glass(
     return _grant_json(grant)
 
 
-@router.get("/break-glass", summary="Break-glass grants for review (operators, auditors)")
+@router.get(
+    "/break-glass",
+    summary="Break-glass grants for review (operators, auditors)",
+    response_model=list[BreakGlassGrant],
+)
 def review_list(
     request: Request, unreviewed: bool = True, me: Principal = Depends(caller)
 ) -> list[dict]:
@@ -485,7 +532,9 @@ class Review(BaseModel):
     note: str = Field(min_length=1)
 
 
-@router.post("/break-glass/{grant_id}/review", summary="Record the review of a grant")
+@router.post(
+    "/break-glass/{grant_id}/review", summary="Record the review of a grant", response_model=Status
+)
 def review_grant(
     grant_id: int, body: Review, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, str]:
@@ -524,7 +573,11 @@ def manifest(
     return JSONResponse(bundle, media_type="application/fhir+json", headers=PRIVATE)
 
 
-@router.post("/links/launch", summary="An IHE IID launch URL for an opened share link")
+@router.post(
+    "/links/launch",
+    summary="An IHE IID launch URL for an opened share link",
+    response_model=LinkLaunch,
+)
 def link_launch(request: Request, me: Principal = Depends(caller)) -> dict[str, Any]:
     """For the holder of an exchanged link token: the configured IID viewer's URL with
     the link's studies and a second short-lived access token of the link (never the
@@ -560,6 +613,7 @@ class NewPatientLink(BaseModel):
 @router.post(
     "/patient-links",
     summary="Link an account to a patient: themself, or a guardian / legal representative",
+    response_model=PatientLinkMade,
 )
 def new_patient_link(
     body: NewPatientLink, request: Request, me: Principal = Depends(caller)

@@ -19,6 +19,7 @@ from consent.access import break_glass_filter, received_filter, shared_with
 from consent.models import Institution
 from consent.principals import Kind, Operation, Principal
 from dicomweb.access import client_address, gate_of
+from dicomweb.answers import Inbox, InstitutionChoice, MyStudies
 from dicomweb.errors import HTTPError
 from dicomweb.sessions import caller
 from gateway.archive.models import Study, utcnow
@@ -88,7 +89,11 @@ def _studies(request: Request, me: Principal, extra: Any = None) -> tuple[list[d
     return studies, result.truncated
 
 
-@router.get("/me/studies", summary="My studies, grouped by the institution that sent them")
+@router.get(
+    "/me/studies",
+    summary="My studies, grouped by the institution that sent them",
+    response_model=MyStudies,
+)
 def my_studies(request: Request, me: Principal = Depends(caller)) -> dict[str, Any]:
     if me.kind is not Kind.PATIENT:
         raise HTTPError(403, "this is not for your kind of account", "forbidden")
@@ -102,7 +107,11 @@ def my_studies(request: Request, me: Principal = Depends(caller)) -> dict[str, A
     return {"institutions": ordered, "truncated": truncated}
 
 
-@router.get("/inbox", summary="Studies patients shared with or consented to my institution")
+@router.get(
+    "/inbox",
+    summary="Studies patients shared with or consented to my institution",
+    response_model=Inbox,
+)
 def inbox(request: Request, me: Principal = Depends(caller)) -> dict[str, Any]:
     """What the institution sees through someone else's decision (consents; share links
     bound to it, with their expiry; the user's own break-glass grants, flagged), not
@@ -134,7 +143,11 @@ def inbox(request: Request, me: Principal = Depends(caller)) -> dict[str, Any]:
     return {"institution": me.institution, "studies": studies, "truncated": truncated}
 
 
-@router.get("/institutions", summary="Institutions one can share with or consent to")
+@router.get(
+    "/institutions",
+    summary="Institutions one can share with or consent to",
+    response_model=list[InstitutionChoice],
+)
 def institutions(request: Request, me: Principal = Depends(caller)) -> list[dict[str, Any]]:
     closed = _closed_clinics(request)
     with request.app.state.archive.db.reading() as session:

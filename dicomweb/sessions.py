@@ -44,6 +44,7 @@ from consent.oidc import provider_of
 from consent.principals import Principal
 from consent.tokens import issue_for_user, resolve, revoke_token
 from dicomweb.access import client_address, require_principal
+from dicomweb.answers import BrowserSession, BrowserSignedIn, SignedOut, ViewerToken
 from dicomweb.errors import HTTPError
 from dicomweb.throttling import throttled_sign_in
 from gateway.archive.models import utcnow
@@ -119,7 +120,11 @@ def _secure(request: Request) -> bool:
     return request.url.scheme == "https" or settings.public_base_url.startswith("https:")
 
 
-@router.post("/session/browser", summary="Sign in a portal page (session cookie)")
+@router.post(
+    "/session/browser",
+    summary="Sign in a portal page (session cookie)",
+    response_model=BrowserSignedIn,
+)
 def browser_sign_in(body: SignIn, request: Request, response: Response) -> dict[str, Any]:
     """Password, then (for staff, operators, auditors, and patients who set one up)
     the TOTP code: without a code such an account gets 401 ``code-required``."""
@@ -163,7 +168,9 @@ def start_session(
     }
 
 
-@router.get("/session/browser", summary="Who this page is signed in as")
+@router.get(
+    "/session/browser", summary="Who this page is signed in as", response_model=BrowserSession
+)
 def browser_session(request: Request) -> dict[str, Any]:
     cookie = request.cookies.get(COOKIE)
     principal = resolve(request.app.state.archive.db, cookie) if cookie else None
@@ -172,7 +179,12 @@ def browser_session(request: Request) -> dict[str, Any]:
     return {"account": _account(request, principal), "csrf": csrf_token(cookie)}
 
 
-@router.delete("/session/browser", summary="Sign out (the session's token is revoked)")
+@router.delete(
+    "/session/browser",
+    summary="Sign out (the session's token is revoked)",
+    response_model=SignedOut,
+    response_model_exclude_none=True,
+)
 async def browser_sign_out(
     request: Request, response: Response, me: Principal = Depends(caller)
 ) -> dict[str, str]:
@@ -193,7 +205,11 @@ async def browser_sign_out(
     return answer
 
 
-@router.post("/session/viewer-token", summary="A short-lived access token for the viewer")
+@router.post(
+    "/session/viewer-token",
+    summary="A short-lived access token for the viewer",
+    response_model=ViewerToken,
+)
 def viewer_token(request: Request, me: Principal = Depends(caller)) -> dict[str, Any]:
     """The signed-in account's own access (the one access decision applies to it as to
     any DICOMweb client), for ``Authorization: Bearer`` from the viewer page."""
