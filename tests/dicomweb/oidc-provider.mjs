@@ -1,7 +1,7 @@
 // A real OpenID Connect provider for the sign-in tests: node-oidc-provider (npm package
 // oidc-provider, installed by scripts/oidc-provider.sh) with test clients, test accounts
 // and a scripted password login. tests/dicomweb/test_oidc.py starts it as
-//   node oidc-provider.mjs <folder holding node_modules> <port> <redirect URI>[,<another>...]
+//   node oidc-provider.mjs <folder holding node_modules> <port> <redirect URI>[,<another>...] [--no-logout]
 // on 127.0.0.1 and stops it. Each client may come back after signing out
 // (RP-initiated logout) to /viewer/signin at the origin of each redirect URI. Its clients and accounts are the test's constants: keep
 // both files in step. Synthetic people only.
@@ -9,7 +9,9 @@ import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
-const [, , moduleDir, portArg, redirectUris] = process.argv;
+const [, , moduleDir, portArg, redirectUris, ...flags] = process.argv;
+// --no-logout: a provider without RP-initiated logout (no end_session_endpoint).
+const logout = !flags.includes('--no-logout');
 const { default: Provider } = await import(
   pathToFileURL(join(moduleDir, 'node_modules', 'oidc-provider', 'lib', 'index.js')).href
 );
@@ -61,7 +63,7 @@ const provider = new Provider(issuer, {
   conformIdTokenClaims: false, // claims of the granted scopes go into the ID token
   pkce: { required: () => true },
   enabledJWA: { idTokenSigningAlgValues: ['RS256', 'HS256'] },
-  features: { devInteractions: { enabled: false } },
+  features: { devInteractions: { enabled: false }, rpInitiatedLogout: { enabled: logout } },
   interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
   ttl: {
     AccessToken: 600,

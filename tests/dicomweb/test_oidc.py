@@ -67,6 +67,16 @@ def serve_port() -> int:
 @pytest.fixture(scope="module")
 def issuer(tmp_path_factory: pytest.TempPathFactory, serve_port: int) -> Iterator[str]:
     """The provider's issuer URL, for this module's tests."""
+    log = tmp_path_factory.mktemp("oidc") / "provider.log"
+    with running_provider(
+        log, f"{CALLBACK},http://127.0.0.1:{serve_port}/api/oidc/callback"
+    ) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_provider(log: Path, redirect_uris: str, *flags: str) -> Iterator[str]:
+    """node-oidc-provider on 127.0.0.1 (its output in ``log``): its issuer URL."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         missing("Node.js and npm are needed for the OpenID Connect provider (apt-get install npm)")
     installed = subprocess.run(
@@ -79,7 +89,6 @@ def issuer(tmp_path_factory: pytest.TempPathFactory, serve_port: int) -> Iterato
     if installed.returncode != 0:
         missing(f"scripts/oidc-provider.sh failed: {installed.stderr[-500:]}")
     port = free_port()
-    log = tmp_path_factory.mktemp("oidc") / "provider.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [
@@ -87,7 +96,8 @@ def issuer(tmp_path_factory: pytest.TempPathFactory, serve_port: int) -> Iterato
                 str(REPO / "tests" / "dicomweb" / "oidc-provider.mjs"),
                 installed.stdout.strip(),
                 str(port),
-                f"{CALLBACK},http://127.0.0.1:{serve_port}/api/oidc/callback",
+                redirect_uris,
+                *flags,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -750,3 +760,21 @@ def test_sign_out_without_provider_logout(portal: Portal):
     assert signed.status_code == 200, signed.text
     local = portal.http.delete("/api/session/browser", headers={CSRF_HEADER: signed.json()["csrf"]})
     assert local.status_code == 200 and local.json() == {"status": "signed out"}
+
+
+def test_provider_without_end_session_endpoint(
+    settings: Settings, archive: Archive, tmp_path: Path
+):
+    """A provider announcing no end_session_endpoint: the sign-out is local only (the
+    documented answer), and the provider still knows the browser afterwards."""
+    with (
+        running_provider(tmp_path / "provider.log", CALLBACK, "--no-logout") as plain,
+        httpx.Client(timeout=30) as browser,
+    ):
+        meta = browser.get(f"{plain}/.well-known/openid-configuration").json()
+        assert "end_session_endpoint" not in meta
+        configured = oidc_settings(settings, plain, oidc_post_logout_redirect_url=SIGNED_OUT)
+        with portal_app(configured, archive, tmp_path, plain) as portal:
+            assert browser_sign_in(portal, browser)
+            assert sign_out(portal) == {"status": "signed out"}
+            assert not browser_sign_in(portal, browser)  # only our session ended
