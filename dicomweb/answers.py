@@ -1,6 +1,7 @@
 """The portal API's JSON answers as pydantic models, so ``/openapi.json`` documents them.
 
-The routes (``dicomweb.portal``, ``dicomweb.portal_studies``, ``dicomweb.sessions``)
+The routes (``dicomweb.portal``, ``dicomweb.portal_studies``, ``dicomweb.sessions``,
+``dicomweb.downloads``)
 still build plain dicts; FastAPI checks each answer against the route's model and
 writes it out through it, so a model must name exactly the keys the route answers
 (a key missing here would silently vanish from the answer). Times are the strings the
@@ -10,6 +11,8 @@ Secrets answered once (a share link's token, an access token) are documented as 
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -107,6 +110,26 @@ class LinkLaunch(BaseModel):
 
 
 # -- consents, requests, history, break-glass ---------------------------------------------
+class FhirConsent(BaseModel):
+    """A consent as a FHIR R4 Consent resource (``consent.consents.to_fhir``); the
+    nested elements are FHIR's own (CodeableConcept, Reference, Period)."""
+
+    resourceType: str = Field(description="Consent")
+    id: str
+    status: str = Field(description="active or inactive (revoked or ended)")
+    scope: dict[str, Any] = Field(description="patient-privacy")
+    category: list[dict[str, Any]] = Field(description="LOINC 59284-0")
+    patient: dict[str, Any] = Field(
+        description="identifier: the account; extension: its linked Patient IDs"
+    )
+    dateTime: str = Field(description=ISO)
+    policyRule: dict[str, Any] = Field(description="OPTIN or OPTOUT")
+    provision: dict[str, Any] = Field(
+        description="type (permit, deny), period, actor (the institution), purpose, and "
+        "data (the studies) unless it covers all studies"
+    )
+
+
 class AccessRequest(BaseModel):
     id: int
     institution: str
@@ -204,6 +227,18 @@ class Inbox(BaseModel):
     institution: str
     studies: list[InboxStudy]
     truncated: bool = Field(description="More studies exist than were listed")
+
+
+# -- the viewer's study actions (dicomweb.downloads) -------------------------------------
+class ForwardTarget(BaseModel):
+    ae_title: str = Field(description="A DICOM peer of the caller's institution")
+    description: str
+
+
+class StudyActions(BaseModel):
+    view: bool
+    download: bool
+    forward: list[ForwardTarget] = Field(description="Where 'send to our PACS' may go")
 
 
 class InstitutionChoice(BaseModel):

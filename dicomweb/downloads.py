@@ -29,6 +29,7 @@ from consent.access import permitted_studies
 from consent.principals import Kind, Operation, Principal
 from dicomweb import media
 from dicomweb.access import principal_for_token, require_principal
+from dicomweb.answers import StudyActions
 from dicomweb.errors import HTTPError
 from dicomweb.portal import private_answer
 from gateway.archive.uids import check_uid
@@ -50,7 +51,11 @@ def _receiving_peers(request: Request, principal: Principal) -> list[Peer]:
     return [p for p in peers if p.institution == principal.institution]
 
 
-@router.get("/studies/{study}/actions", summary="What I may do with a study (viewer buttons)")
+@router.get(
+    "/studies/{study}/actions",
+    summary="What I may do with a study (viewer buttons)",
+    response_model=StudyActions,
+)
 def actions(study: str, request: Request, me: Principal = Depends(require_principal)) -> dict:
     check_uid(study, "Study Instance UID")
     db = request.app.state.archive.db

@@ -63,6 +63,7 @@ from dicomweb.answers import (
     AccessRequest,
     BreakGlassGrant,
     Created,
+    FhirConsent,
     History,
     LinkDescription,
     LinkExchanged,
@@ -353,13 +354,15 @@ class NewConsent(BaseModel):
     end: dt.datetime | None = None
 
 
-@router.get("/me/consents", summary="My consents")
+@router.get("/me/consents", summary="My consents", response_model=list[FhirConsent])
 def my_consents(request: Request, me: Principal = Depends(caller)) -> list[dict]:
     db = _db(request)
     return [consents.to_fhir(db, c.id) for c in consents.list_consents(db, _need(me, Kind.PATIENT))]
 
 
-@router.post("/me/consents", summary="Give or refuse consent to an institution")
+@router.post(
+    "/me/consents", summary="Give or refuse consent to an institution", response_model=FhirConsent
+)
 def new_consent(
     body: NewConsent, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, Any]:
@@ -376,7 +379,7 @@ def new_consent(
     return consents.to_fhir(db, consent_id)
 
 
-@router.delete("/me/consents/{consent_id}", summary="Revoke a consent")
+@router.delete("/me/consents/{consent_id}", summary="Revoke a consent", response_model=FhirConsent)
 def drop_consent(
     consent_id: int, request: Request, me: Principal = Depends(caller)
 ) -> dict[str, Any]:

@@ -24,6 +24,9 @@ DOCUMENTED = {
     ("get", "/api/me/links"): "[]ShareLink",
     ("post", "/api/me/links"): "NewShareLink",
     ("delete", "/api/me/links/{link_id}"): "Notice",
+    ("get", "/api/me/consents"): "[]FhirConsent",
+    ("post", "/api/me/consents"): "FhirConsent",
+    ("delete", "/api/me/consents/{consent_id}"): "FhirConsent",
     ("get", "/api/me/requests"): "[]AccessRequest",
     ("post", "/api/me/requests/{request_id}/{decision}"): "RequestDecided",
     ("post", "/api/requests"): "Created",
@@ -35,6 +38,7 @@ DOCUMENTED = {
     ("get", "/api/me/studies"): "MyStudies",
     ("get", "/api/inbox"): "Inbox",
     ("get", "/api/institutions"): "[]InstitutionChoice",
+    ("get", "/api/studies/{study}/actions"): "StudyActions",
 }
 
 

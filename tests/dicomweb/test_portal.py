@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from consent.accounts import enable_totp, set_password
+from consent.consents import to_fhir
 from consent.patients import link_patient
 from consent.principals import (
     Kind,
@@ -189,8 +190,11 @@ def test_consent_and_request_flow(portal: Portal):
     assert qido(portal, east) == {portal.a}
     [fhir] = portal.http.get("/api/me/consents", headers=alice).json()
     assert fhir["resourceType"] == "Consent" and fhir["provision"]["type"] == "permit"
+    # The answer is the resource as made, whole (its OpenAPI model drops nothing).
+    assert fhir == to_fhir(portal.archive.db, int(fhir["id"]))
     revoked = portal.http.delete(f"/api/me/consents/{fhir['id']}", headers=alice).json()
     assert revoked["status"] == "inactive"
+    assert revoked == to_fhir(portal.archive.db, int(fhir["id"]))
     assert qido(portal, east) == set()
     # History: East's searches are not study accesses; its view of A would be.
     portal.http.get(f"/dicom-web/studies/{portal.a}/metadata", headers=east)
