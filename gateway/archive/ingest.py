@@ -82,6 +82,7 @@ from gateway.archive.models import (
     Patient,
     Series,
     Study,
+    StudySource,
     TransferArrival,
     utcnow,
 )
@@ -116,6 +117,12 @@ _SELECT_STUDY = (
 _INSERT_INSTANCE = insert(_INSTANCES)
 _INSERT_EVENT = insert(_EVENTS)
 _INSERT_ARRIVAL = insert(TransferArrival.__table__)
+# The sender of each study (consent.access's "an institution sees what it sent"), once
+# per (study, institution): a primary-key probe when the row is already there.
+_RECORD_SOURCE = {
+    "sqlite": sqlite_insert(StudySource.__table__).on_conflict_do_nothing(),
+    "postgresql": pg_insert(StudySource.__table__).on_conflict_do_nothing(),
+}
 
 
 class Outcome(StrEnum):
@@ -431,6 +438,10 @@ class Ingestor:
             if filed.series_fk is None:
                 filed = self._file_series(conn, cand, filed, patient_id, issuer)
             conn.execute(_INSERT_INSTANCE, {**row, "series_fk": filed.series_fk})
+            conn.execute(
+                _RECORD_SOURCE[conn.dialect.name],
+                {"study_fk": filed.study_fk, "institution": row["source_institution"]},
+            )
             if source.transfer_id is not None:
                 conn.execute(_INSERT_ARRIVAL, _arrival(source, cand, outcome.value, ""))
             if outcome is Outcome.RECONCILED_COPY:

@@ -1,7 +1,7 @@
 """Removing a study from the archive: index rows first, then its blobs.
 
 The reverse of the durability order of ingest (blob, then index): the index rows
-(instances, series, the study, and the patient when it has no other study) are
+(instances, series, the study and its senders, and the patient when it has no other study) are
 deleted and committed first, so no index row ever names a missing blob; then the
 instance blobs and the study's derived artifacts (``metadata/``, ``thumbnails/``)
 are deleted. A crash or a blob store failure between the two leaves orphan
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.errors import StorageUnavailable
-from gateway.archive.models import Instance, Patient, Series, Study
+from gateway.archive.models import Instance, Patient, Series, Study, StudySource
 from gateway.archive.uids import check_uid
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def remove_study_rows(session: Session, study_uid: str) -> RemovedStudy | None:
         session.execute(delete(Instance).where(Instance.series_fk.in_(series_ids)))
         session.execute(delete(Series).where(Series.id.in_(series_ids)))
     patient_fk = study.patient_fk
+    session.execute(delete(StudySource).where(StudySource.study_fk == study.id))
     session.execute(delete(Study).where(Study.id == study.id))
     others = session.scalar(select(func.count(Study.id)).where(Study.patient_fk == patient_fk))
     if not others:
