@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from consent.crypto import hash_secret, new_client_secret
 from consent.models import Institution, InstitutionSystem, User
@@ -172,21 +173,30 @@ def add_dicomweb_client(
 def user_principal(db: Database, user_id: int, *, token_id: int | None = None) -> Principal | None:
     """The principal of an enabled user account (None if unknown or disabled)."""
     with db.reading() as session:
-        row = session.get(User, user_id)
-        if row is None or row.disabled_at is not None:
-            return None
-        inst = session.get(Institution, row.institution_fk) if row.institution_fk else None
-        if inst is not None and inst.disabled_at is not None:
-            return None
-        return Principal(
-            kind=Kind(row.kind),
-            id=row.id,
-            name=row.username,
-            institution_id=inst.id if inst else None,
-            institution=inst.name if inst else "",
-            role=row.role,
-            token_id=token_id,
-        )
+        return user_principal_in(session, user_id, token_id=token_id)
+
+
+def user_principal_in(
+    session: Session, user_id: int, *, token_id: int | None = None
+) -> Principal | None:
+    """``user_principal`` inside the caller's session (resolving a token reads the
+    token and its principal on one connection: each extra one cost PostgreSQL round
+    trips of its own, pre-ping, BEGIN and ROLLBACK, on every request)."""
+    row = session.get(User, user_id)
+    if row is None or row.disabled_at is not None:
+        return None
+    inst = session.get(Institution, row.institution_fk) if row.institution_fk else None
+    if inst is not None and inst.disabled_at is not None:
+        return None
+    return Principal(
+        kind=Kind(row.kind),
+        id=row.id,
+        name=row.username,
+        institution_id=inst.id if inst else None,
+        institution=inst.name if inst else "",
+        role=row.role,
+        token_id=token_id,
+    )
 
 
 def principal_by_username(db: Database, username: str) -> Principal | None:
@@ -200,20 +210,31 @@ def system_principal(
     db: Database, system_id: int, *, token_id: int | None = None
 ) -> Principal | None:
     with db.reading() as session:
-        row = session.get(InstitutionSystem, system_id)
-        if row is None or row.disabled_at is not None:
-            return None
-        inst = session.get(Institution, row.institution_fk)
-        if inst is None or inst.disabled_at is not None:
-            return None
-        return Principal(
-            kind=Kind.SYSTEM,
-            id=row.id,
-            name=row.client_id,
-            institution_id=inst.id,
-            institution=inst.name,
-            token_id=token_id,
-        )
+        return system_principal_in(session, system_id, token_id=token_id)
+
+
+def system_principal_in(
+    session: Session, system_id: int, *, token_id: int | None = None
+) -> Principal | None:
+    """``system_principal`` inside the caller's session, in one statement."""
+    found = session.execute(
+        select(InstitutionSystem, Institution)
+        .join(Institution, Institution.id == InstitutionSystem.institution_fk)
+        .where(InstitutionSystem.id == system_id)
+    ).first()
+    if found is None:
+        return None
+    row, inst = found
+    if row.disabled_at is not None or inst.disabled_at is not None:
+        return None
+    return Principal(
+        kind=Kind.SYSTEM,
+        id=row.id,
+        name=row.client_id,
+        institution_id=inst.id,
+        institution=inst.name,
+        token_id=token_id,
+    )
 
 
 def institution_disabled(db: Database, name: str) -> bool:

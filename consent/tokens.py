@@ -22,8 +22,8 @@ from consent.models import AccessToken, InstitutionSystem, ShareLink
 from consent.principals import (
     Kind,
     Principal,
-    system_principal,
-    user_principal,
+    system_principal_in,
+    user_principal_in,
 )
 from gateway.archive.db import Database
 from gateway.archive.models import utcnow
@@ -138,7 +138,9 @@ def resolve(db: Database, token: str, now: dt.datetime | None = None) -> Princip
             if link is None or link.revoked_at is not None or link.expires_at <= now:
                 return None
             acting = (
-                user_principal(db, row.acting_user_fk) if row.acting_user_fk is not None else None
+                user_principal_in(session, row.acting_user_fk)
+                if row.acting_user_fk is not None
+                else None
             )
             return Principal(
                 kind=Kind.LINK,
@@ -149,10 +151,11 @@ def resolve(db: Database, token: str, now: dt.datetime | None = None) -> Princip
                 can_download=link.can_download,
                 token_id=row.id,
             )
+        # The principal on the same connection: one checkout per request.
         if row.user_fk is not None:
-            return user_principal(db, row.user_fk, token_id=row.id)
+            return user_principal_in(session, row.user_fk, token_id=row.id)
         if row.system_fk is not None:
-            return system_principal(db, row.system_fk, token_id=row.id)
+            return system_principal_in(session, row.system_fk, token_id=row.id)
     return None
 
 
