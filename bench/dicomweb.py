@@ -166,6 +166,17 @@ TINY = 8  # rows and columns of the synthetic index instances
 # as its DICOMweb client (a real access token): queries run with the access scope an
 # institution's viewer gets ("what it sent", a SQL condition inside each query).
 BENCH_INSTITUTION = "studybridge bench"
+# --scope institution: the bench institution sent one study in SCOPE_SHARE (the rest
+# come from SCOPE_SHARE - 1 other hospitals) and holds a permit consent (all studies)
+# of one patient in CONSENTS_PER, from patients of studies it did not send.
+SCOPE_SHARE = 10
+CONSENTS_PER = 1000
+SCOPE_NOTES = {
+    "institution": f"a DICOMweb client of an institution that sent 1 in {SCOPE_SHARE} studies "
+    f"and holds permit consents of 1 in {CONSENTS_PER} other studies' patients",
+    "sender": "a DICOMweb client of the institution that sent every study",
+    "none": "no token (the demo principal: unscoped)",
+}
 # Credentials of the target being measured (one target at a time).
 AUTH: dict[str, str] = {}
 
@@ -355,9 +366,18 @@ class Probe:
     ct_instances: list[str]
 
 
+def source_of(spec: StudySpec, scope: str) -> str:
+    """The institution recorded as the sender of a synthetic study."""
+    if scope != "institution" or spec.index % SCOPE_SHARE == 0:
+        return BENCH_INSTITUTION
+    return f"bench other hospital {spec.index % SCOPE_SHARE}"
+
+
 def choose_probe(specs: Sequence[StudySpec], orthanc_count: int, ct_files: list[Path]) -> Probe:
-    """A patient that Orthanc's smaller load holds too; the CT study's UIDs."""
-    spec = specs[min(len(specs), max(orthanc_count, 1)) // 2]
+    """A patient that Orthanc's smaller load holds too, with a study the bench
+    institution sent (so it is in every scope); the CT study's UIDs."""
+    middle = min(len(specs), max(orthanc_count, 1)) // 2
+    spec = specs[middle - middle % SCOPE_SHARE]
     sops = []
     for path in ct_files:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
@@ -388,13 +408,14 @@ class LoadResult:
         return self.studies / self.seconds if self.seconds else 0.0
 
 
-def load_by_ingest(archive: Any, specs: Sequence[StudySpec], threads: int) -> None:
+def load_by_ingest(archive: Any, specs: Sequence[StudySpec], threads: int, scope: str) -> None:
     """Each tiny instance through the real Archive.ingest_file (the file is moved in)."""
     from gateway.archive import Outcome, Source
 
-    source = Source(
-        door="import", ae_title="BENCHLOAD", host=LOOPBACK, institution=BENCH_INSTITUTION
-    )
+    sources = {
+        name: Source(door="import", ae_title="BENCHLOAD", host=LOOPBACK, institution=name)
+        for name in {source_of(s, scope) for s in specs}
+    }
     staging = archive.settings.staging_dir
     staging.mkdir(parents=True, exist_ok=True)
     done = [0]
@@ -405,7 +426,7 @@ def load_by_ingest(archive: Any, specs: Sequence[StudySpec], threads: int) -> No
         data = spec_bytes(spec)
         path = staging / f"bench-{spec.index}.dcm"
         path.write_bytes(data)
-        result = archive.ingest_file(path, source, owned=True)
+        result = archive.ingest_file(path, sources[source_of(spec, scope)], owned=True)
         if result.outcome is not Outcome.STORED:
             raise RuntimeError(f"study {spec.index}: {result.outcome}")
         with lock:
@@ -427,7 +448,7 @@ def run_all(threads: int, fn: Any, items: Sequence[Any]) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def load_by_sql(archive: Any, specs: Sequence[StudySpec], batch: int = 2000) -> None:
+def load_by_sql(archive: Any, specs: Sequence[StudySpec], scope: str, batch: int = 2000) -> None:
     """Bulk rows through SQLAlchemy Core into the index tables (no blobs).
 
     Column values come from the real attribute extraction of each synthetic data set,
@@ -437,9 +458,10 @@ def load_by_sql(archive: Any, specs: Sequence[StudySpec], batch: int = 2000) -> 
     from sqlalchemy import insert
 
     from gateway.archive.attributes import extract, text
-    from gateway.archive.models import Instance, Patient, Series, Study, utcnow
+    from gateway.archive.models import Instance, Patient, Series, Study, StudySource, utcnow
 
     patients_t, studies_t = Patient.__table__, Study.__table__
+    sources_t = StudySource.__table__
     series_t, instances_t = Series.__table__, Instance.__table__
     issuer = archive.settings.default_issuer
     patient_rows: dict[int, int] = {}
@@ -478,6 +500,15 @@ def load_by_sql(archive: Any, specs: Sequence[StudySpec], batch: int = 2000) -> 
                     for s, a, ds in zip(chunk, attrs, datasets, strict=True)
                 ],
             ).scalars()
+            study_ids = list(study_ids)
+            # Each study's sender, as ingest records it (the access scope asks it).
+            conn.execute(
+                insert(sources_t),
+                [
+                    {"study_fk": sid, "institution": source_of(s, scope)}
+                    for sid, s in zip(study_ids, chunk, strict=True)
+                ],
+            )
             series_ids = conn.execute(
                 insert(series_t).returning(series_t.c.id, sort_by_parameter_order=True),
                 [
@@ -487,7 +518,7 @@ def load_by_sql(archive: Any, specs: Sequence[StudySpec], batch: int = 2000) -> 
                         "created_at": now,
                         **a.series,
                     }
-                    for sid, a, ds in zip(list(study_ids), attrs, datasets, strict=True)
+                    for sid, a, ds in zip(study_ids, attrs, datasets, strict=True)
                 ],
             ).scalars()
             conn.execute(
@@ -507,14 +538,16 @@ def load_by_sql(archive: Any, specs: Sequence[StudySpec], batch: int = 2000) -> 
                         "door": "bench-sql",
                         "source_ae": "BENCHLOAD",
                         "source_host": LOOPBACK,
-                        "source_institution": BENCH_INSTITUTION,
+                        "source_institution": source_of(spec, scope),
                         "transfer_id": None,
                         "received_patient_id": ds.PatientID,
                         "received_issuer": issuer,
                         "frame_offsets": None,
                         **a.instance,
                     }
-                    for se, a, ds in zip(list(series_ids), attrs, datasets, strict=True)
+                    for spec, se, a, ds in zip(
+                        chunk, list(series_ids), attrs, datasets, strict=True
+                    )
                 ],
             )
         done = start + len(chunk)
@@ -523,16 +556,58 @@ def load_by_sql(archive: Any, specs: Sequence[StudySpec], batch: int = 2000) -> 
             print(f"    {done}/{len(specs)} rows inserted ({rate:.0f} studies/s)", flush=True)
 
 
-def bench_token(archive: Any) -> str:
-    """A day's access token of a DICOMweb client of the institution that sent it all."""
+def bench_token(archive: Any, specs: Sequence[StudySpec], scope: str) -> str:
+    """A day's access token of a DICOMweb client of the bench institution ('' with
+    ``--scope none``: requests go without one, as the demo principal). With ``--scope
+    institution``, patients of studies it did not send consent to it first."""
     import datetime
 
     from consent.principals import add_dicomweb_client, add_institution
     from consent.tokens import issue_for_system
 
+    if scope == "none":
+        return ""
     add_institution(archive.db, BENCH_INSTITUTION)
+    if scope == "institution":
+        add_consents(archive, specs)
     client, _secret = add_dicomweb_client(archive.db, BENCH_INSTITUTION, "bench-viewer")
     return issue_for_system(archive.db, client, datetime.timedelta(days=1)).token
+
+
+def add_consents(archive: Any, specs: Sequence[StudySpec]) -> int:
+    """Permit consents (all studies) to the bench institution from the patients of
+    one study in CONSENTS_PER it did not send: each patient gets an account linked
+    to its archive patient, as the portal would, then consents."""
+    from consent.audit import Auditor
+    from consent.consents import grant
+    from consent.patients import link_patient
+    from consent.principals import Kind, add_user, user_principal
+
+    auditor = Auditor(archive.db)
+    patients = sorted(
+        {
+            s.patient
+            for s in specs[CONSENTS_PER // 2 + 1 :: CONSENTS_PER]
+            if source_of(s, "institution") != BENCH_INSTITUTION
+        }
+    )
+    operator = user_principal(archive.db, add_user(archive.db, "bench-operator", Kind.OPERATOR))
+    assert operator is not None
+    for patient in patients:
+        account = add_user(archive.db, f"bench-patient-{patient}", Kind.PATIENT)
+        link_patient(
+            archive.db,
+            auditor,
+            account_id=account,
+            issuer=archive.settings.default_issuer,
+            patient_id=patient_id(patient),
+            by=operator,
+            evidence="bench: synthetic patient",
+        )
+        principal = user_principal(archive.db, account)
+        assert principal is not None
+        grant(archive.db, principal, institution=BENCH_INSTITUTION)
+    return len(patients)
 
 
 def ingest_ct(archive: Any, files: Sequence[Path]) -> None:
@@ -685,9 +760,9 @@ class Studybridge(Target):
         try:
             t0 = time.perf_counter()
             if loader == "ingest":
-                load_by_ingest(archive, self.specs, self.args.load_threads)
+                load_by_ingest(archive, self.specs, self.args.load_threads, self.args.scope)
             else:
-                load_by_sql(archive, self.specs)
+                load_by_sql(archive, self.specs, self.args.scope)
             seconds = time.perf_counter() - t0
             print(f"  ingesting the {len(self.ct)}-slice CT study ...", flush=True)
             t0 = time.perf_counter()
@@ -701,7 +776,7 @@ class Studybridge(Target):
             # once run inside a transaction that was then rolled back, which threw the
             # statistics away and left PostgreSQL planning blind: 73 ms at 100k.)
             archive.db.analyze()
-            self.token = bench_token(archive)
+            self.token = bench_token(archive, self.specs, self.args.scope)
         finally:
             archive.close()
         return LoadResult(loader, len(self.specs), seconds, ct_seconds, note)
@@ -724,7 +799,7 @@ class Studybridge(Target):
             load,
             len(self.specs) + 1,
             note,
-            auth={"Authorization": f"Bearer {self.token}"},
+            auth={"Authorization": f"Bearer {self.token}"} if self.token else {},
         )
 
     def start_http(self, procs: Processes, work: Path, name: str) -> tuple[Any, int, Path]:
@@ -1561,6 +1636,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--loader", choices=("auto", "ingest", "sql"), default="auto",
         help=f"how studybridge's index is loaded (auto: ingest up to {SQL_LOADER_ABOVE} studies)",
     )  # fmt: skip
+    p.add_argument(
+        "--scope", choices=("institution", "sender", "none"), default="institution",
+        help="whose access scope studybridge's queries run in: institution (a client of an "
+        f"institution that sent 1 in {SCOPE_SHARE} studies and holds consents of some other "
+        "patients), sender (one that sent every study), none (no token: the demo principal, "
+        "unscoped)",
+    )  # fmt: skip
     p.add_argument("--load-threads", type=int, default=4, help="threads loading the index")
     p.add_argument("--repeat", type=int, default=50, help="timed requests per latency figure")
     p.add_argument("--warmup", type=int, default=5, help="untimed requests before each figure")
@@ -1658,6 +1740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipped": skipped,
         "studies": args.studies,
         "orthanc_studies": args.orthanc_studies,
+        "scope": args.scope,
         "loadavg_start": load_average(),
         "studybridge_env": {k: v for k, v in os.environ.items() if k.startswith("STUDYBRIDGE_")},
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -1667,6 +1750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load average at start: {' '.join(f'{v:.2f}' for v in meta['loadavg_start'])} "
         "(other users of this machine may be running things)"
     )
+    print(f"studybridge access scope: {SCOPE_NOTES[args.scope]}")
     for name, version in meta["versions"].items():
         print(f"  {name:<11} {version}")
     for name, reason in skipped.items():
