@@ -50,6 +50,7 @@ from sqlalchemy import (
     select,
     true,
 )
+from sqlalchemy.orm import Session
 
 from consent.audit import Attempt, Auditor
 from consent.models import (
@@ -137,19 +138,29 @@ def shared_with(
     """For each of ``study_uids`` the staff or system principal reaches through share
     links bound to its institution: those links' (id, expiry), for the audit and the
     inbox. The same rows ``study_filter`` grants by, not a second rule."""
+    with db.reading() as session:
+        return _shared_with_in(session, principal, operation, study_uids, now or utcnow())
+
+
+def _shared_with_in(
+    session: Session,
+    principal: Principal,
+    operation: Operation,
+    study_uids: Iterable[str],
+    now: dt.datetime,
+) -> dict[str, list[tuple[int, dt.datetime]]]:
     wanted = sorted({u for u in study_uids if u})
     if not wanted or principal.kind not in (Kind.STAFF, Kind.SYSTEM):
         return {}
     if principal.institution_id is None or not principal.institution:
         return {}
-    stmt, s = _recipient_links(principal.institution_id, operation, now or utcnow())
+    stmt, s = _recipient_links(principal.institution_id, operation, now)
     found: dict[str, list[tuple[int, dt.datetime]]] = {}
-    with db.reading() as session:
-        rows = session.execute(
-            stmt.with_only_columns(s.c.study_uid, ShareLink.id, ShareLink.expires_at)
-            .where(s.c.study_uid.in_(wanted))
-            .order_by(ShareLink.id)
-        ).all()
+    rows = session.execute(
+        stmt.with_only_columns(s.c.study_uid, ShareLink.id, ShareLink.expires_at)
+        .where(s.c.study_uid.in_(wanted))
+        .order_by(ShareLink.id)
+    ).all()
     for uid, link_id, expires_at in rows:
         found.setdefault(uid, []).append((link_id, expires_at))
     return found
@@ -204,13 +215,21 @@ def permitted_studies(
     wanted = sorted({u for u in study_uids if u})
     if not wanted:
         return set()
-    condition = study_filter(principal, operation, now)
     with db.reading() as session:
-        return set(
-            session.scalars(
-                select(Study.study_uid).where(Study.study_uid.in_(wanted), condition)
-            ).all()
-        )
+        return _permitted_in(session, principal, operation, wanted, now)
+
+
+def _permitted_in(
+    session: Session,
+    principal: Principal,
+    operation: Operation,
+    wanted: list[str],
+    now: dt.datetime | None,
+) -> set[str]:
+    condition = study_filter(principal, operation, now)
+    return set(
+        session.scalars(select(Study.study_uid).where(Study.study_uid.in_(wanted), condition)).all()
+    )
 
 
 # -- the rules as SQL --------------------------------------------------------------------
@@ -407,10 +426,15 @@ class Gate:
         """The permitted subset of ``study_uids``; every study's outcome is audited."""
         wanted = sorted({u for u in study_uids if u})
         now = utcnow()
-        allowed = permitted_studies(self.db, principal, operation, wanted, now)
+        allowed: set[str] = set()
         flagged: set[str] = set()
-        if allowed and principal.kind in (Kind.STAFF, Kind.OPERATOR):
-            with self.db.reading() as session:
+        shared: dict[str, list[tuple[int, dt.datetime]]] = {}
+        # One connection for the decision, its flags and its reasons: each more cost
+        # a retrieve its own pre-ping, BEGIN and ROLLBACK round trips on PostgreSQL.
+        with self.db.reading() as session:
+            if wanted:
+                allowed = _permitted_in(session, principal, operation, wanted, now)
+            if allowed and principal.kind in (Kind.STAFF, Kind.OPERATOR):
                 flagged = set(
                     session.scalars(
                         select(Study.study_uid).where(
@@ -419,9 +443,10 @@ class Gate:
                         )
                     ).all()
                 )
-        # Access under a recipient-bound share link names the link (its id, never its
-        # token) as the reason.
-        shared = shared_with(self.db, principal, operation, allowed, now) if allowed else {}
+            # Access under a recipient-bound share link names the link (its id, never
+            # its token) as the reason.
+            if allowed:
+                shared = _shared_with_in(session, principal, operation, allowed, now)
         for uid in wanted:
             links = shared.get(uid, [])
             self.auditor.record(
