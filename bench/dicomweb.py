@@ -56,7 +56,12 @@ Usage
 -----
     python bench/dicomweb.py [--studies 10000] [--targets sqlite,postgresql,orthanc]
                              [--install-orthanc] [--json out.json] [--keep]
-                             [--backend production]
+                             [--backend production] [--scope institution|sender|none]
+
+``--scope`` is whose access scope studybridge's queries run in (a real access token of
+the bench institution's DICOMweb client): ``institution`` (default) when it sent one
+study in 10 and holds consents of some other patients, ``sender`` when it sent every
+study, ``none`` without a token (the demo principal: unscoped).
 
 ``--backend production`` replaces the sqlite and postgresql targets with one target on
 PostgreSQL + SeaweedFS S3 + a Celery worker on Redis (bench/ingest.py's
