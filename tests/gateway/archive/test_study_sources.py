@@ -1,5 +1,5 @@
 """``study_sources``: each study's senders, written by ingest, removed with the study,
-and backfilled by migration 0016 from the instances (on SQLite and PostgreSQL)."""
+and backfilled by migration 0017 from the instances (on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -68,18 +68,18 @@ def test_ingest_records_each_sender_once_and_removal_forgets_them(
     assert _sources(archive) == {(own, "")}
 
 
-def test_migration_0016_backfills_the_senders_from_the_instances(
+def test_migration_0017_backfills_the_senders_from_the_instances(
     archive: Archive, tmp_path: Path
 ) -> None:
     shared, own = _load(archive, tmp_path)
     written = _sources(archive)
     url = archive.settings.resolved_database_url
     archive.db.engine.dispose()  # no pooled connection in the way of the DDL
-    command.downgrade(alembic_config(url), "0015")
+    command.downgrade(alembic_config(url), "0016")
     engine = sa.create_engine(url)
     with engine.connect() as conn:
         assert not sa.inspect(conn).has_table(StudySource.__tablename__)
     engine.dispose()
-    migrate(url, "0016")
+    migrate(url, "0017")
     assert _sources(archive) == written
     assert (shared, "South Clinic") in written and (own, "") in written

@@ -5,8 +5,8 @@ One row per (study, institution that sent instances of it), the distinct
 written by ingest from now on. The rule "an institution sees what it sent" then
 probes one primary key per study instead of the study's series and instances.
 
-Revision ID: 0016
-Revises: 0015
+Revision ID: 0017
+Revises: 0016
 Create Date: 2026-12-06
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0016"
-down_revision = "0015"
+revision = "0017"
+down_revision = "0016"
 branch_labels = None
 depends_on = None
 
