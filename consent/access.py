@@ -318,12 +318,19 @@ def _shared_with(
 
 def _sent_by(institution: str) -> ColumnElement[bool]:
     # The study's senders as recorded at ingest (``study_sources``): one primary-key
-    # probe per candidate study, which PostgreSQL may also run as a hash of the
-    # institution's index range. Through the instances instead (a probe of series and
+    # probe per candidate study. Through the instances instead (a probe of series and
     # instances per study, or a hash over every instance the institution sent) a
     # scoped QIDO took 22-270 ms at 100,000 studies; IN over every study it sent,
-    # built in full per request, 170-600 ms.
-    return exists().where(_SOURCE.c.study_fk == Study.id, _SOURCE.c.institution == institution)
+    # built in full per request, 170-600 ms. Fenced with OFFSET 0 so PostgreSQL keeps
+    # it a probe: otherwise it hashed every study the institution sent before reading
+    # a page of the newest (KIM* with limit=100: 158 ms for an institution that sent
+    # all 100,000 studies, 11 ms probing; 23 against 30 ms when it sent a tenth).
+    return (
+        select(_SOURCE.c.study_fk)
+        .where(_SOURCE.c.study_fk == Study.id, _SOURCE.c.institution == institution)
+        .offset(0)
+        .exists()
+    )
 
 
 def _consented_to(institution_id: int, now: dt.datetime) -> ColumnElement[bool]:
