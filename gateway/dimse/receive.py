@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.archive import Digests
+from gateway.archive.blobstore import start_writeback
 from gateway.dimse.fastpath import FastFileMeta, encode_c_response, encode_file_meta
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,10 @@ class StorageReceiver:
         fields = self._fields
         assert fields is not None
         path, staged = self._path, self._file is not None
+        if staged:
+            # The fsync that makes this file a blob comes after the header is checked:
+            # let the disk start on the bytes meanwhile.
+            start_writeback(self._file.fileno())
         self._close_file()
         if staged and path is not None:
             digests = Digests(self._meta_offset, self._meta_digest, self._digest.hexdigest())
