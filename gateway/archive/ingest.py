@@ -35,6 +35,7 @@ reconciliation report; a stored instance's line commits with the instance.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -183,6 +184,7 @@ class _Placement:
     study_fk: int | None = None
     series_fk: int | None = None
     series_study_uid: str | None = None
+    cached: bool = False  # from this process's cache, not read from the index now
 
 
 _PLACEMENT_CACHE = 256
@@ -393,12 +395,18 @@ class Ingestor:
 
     # -- decision and storage -----------------------------------------------------
     def _decide_and_store(self, cand: _Candidate, source: Source) -> IngestResult:
+        patient_id = text(cand.ds, "PatientID")
+        issuer = text(cand.ds, "IssuerOfPatientID") or source.issuer or self.default_issuer
         existing, place = self._lookup(cand.sop_uid, cand.study_uid, cand.series_uid)
+        if existing is None and place.cached and place.patient_key != (patient_id, issuer):
+            # Not the usual instance of a series being received: decide on the index
+            # (is it stored already?), not on the cache.
+            existing, place = self._lookup(
+                cand.sop_uid, cand.study_uid, cand.series_uid, cached=False
+            )
         if existing is not None:
             return self._resolve_existing(cand, source, existing)
 
-        patient_id = text(cand.ds, "PatientID")
-        issuer = text(cand.ds, "IssuerOfPatientID") or source.issuer or self.default_issuer
         outcome = Outcome.STORED
         if place.series_study_uid is not None and place.series_study_uid != cand.study_uid:
             self._refuse_series_mismatch(cand, source, place.series_study_uid)
@@ -639,20 +647,23 @@ class Ingestor:
 
     # -- index helpers ------------------------------------------------------------
     def _lookup(
-        self, sop_uid: str, study_uid: str, series_uid: str
+        self, sop_uid: str, study_uid: str, series_uid: str, *, cached: bool = True
     ) -> tuple[Row[Any] | None, _Placement]:
         """The stored instance of this SOP Instance UID, if any, else where the index
-        already files this study and series (cached per series). One connection."""
-        cached = self._places.get(series_uid)
-        if cached is not None and cached.series_study_uid != study_uid:
-            cached = None
+        already files this study and series. One connection, or none at all for a
+        series this process filed moments ago (``cached``): should the SOP Instance
+        UID be stored already there (a sender sending again), the insert meets the
+        unique key and is resolved like a concurrent receiver's copy
+        (``_decide_and_store``), by the same rules; only the blob written meanwhile
+        is deleted again."""
+        place = self._places.get(series_uid) if cached else None
+        if place is not None and place.series_study_uid == study_uid:
+            return None, place
         try:
             with self.db.read_conn() as conn:
                 existing = conn.execute(_SELECT_EXISTING, {"sop_uid": sop_uid}).first()
                 if existing is not None or not series_uid:
                     return existing, _Placement()
-                if cached is not None:
-                    return None, cached
                 series_row = conn.execute(_SELECT_SERIES, {"series_uid": series_uid}).first()
                 study_row = conn.execute(_SELECT_STUDY, {"study_uid": study_uid}).first()
         except (OperationalError, DBAPIError) as exc:
@@ -672,7 +683,7 @@ class Ingestor:
         with self._places_lock:
             if len(self._places) >= _PLACEMENT_CACHE:
                 self._places.pop(next(iter(self._places)), None)
-            self._places[series_uid] = place
+            self._places[series_uid] = dataclasses.replace(place, cached=True)
 
     def _insert(self, table: Any, values: dict[str, object]):  # type: ignore[no-untyped-def]
         builder = sqlite_insert if self.db.is_sqlite else pg_insert
