@@ -346,6 +346,43 @@ def test_different_content_same_syntax_is_a_conflict_and_kept_aside(
 
 
 @pytest.mark.fast
+def test_stored_instance_sent_again_with_another_patient_id_is_a_conflict(
+    archive: Archive, tmp_path: Path
+):
+    # The series is in this process's placement cache after the first store: the copy
+    # is decided on the index (the instance exists: a conflict), not refused as a
+    # study of another patient on the cached placement.
+    ds = ct_slice()
+    archive.ingest_file(write(ds, tmp_path / "first.dcm"), SOURCE)
+    changed = copy.deepcopy(ds)
+    changed.PatientID = "SOMEONE-ELSE"
+    with pytest.raises(InstanceConflict):
+        archive.ingest_file(write(changed, tmp_path / "second.dcm"), SOURCE)
+    assert [e.kind for e in events(archive)] == ["conflict"]
+    assert count(archive, Instance) == 1
+
+
+@pytest.mark.fast
+def test_next_instances_of_a_series_after_a_duplicate_are_stored(archive: Archive, tmp_path):
+    # A duplicate of a cached series goes through the unique key and clears the cache;
+    # the series' next instances are filed under the same rows.
+    ds = ct_slice()
+    path = write(ds, tmp_path / "a.dcm")
+    assert archive.ingest_file(path, SOURCE).outcome is Outcome.STORED
+    assert archive.ingest_file(path, SOURCE).outcome is Outcome.DUPLICATE
+    for n in range(3):
+        more = copy.deepcopy(ds)
+        more.SOPInstanceUID = uid()
+        more.file_meta.MediaStorageSOPInstanceUID = more.SOPInstanceUID
+        more.InstanceNumber = n + 2
+        assert archive.ingest_file(write(more, tmp_path / f"{n}.dcm"), SOURCE).outcome is (
+            Outcome.STORED
+        )
+    assert (count(archive, Instance), count(archive, Series), count(archive, Study)) == (4, 1, 1)
+    assert len(blob_keys(archive)) == 4
+
+
+@pytest.mark.fast
 def test_conflicting_owned_file_is_moved_to_quarantine(archive: Archive, tmp_path: Path):
     ds = ct_slice()
     archive.ingest_file(write(ds, tmp_path / "first.dcm"), SOURCE)
