@@ -267,6 +267,20 @@ class Worker:
         """How many runs of the task ``name`` finished successfully (from its log)."""
         return sum(1 for line in self.log().splitlines() if name in line and "succeeded" in line)
 
+    def wait_succeeded(self, name: str, at_least: int = 1, timeout: float = 60.0) -> None:
+        """Until the task ``name`` has succeeded ``at_least`` times (a deadline for a
+        task queued by another process, not a speed check)."""
+        deadline = time.monotonic() + timeout
+        while self.succeeded(name) < at_least:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"worker ran {name} fewer than {at_least} times: "
+                                     f"{self.log()[-3000:]}")  # fmt: skip
+            time.sleep(0.1)
+
+    def failures(self) -> list[str]:
+        """Log lines of task runs that failed (Celery's 'raised unexpected')."""
+        return [line for line in self.log().splitlines() if "raised unexpected" in line]
+
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)

@@ -40,7 +40,7 @@ from gateway.transfers.records import create_transfer
 from tests.dicomweb.conftest import _serve
 from tests.factories import ct_slice, uid, write
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.production]
 
 POLICY = LinkPolicy(
     default_lifetime=dt.timedelta(days=7),

@@ -1,5 +1,5 @@
 """The operators' API (``/api/admin``) through the real app, and a peer it registers
-talking DIMSE to a real served gateway."""
+talking DIMSE to a real served gateway (embedded, and production with a worker)."""
 
 from __future__ import annotations
 
@@ -25,11 +25,14 @@ from dicomweb.app import create_app
 from dicomweb.sessions import CSRF_HEADER
 from gateway.archive import Archive
 from gateway.config import Settings
+from gateway.tasks.derived import PREPARE_SERIES
+from tests.conftest import ServeStack
 from tests.factories import ct_slice, uid
 from tests.servers import running_gateway
 
 PASSWORD = "correct horse battery"
 NEW_PASSWORD = "a brand new long secret"
+pytestmark = pytest.mark.production
 
 
 @dataclass
@@ -275,8 +278,10 @@ def test_openapi_documents_the_admin_api(admin: Admin) -> None:
 
 
 @pytest.mark.integration
-def test_peer_registered_over_the_api_can_echo_and_store(tmp_path: Path) -> None:
-    with running_gateway(tmp_path) as gw:
+def test_peer_registered_over_the_api_can_echo_and_store(
+    tmp_path: Path, serve_stack: ServeStack
+) -> None:
+    with running_gateway(tmp_path, serve_stack.env) as gw:
         gw.cli("users", "add", "op", "--kind", "operator")
         gw.cli("users", "set-password", "op", "--password", PASSWORD)
         uri = gw.cli("users", "enable-totp", "op").stdout.split()[-1]
@@ -311,3 +316,4 @@ def test_peer_registered_over_the_api_can_echo_and_store(tmp_path: Path) -> None
         finally:
             assoc.release()
         assert gw.stop() == 0, gw.log_text()
+    serve_stack.wait_for_task(PREPARE_SERIES)  # production: the worker took the stored series

@@ -22,7 +22,7 @@ from tests.dicomweb.conftest import TEST_INSTITUTION, LiveServer
 from tests.factories import ct_slice, uid
 from tests.servers import free_port, storescp
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.production]
 
 
 def _token(server: LiveServer, username: str, kind: Kind, institution: str | None = None) -> str:

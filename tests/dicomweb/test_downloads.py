@@ -26,7 +26,7 @@ from tests.servers import storescp
 
 portal = test_portal.portal  # the portal API's fixture: institutions, accounts, two studies
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.production]
 
 
 def _link_holder(portal: Portal, *, can_download: bool) -> dict[str, str]:

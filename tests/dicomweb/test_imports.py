@@ -15,7 +15,7 @@ from gateway.transfers.records import create_transfer, get_transfer
 from tests.dicomweb.conftest import TEST_INSTITUTION, LiveServer
 from tests.factories import ct_series
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.production]
 
 
 def _zip(tmp: Path) -> tuple[bytes, list[Path]]:

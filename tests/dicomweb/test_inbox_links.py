@@ -16,7 +16,7 @@ from consent.models import AuditRecord, ShareLink
 from consent.principals import Kind, Operation, Role, add_institution, add_user, peer_principal
 from tests.dicomweb.test_portal import PASSWORD, Portal, portal, qido
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.production]
 __all__ = ["portal"]
 
 

@@ -22,7 +22,7 @@ from gateway.archive import Archive
 from gateway.config import Settings
 from tests.dicomweb.conftest import _serve
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.production]
 REMOTE = {"X-Forwarded-For": "203.0.113.7"}
 
 
@@ -43,7 +43,6 @@ def served(settings: Settings, archive: Archive) -> Iterator[Served]:
         thread.join(10)
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
 def test_metrics_on_this_machine_without_a_token(served: Served):
     local = httpx.get(served.url)
     assert local.status_code == 200 and "studybridge_" in local.text
@@ -55,7 +54,6 @@ def test_metrics_on_this_machine_without_a_token(served: Served):
         assert "studybridge_" not in proxied.text
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
 def test_metrics_with_the_scrape_token(served: Served):
     token = "scrape-9f2c1e7d0b"
     served.settings.metrics_token = SecretStr(token)
@@ -67,7 +65,6 @@ def test_metrics_with_the_scrape_token(served: Served):
     assert good.status_code == 200 and "studybridge_" in good.text
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
 def test_metrics_for_operators_only(served: Served):
     """An operator's access token opens /metrics from anywhere; another's does not."""
     db = served.archive.db

@@ -42,10 +42,11 @@ from dicomweb.app import create_app
 from dicomweb.sessions import CSRF_HEADER
 from gateway.archive import Archive
 from gateway.config import Settings
+from tests.conftest import ServeStack
 from tests.dicomweb.conftest import TEST_INSTITUTION, ingest_study
 from tests.servers import free_port, missing, running_gateway, wait_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.production]
 
 REPO = Path(__file__).resolve().parents[2]
 CALLBACK = "http://testserver/api/oidc/callback"
@@ -608,11 +609,14 @@ def test_claimed_usernames_are_reserved(archive: Archive):
 
 
 @pytest.mark.slow
-def test_running_gateway_signs_in_and_logs_no_secret(tmp_path: Path, issuer: str, serve_port: int):
+def test_running_gateway_signs_in_and_logs_no_secret(
+    tmp_path: Path, issuer: str, serve_port: int, serve_stack: ServeStack
+):
     """Through a real ``studybridge serve`` (uvicorn, logging at DEBUG): the
     operator binds the subject with the CLI, the browser signs in, and the gateway's
     whole log (DEBUG, its HTTP client's requests included) holds no secret of it."""
     env = {
+        **serve_stack.env,
         "STUDYBRIDGE_OIDC_ISSUER": issuer,
         "STUDYBRIDGE_OIDC_CLIENT_ID": "studybridge",
         "STUDYBRIDGE_OIDC_CLIENT_SECRET": SECRET.format("studybridge"),
@@ -648,7 +652,10 @@ def test_running_gateway_signs_in_and_logs_no_secret(tmp_path: Path, issuer: str
         logged = gw.log_text()
     query = parse_qs(urlsplit(back).query)
     assert f"POST {issuer}/token" in logged  # the capture holds the code exchange
-    for value in (query["code"][0], query["state"][0], nonce, answer.json()["access_token"]):
+    secrets = [query["code"][0], query["state"][0], nonce, answer.json()["access_token"]]
+    if "STUDYBRIDGE_S3_SECRET_KEY" in serve_stack.env:  # production: the store's too
+        secrets.append(serve_stack.env["STUDYBRIDGE_S3_SECRET_KEY"])
+    for value in secrets:
         assert value not in logged
     assert "eyJ" not in logged
 

@@ -28,7 +28,7 @@ from gateway.archive import Archive, Source
 from gateway.config import Settings
 from tests.factories import ct_slice, uid, write
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.production]
 
 PASSWORD = "correct horse battery"
 

@@ -15,7 +15,7 @@ from gateway.transfers.records import create_transfer
 from tests.dicomweb.test_portal import PASSWORD, Portal, portal, qido
 from tests.factories import ct_slice, uid, write
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.production]
 __all__ = ["portal"]  # the fixture, shared with test_portal
 
 

@@ -13,7 +13,7 @@ from consent.audit import iter_records
 from consent.models import AuthFailure
 from tests.dicomweb.test_portal import PASSWORD, Portal, portal
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.production]
 __all__ = ["portal"]  # the fixture, shared with test_portal
 
 

@@ -22,7 +22,7 @@ from gateway.archive.text import fold, split_pn
 from tests.factories import ct_slice, write
 from tests.gateway.archive.helpers import SOURCE
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.production]
 
 CHARSET_FILES = {Path(p).name: Path(p) for p in get_charset_files() if p.endswith(".dcm")}
 # Files that are valid storage instances with distinct SOP Instance UIDs.

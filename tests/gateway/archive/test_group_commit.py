@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from gateway.archive import Archive
 from gateway.archive.models import IngestEvent
 
+pytestmark = pytest.mark.production
 EVENTS = IngestEvent.__table__
 
 

@@ -13,30 +13,34 @@ from pathlib import Path
 import pytest
 
 from gateway.archive import Archive, Outcome
+from tests.conftest import backend_env
 from tests.factories import ct_slice, write
 from tests.gateway.archive.helpers import SOURCE, blob_keys, instances
+
+pytestmark = pytest.mark.production
 
 # Runs in a child process: ingest one file and die (SIGKILL, no cleanup) at `point`.
 _CHILD = textwrap.dedent(
     """
     import json, os, signal, sys
     from pathlib import Path
-    from gateway.archive import Archive, Source, blobstore, db
+    from gateway.archive import Archive, Source, db
     from gateway.config import Settings
 
     args = json.loads(sys.argv[1])
-    settings = Settings(data_dir=args["data_dir"], database_url=args["database_url"])
+    settings = Settings(data_dir=args["data_dir"])  # index and store: STUDYBRIDGE_*
     archive = Archive.open(settings)
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    if args["point"] == "after-blob":
-        put = blobstore.FileStore.put_file
+    if args["point"] == "after-blob":  # the blob store in use: files or S3
+        store = type(archive.store)
+        put = store.put_file
         def put_then_die(self, *a, **kw):
             put(self, *a, **kw)
             die()
-        blobstore.FileStore.put_file = put_then_die
+        store.put_file = put_then_die
     else:  # inside the index transaction, its rows written, before the commit
         grouped = db.Database.write_grouped
         def write_then_die(self, work):
@@ -55,11 +59,14 @@ def test_killed_mid_ingest_leaves_no_row_and_a_resend_is_stored(
     staged = write(ds, archive.settings.staging_dir / "in.dcm")
     args = {
         "data_dir": str(archive.settings.data_dir),
-        "database_url": archive.settings.database_url,
         "path": str(staged),
         "point": point,
     }
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])}
+    env = {
+        **os.environ,
+        **backend_env(archive.settings),
+        "PYTHONPATH": str(Path(__file__).parents[3]),
+    }
     child = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(args)], env=env, capture_output=True, timeout=120
     )

@@ -13,7 +13,7 @@ from gateway.demo import models as _demo_models  # noqa: F401 - registers tables
 from gateway.forward import models as _forward_models  # noqa: F401 - registers tables
 from gateway.transfers import models as _transfer_models  # noqa: F401 - registers tables
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.production]
 
 
 def test_migrated_schema_matches_the_models(archive: Archive) -> None:

@@ -16,7 +16,11 @@ from gateway.archive.query import QueryResult
 from tests.factories import ct_slice, uid, write
 from tests.gateway.archive.helpers import SOURCE
 
-pytestmark = [pytest.mark.fast, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [
+    pytest.mark.fast,
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.production,
+]
 
 
 @dataclass

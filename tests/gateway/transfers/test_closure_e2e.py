@@ -4,33 +4,23 @@ dcmtk's dcmqrscp plays the closing clinic's PACS (census by C-FIND, split by dat
 ranges); the clinic pushes by dcmtk storescu calling as its registered AE title into
 a running ``studybridge serve``; the operator drives everything with the CLI.
 
-It runs on the embedded default (SQLite + files, tasks in process) and on the
-production combination: PostgreSQL, SeaweedFS S3 and a ``studybridge worker`` taking
-the post-ingest tasks from Redis, while the due pull is still run by the CLI.
+It runs on both ``serve_stack``s: the embedded default (SQLite + files, tasks in
+process) and the production combination: PostgreSQL, SeaweedFS S3 and a
+``studybridge worker`` taking the post-ingest tasks from Redis, while the due pull
+is still run by the CLI.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.tasks.derived import PREPARE_SERIES
-from tests.conftest import truncate_pg
+from tests.conftest import ServeStack
 from tests.factories import ct_series
-from tests.s3server import SeaweedFS
-from tests.servers import (
-    dcmqrscp,
-    production_env,
-    require_tool,
-    run_tool,
-    running_gateway,
-    running_worker,
-)
+from tests.servers import dcmqrscp, require_tool, run_tool, running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,34 +45,14 @@ def _uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
-@pytest.fixture(
-    params=["embedded", pytest.param("production", marks=[pytest.mark.postgres])],
-)
-def stack_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
-    """Settings of the gateway (and, on production, a running worker's)."""
-    # Resumption is driven by the test here (`tasks run`), not the supervisor.
-    env = {"STUDYBRIDGE_RESUME_INTERVAL": "0"}
-    if request.param == "embedded":
-        yield env
-        return
-    pg_url = request.getfixturevalue("pg_url")
-    truncate_pg(pg_url)
-    s3: SeaweedFS = request.getfixturevalue("s3_server")
-    env.update(production_env(pg_url, s3.env(prefix=f"closure-{uuid.uuid4().hex[:8]}")))
-    worker_env = {**os.environ, **env, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
-    worker_env.pop("STUDYBRIDGE_CONFIG", None)
-    with running_worker(tmp_path / "worker", worker_env, tmp_path / "worker.log") as worker:
-        yield env
-        # The worker prepared what the pushes asked for (series metadata, coalesced).
-        assert worker.succeeded(PREPARE_SERIES) >= 1, worker.log()[-3000:]
-
-
-def test_closure_incomplete_then_pulled_complete(tmp_path: Path, stack_env: dict) -> None:
+def test_closure_incomplete_then_pulled_complete(tmp_path: Path, serve_stack: ServeStack) -> None:
     storescu = require_tool("storescu")
+    # Resumption is driven by the test here (`tasks run`), not the supervisor.
+    env = {**serve_stack.env, "STUDYBRIDGE_RESUME_INTERVAL": "0"}
     studies = _clinic_studies(tmp_path / "src")
     every = [p for paths in studies.values() for p in paths]
     with (
-        running_gateway(tmp_path, stack_env) as gw,
+        running_gateway(tmp_path, env) as gw,
         dcmqrscp(tmp_path, move_destinations={"STUDYBRIDGE": gw.dimse_port}) as (qr_port, _),
     ):
         done = run_tool([storescu, "-aec", "CLINIC", "127.0.0.1", str(qr_port), *map(str, every)])
@@ -184,3 +154,5 @@ def test_closure_incomplete_then_pulled_complete(tmp_path: Path, stack_env: dict
         # Nothing more to pull from a complete transfer.
         assert gw.cli("transfer", "pull", tid, check=False).returncode == 2
         assert gw.stop() == 0
+    # Production: the worker prepared what the pushes asked for (series metadata).
+    serve_stack.wait_for_task(PREPARE_SERIES)

@@ -12,7 +12,7 @@ from gateway.cli import app
 from tests.factories import ct_series
 from tests.servers import dataset_bytes, storescp
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.production]
 
 
 def test_suspension_handed_back(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from gateway.cli import app
 from tests.factories import ct_series
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.production]
 
 runner = CliRunner()
 
