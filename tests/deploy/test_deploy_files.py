@@ -22,7 +22,7 @@ import yaml
 
 from gateway.cli import app
 from gateway.config import Settings
-from tests.servers import IN_CI
+from tests.servers import missing
 
 pytestmark = pytest.mark.fast
 
@@ -38,10 +38,7 @@ SETTINGS_ENV = {f"STUDYBRIDGE_{name.upper()}" for name in Settings.model_fields}
 def tool(name: str) -> str:
     path = shutil.which(name) or str(Path(sys.executable).with_name(name))
     if not Path(path).exists():
-        message = f"{name} is not installed (pip install '.[test]')"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{name} is not installed (pip install '.[test]')")
     return path
 
 

@@ -7,13 +7,14 @@ isolated as OHIF's decoders want, and an ``app-config.js`` whose data source is 
 one ``docs/ohif.md`` documents), and Debian's ``/usr/bin/chromium`` driven by
 Playwright. The tests check the study list, the first image of a CT series (canvas
 not blank), scrolling, a JPEG 2000 and a multi-frame instance, and that OHIF made no
-studybridge request that failed.
+studybridge request that failed. The module runs on both ``serve_stack`` kinds:
+embedded, and production (PostgreSQL, S3, a worker taking the tasks over Redis).
 
 Needs: ``scripts/ohif.sh --deps`` (OHIF's dist into ~/.cache/studybridge/ohif, Debian
 chromium, Playwright's Python package; no browser download). Missing pieces skip the
 module locally and fail it when CI=true. ``STUDYBRIDGE_OHIF_DIST`` points at another
 dist folder. Screenshots are written to the module's temporary folder (printed in
-failure messages) or to ``STUDYBRIDGE_OHIF_SHOTS`` when set.
+failure messages) or to ``STUDYBRIDGE_OHIF_SHOTS``/<stack> when set.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
+from tests.conftest import STACKS, open_stack
 from tests.factories import ct_series, uid
-from tests.servers import IN_CI, free_port, running_gateway
+from tests.servers import free_port, missing, running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -51,11 +53,8 @@ CHROMIUM_ARGS = [
 CT_SLICES = 40
 
 
-def _missing(message: str) -> None:
-    message += " (run scripts/ohif.sh --deps)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+def _missing(message: str) -> NoReturn:
+    missing(message + " (run scripts/ohif.sh --deps)")
 
 
 def ohif_dist() -> Path:
@@ -191,8 +190,12 @@ def _load_data(folder: Path) -> Studies:
     )
 
 
-@pytest.fixture(scope="module")
-def environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Studies, Path]]:
+@pytest.fixture(scope="module", params=STACKS)
+def environment(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Any, Studies, Path]]:
+    """One served gateway for the module's tests: embedded, then production (its
+    derived data, thumbnails included, prepared by a worker over Redis)."""
     dist = ohif_dist()
     if not CHROMIUM.exists():
         _missing("Debian's chromium is not installed at /usr/bin/chromium")
@@ -202,7 +205,8 @@ def environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
         _missing("Playwright's Python package is not installed")
 
     tmp = tmp_path_factory.mktemp("ohif")
-    shots = Path(os.environ.get("STUDYBRIDGE_OHIF_SHOTS") or tmp / "shots")
+    chosen = os.environ.get("STUDYBRIDGE_OHIF_SHOTS")
+    shots = Path(chosen) / request.param if chosen else tmp / "shots"
     shots.mkdir(parents=True, exist_ok=True)
     studies = _load_data(tmp / "data")
 
@@ -210,7 +214,10 @@ def environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
     site_origin = f"http://127.0.0.1:{ohif_port}"
     # CORS for OHIF's origin only, as docs/ohif.md recommends in production.
     env = {"STUDYBRIDGE_CORS_ORIGINS": json.dumps([site_origin])}
-    with running_gateway(tmp, env) as gw:
+    with (
+        open_stack(request.param, tmp / "stack", request, env) as stack,
+        running_gateway(tmp, stack.env) as gw,
+    ):
         gw.cli("import", str(tmp / "data"))
         # Demo profile: OHIF's requests arrive anonymous and are served as the demo
         # principal (what OHIF with ?token= sends is not tested here yet).

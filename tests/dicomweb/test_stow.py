@@ -40,7 +40,8 @@ from dicomweb.multipart_parser import (
 from gateway.archive import Archive, Level, Query, RetrieveRequest
 from gateway.archive.errors import IndexUnavailable, StorageUnavailable
 from gateway.archive.models import Instance
-from gateway.config import Settings
+from gateway.tasks.derived import PREPARE_SERIES
+from tests.conftest import ServeStack
 from tests.dicomweb.conftest import TEST_INSTITUTION, LiveServer, institution_token
 from tests.factories import ct_series, ct_slice, dataset_bytes, uid
 from tests.gateway.archive.helpers import all_files, count
@@ -808,9 +809,15 @@ def test_client_that_goes_away_leaves_no_staging(live_server: LiveServer) -> Non
 
 # -- the study is then found and moved over DIMSE ---------------------------------------
 @pytest.fixture
-def gateway_with_dest(tmp_path: Path) -> Iterator[tuple[Gateway, Path]]:
+def gateway_with_dest(
+    tmp_path: Path, serve_stack: ServeStack
+) -> Iterator[tuple[Gateway, Path, ServeStack]]:
+    """A served gateway (embedded, or production with its worker) and a storescp."""
     require_tool("findscu")
-    with storescp(tmp_path / "dest") as (dest_port, out), running_gateway(tmp_path) as gw:
+    with (
+        storescp(tmp_path / "dest") as (dest_port, out),
+        running_gateway(tmp_path, serve_stack.env) as gw,
+    ):
         for aet in ("FINDSCU", "MOVESCU", "STORESCU"):
             # Systems of the institution that stores over STOW-RS below.
             gw.cli(
@@ -836,13 +843,13 @@ def gateway_with_dest(tmp_path: Path) -> Iterator[tuple[Gateway, Path]]:
             "Test Hospital",
         )
         gw.start("--dimse-workers", "1")
-        yield gw, out
+        yield gw, out, serve_stack
         assert gw.stop() == 0, gw.log_text()
 
 
-def _client(gw: Gateway) -> DICOMwebClient:
+def _client(gw: Gateway, stack: ServeStack) -> DICOMwebClient:
     """A DICOMweb client of TEST_INSTITUTION (whose DIMSE peers are registered above)."""
-    archive = Archive.open(Settings(data_dir=gw.data_dir))
+    archive = Archive.open(stack.settings(gw.data_dir))
     try:
         token = institution_token(archive)
     finally:
@@ -854,10 +861,10 @@ def _client(gw: Gateway) -> DICOMwebClient:
 
 @pytest.mark.integration
 def test_study_stored_by_stow_is_found_and_moved_over_dimse(
-    gateway_with_dest: tuple[Gateway, Path], tmp_path: Path
+    gateway_with_dest: tuple[Gateway, Path, ServeStack], tmp_path: Path
 ) -> None:
-    gw, out = gateway_with_dest
-    client = _client(gw)
+    gw, out, stack = gateway_with_dest
+    client = _client(gw, stack)
     study = uid()
     files = ct_series(
         tmp_path / "in", 5, study_uid=study, patient_id="STOW-1", patient_name="WEB^UPLOAD"
@@ -912,13 +919,14 @@ def test_study_stored_by_stow_is_found_and_moved_over_dimse(
         if ds.StudyInstanceUID == study:
             received[ds.SOPInstanceUID] = dataset_bytes(path)
     assert received == sent
+    stack.wait_for_task(PREPARE_SERIES)  # production: the worker took the STOW's series
 
 
 @pytest.mark.integration
 def test_study_stored_by_storescu_is_found_and_retrieved_over_dicomweb(
-    gateway_with_dest: tuple[Gateway, Path], tmp_path: Path
+    gateway_with_dest: tuple[Gateway, Path, ServeStack], tmp_path: Path
 ) -> None:
-    gw, _ = gateway_with_dest
+    gw, _, stack = gateway_with_dest
     study = uid()
     files = ct_series(
         tmp_path / "dimse", 4, study_uid=study, patient_id="DIMSE-1", patient_name="DCMTK^SENT"
@@ -936,7 +944,7 @@ def test_study_stored_by_storescu_is_found_and_retrieved_over_dicomweb(
         ]
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    client = _client(gw)
+    client = _client(gw, stack)
     [found] = client.search_for_studies(search_filters={"PatientName": "dcmtk^s*"})
     assert found["0020000D"]["Value"] == [study]
     assert found["00201208"]["Value"] == [4]

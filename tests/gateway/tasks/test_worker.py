@@ -29,7 +29,7 @@ from gateway.tasks.derived import PREPARE_SERIES
 from gateway.tasks.dispatch import CeleryDispatcher
 from tests.factories import ct_series, uid
 from tests.gateway.archive.helpers import SOURCE
-from tests.servers import IN_CI, Worker, running_worker
+from tests.servers import Worker, missing, running_worker
 
 pytestmark = [
     pytest.mark.integration,
@@ -48,10 +48,7 @@ def require_broker(kind: str) -> str:
     with socket.socket() as sock:
         sock.settimeout(1)
         if sock.connect_ex(("127.0.0.1", port)) != 0:
-            message = f"{kind} broker at 127.0.0.1:{port} is not running"
-            if IN_CI:
-                pytest.fail(message)
-            pytest.skip(message)
+            missing(f"{kind} broker at 127.0.0.1:{port} is not running")
     return url
 
 

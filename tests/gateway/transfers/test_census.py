@@ -24,6 +24,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from gateway.config import Settings
 from gateway.peers import Peer
 from gateway.transfers.census import take_census
+from tests.conftest import ServeStack
 from tests.factories import ct_series, ct_slice, uid, write
 from tests.servers import dcmqrscp, free_port, require_tool, run_tool, running_gateway
 
@@ -78,10 +79,12 @@ def test_a_day_at_the_cap_is_split_by_study_time(tmp_path: Path) -> None:
         assert imaged.queries < 60
 
 
-def test_a_series_at_the_cap_is_counted_by_content_time(tmp_path: Path) -> None:
+def test_a_series_at_the_cap_is_counted_by_content_time(
+    tmp_path: Path, serve_stack: ServeStack
+) -> None:
     files = _series_with_content_times(tmp_path / "src", 7)
     series_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
-    with running_gateway(tmp_path) as gw:
+    with running_gateway(tmp_path, serve_stack.env) as gw:
         gw.cli("import", str(tmp_path / "src"), "--institution", "Test Hospital")
         gw.cli(
             "peers", "add", "STUDYBRIDGE", "--host", "127.0.0.1", "--port", str(gw.dimse_port),

@@ -3,7 +3,8 @@
 pynetdicom plays the clinic's PACS asking for commitment: stored instances come
 back in Referenced SOP Sequence, an instance never sent in Failed SOP Sequence
 (0x0112). The report arrives on the same association while it is open, and on a
-new association to the registered peer when the requester released it.
+new association to the registered peer when the requester released it. On the
+embedded stack and on production (PostgreSQL, S3, Redis and a worker).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel
 
+from gateway.tasks.derived import PREPARE_SERIES
+from tests.conftest import ServeStack
 from tests.factories import ct_series, uid
 from tests.servers import free_port, require_tool, run_tool, running_gateway
 
@@ -61,13 +64,13 @@ class _Reports:
         return 0x0000, None
 
 
-def test_commitment_same_and_new_association(tmp_path: Path) -> None:
+def test_commitment_same_and_new_association(tmp_path: Path, serve_stack: ServeStack) -> None:
     storescu = require_tool("storescu")
     paths = ct_series(tmp_path / "s", 2)
     held = [_sop(p) for p in paths]
     never_sent = uid()
     pacs_port = free_port()
-    with running_gateway(tmp_path) as gw:
+    with running_gateway(tmp_path, serve_stack.env) as gw:
         gw.cli(
             "peers", "add", "PACS", "--host", "127.0.0.1", "--port", str(pacs_port),
             "--institution", "Test Hospital",
@@ -159,3 +162,4 @@ def test_commitment_same_and_new_association(tmp_path: Path) -> None:
         assert second["transaction_uid"] == request.TransactionUID
         text = gw.cli("transfer", "report", str(transfer_id)).stdout
         assert "storage commitment" in text and never_sent in text
+    serve_stack.wait_for_task(PREPARE_SERIES)  # production: the worker took the pushed series

@@ -1,4 +1,5 @@
-"""A suspension ends: its studies go back to the reopening clinic's PACS (dcmtk storescp)."""
+"""A suspension ends: its studies go back to the reopening clinic's PACS (dcmtk storescp),
+from the embedded backend and from production (PostgreSQL + S3)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,21 @@ import pytest
 from typer.testing import CliRunner
 
 from gateway.cli import app
+from gateway.config import Settings
+from tests.conftest import backend_env
 from tests.factories import ct_series
 from tests.servers import dataset_bytes, storescp
 
 pytestmark = [pytest.mark.integration, pytest.mark.production]
 
 
-def test_suspension_handed_back(tmp_path: Path) -> None:
+def test_suspension_handed_back(tmp_path: Path, settings: Settings) -> None:
     runner = CliRunner()
-    data = ["--data-dir", str(tmp_path / "var")]
+    data = ["--data-dir", str(settings.data_dir)]
+    env = backend_env(settings)  # the index and blob store of this backend
 
     def run(*args: str) -> tuple[int, str]:
-        result = runner.invoke(app, list(args), env={}, catch_exceptions=False)
+        result = runner.invoke(app, list(args), env=env, catch_exceptions=False)
         return result.exit_code, result.output
 
     sources = ct_series(tmp_path / "d" / "a", 2) + ct_series(tmp_path / "d" / "b", 1)

@@ -1,4 +1,5 @@
-"""``studybridge transfer`` and ``import --transfer`` in process (typer's runner)."""
+"""``studybridge transfer`` and ``import --transfer`` in process (typer's runner), on the
+embedded backend and on production (PostgreSQL + S3)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from gateway.cli import app
+from gateway.config import Settings
+from tests.conftest import backend_env
 from tests.factories import ct_series
 
 pytestmark = [pytest.mark.fast, pytest.mark.production]
@@ -17,13 +20,14 @@ pytestmark = [pytest.mark.fast, pytest.mark.production]
 runner = CliRunner()
 
 
-def _run(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args), env={}, catch_exceptions=False)
-    return result.exit_code, result.output
+def test_import_into_a_transfer_then_finalize(tmp_path: Path, settings: Settings) -> None:
+    data = ["--data-dir", str(settings.data_dir)]
+    env = backend_env(settings)  # the index and blob store of this backend
 
+    def _run(*args: str) -> tuple[int, str]:
+        result = runner.invoke(app, list(args), env=env, catch_exceptions=False)
+        return result.exit_code, result.output
 
-def test_import_into_a_transfer_then_finalize(tmp_path: Path) -> None:
-    data = ["--data-dir", str(tmp_path / "var")]
     disc = tmp_path / "disc"
     paths = ct_series(disc / "s1", 2, patient_id="P1") + ct_series(disc / "s2", 1)
     studies = sorted({str(pydicom.dcmread(p).StudyInstanceUID) for p in paths})
