@@ -40,6 +40,7 @@ from dicomweb.multipart_parser import (
 from gateway.archive import Archive, Level, Query, RetrieveRequest
 from gateway.archive.errors import IndexUnavailable, StorageUnavailable
 from gateway.archive.models import Instance
+from gateway.peers import PeerRegistry
 from gateway.tasks.derived import PREPARE_SERIES
 from tests.conftest import ServeStack
 from tests.dicomweb.conftest import TEST_INSTITUTION, LiveServer, institution_token
@@ -818,30 +819,16 @@ def gateway_with_dest(
         storescp(tmp_path / "dest") as (dest_port, out),
         running_gateway(tmp_path, serve_stack.env) as gw,
     ):
-        for aet in ("FINDSCU", "MOVESCU", "STORESCU"):
-            # Systems of the institution that stores over STOW-RS below.
-            gw.cli(
-                "peers",
-                "add",
-                aet,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "104",
-                "--institution",
-                TEST_INSTITUTION,
-            )
-        gw.cli(
-            "peers",
-            "add",
-            "DEST",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(dest_port),
-            "--institution",
-            "Test Hospital",
-        )
+        # Registered in process (the CLI's `peers add` is tested in tests/gateway):
+        # systems of the institution that stores over STOW-RS below, and DEST.
+        archive = Archive.open(serve_stack.settings(gw.data_dir), migrate_schema=True)
+        try:
+            registry = PeerRegistry(archive.db)
+            for aet in ("FINDSCU", "MOVESCU", "STORESCU"):
+                registry.add(aet, "127.0.0.1", 104, institution=TEST_INSTITUTION)
+            registry.add("DEST", "127.0.0.1", dest_port, institution=TEST_INSTITUTION)
+        finally:
+            archive.close()
         gw.start("--dimse-workers", "1")
         yield gw, out, serve_stack
         assert gw.stop() == 0, gw.log_text()
