@@ -282,9 +282,15 @@ def test_peer_registered_over_the_api_can_echo_and_store(
     tmp_path: Path, serve_stack: ServeStack
 ) -> None:
     with running_gateway(tmp_path, serve_stack.env) as gw:
-        gw.cli("users", "add", "op", "--kind", "operator")
-        gw.cli("users", "set-password", "op", "--password", PASSWORD)
-        uri = gw.cli("users", "enable-totp", "op").stdout.split()[-1]
+        # The operator is made in process (the CLI's `users` commands are tested in
+        # tests/consent/test_cli.py): three CLI starts less.
+        archive = Archive.open(serve_stack.settings(gw.data_dir), migrate_schema=True)
+        try:
+            add_user(archive.db, "op", Kind.OPERATOR)
+            set_password(archive.db, "op", PASSWORD)
+            uri = enable_totp(archive.db, "op")
+        finally:
+            archive.close()
         gw.start()
         ae = AE(ae_title="EASTSCU")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
