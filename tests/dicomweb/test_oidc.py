@@ -624,19 +624,21 @@ def test_running_gateway_signs_in_and_logs_no_secret(
     }
     with running_gateway(tmp_path, env) as gw:
         gw.http_port = serve_port
-        gw.cli("users", "add", "alice", "--kind", "patient")
-        gw.cli("users", "add", "op", "--kind", "operator")
-        gw.cli(
-            "users",
-            "bind-oidc",
-            "alice",
-            "--subject",
-            ALICE[2],
-            "--by",
-            "op",
-            "--evidence",
-            "passport checked at the desk",
-        )
+        # Accounts made and bound in process (the CLI's `users add` and `bind-oidc` are
+        # tested in tests/consent/test_cli.py): three CLI starts less.
+        from consent.audit import Auditor
+
+        archive = Archive.open(serve_stack.settings(gw.data_dir), migrate_schema=True)
+        try:
+            add_user(archive.db, "alice", Kind.PATIENT)
+            op = user_principal(archive.db, add_user(archive.db, "op", Kind.OPERATOR))
+            assert op is not None
+            auditor = Auditor(archive.db)
+            bind_subject(archive.db, auditor, "alice", issuer, ALICE[2], by=op,
+                         evidence="passport checked at the desk")  # fmt: skip
+            auditor.close()
+        finally:
+            archive.close()
         gw.start()
         base = f"http://127.0.0.1:{serve_port}"
         with httpx.Client(base_url=base, timeout=30) as browser:
