@@ -199,9 +199,20 @@ def may_add_to_study(db: Database, principal: Principal, study_uid: str) -> bool
         return True
     with db.reading() as session:
         found = session.scalar(select(Study.id).where(Study.study_uid == study_uid))
-    if found is None:
-        return True
-    return bool(permitted_studies(db, principal, Operation.SEARCH, [study_uid]))
+        if found is None:
+            return True
+        if principal.kind in (Kind.STAFF, Kind.SYSTEM) and principal.institution:
+            # The common case, a sender adding to a study it sent: one primary-key probe
+            # of the rule that decides it (the whole condition took ~26 ms per
+            # association and study on a loaded machine).
+            sent = session.scalar(
+                select(_SOURCE.c.study_fk).where(
+                    _SOURCE.c.study_fk == found, _SOURCE.c.institution == principal.institution
+                )
+            )
+            if sent is not None:
+                return True
+        return bool(_permitted_in(session, principal, Operation.SEARCH, [study_uid], None))
 
 
 def permitted_studies(
