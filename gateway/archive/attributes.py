@@ -8,17 +8,116 @@ the index refuse a commit.
 
 from __future__ import annotations
 
+import re
+import struct
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import Any, Final
 
+from pydicom import config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
 from gateway.archive.text import fold, normalize_date, split_pn, time_key
 
+# -- reading values without pydicom's conversion ---------------------------------------
+# Every stored instance has a dozen of its values read on the ingest path (UIDs, Patient
+# ID, instance and image attributes). Asking pydicom costs tens of microseconds each
+# (keyword lookup, raw element conversion, the dataset's character set); these read
+# the still-raw element directly when the answer is certainly what pydicom would give,
+# and ask pydicom otherwise.
+
+PYDICOM: Final = object()  # "ask pydicom": the value is not one read directly here
+# String VRs whose single ASCII value pydicom decodes as itself minus trailing spaces and
+# NULs, whatever the Specific Character Set (SH/LO are decoded with it, but every
+# character set pydicom supports reads ASCII without escape sequences as ASCII).
+# (Not AE, DS, IS: pydicom strips leading spaces of AE and makes objects of DS and IS.)
+_PLAIN_VRS = frozenset({"AS", "CS", "LO", "SH", "UI"})
+_DATE_VRS = frozenset({"DA", "DT", "TM"})  # plain unless pydicom converts them to objects
+_INTEGER = re.compile(rb" *[+-]?[0-9]+ *")
+
+
+@cache
+def tag_of(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return tag
+
+
+def _raw(ds: Dataset, tag: int) -> Any:
+    """The element still raw (not yet converted by pydicom), None if absent, else PYDICOM."""
+    try:
+        elem = ds.get_item(tag)
+    except Exception:  # a deferred value that cannot be read: pydicom reports it
+        return PYDICOM
+    if elem is None:
+        return None
+    if type(elem) is not RawDataElement or elem.value is None:
+        return PYDICOM
+    return elem
+
+
+def _vr(elem: RawDataElement) -> str | None:
+    if elem.VR is not None:
+        return elem.VR
+    try:
+        return str(dictionary_VR(elem.tag))  # implicit VR: the dictionary's
+    except KeyError:
+        return None
+
+
+def plain_string(ds: Dataset, tag: int) -> Any:
+    """The value of a single-valued ASCII string element exactly as pydicom would
+    decode it (``str()`` of it), None if the element is absent, or PYDICOM."""
+    elem = _raw(ds, tag)
+    if elem is None or elem is PYDICOM:
+        return elem
+    if config.settings.reading_validation_mode == config.RAISE:
+        return PYDICOM  # pydicom would refuse an invalid value: let it
+    vr = _vr(elem)
+    if vr not in _PLAIN_VRS and (vr not in _DATE_VRS or config.datetime_conversion):
+        return PYDICOM
+    value = elem.value
+    if not value.isascii() or b"\\" in value or b"\x1b" in value:
+        return PYDICOM
+    if config.use_none_as_empty_text_VR_value and not value:
+        return PYDICOM
+    return value.decode("ascii").rstrip("\x00 ")
+
+
+def plain_integer(ds: Dataset, tag: int) -> Any:
+    """The value of a single-valued US/SS/UL/SL element, or of an IS element holding
+    one plain integer, None if absent or empty, or PYDICOM."""
+    elem = _raw(ds, tag)
+    if elem is None or elem is PYDICOM:
+        return elem
+    value, vr = elem.value, _vr(elem)
+    if not value:
+        return None if elem.length == 0 else PYDICOM
+    endian = "<" if elem.is_little_endian else ">"
+    if vr in ("US", "SS") and len(value) == 2:
+        return struct.unpack(endian + ("H" if vr == "US" else "h"), value)[0]
+    if vr in ("UL", "SL") and len(value) == 4:
+        return struct.unpack(endian + ("L" if vr == "UL" else "l"), value)[0]
+    if vr == "IS" and _INTEGER.fullmatch(value):
+        return int(value)
+    return PYDICOM
+
+
+def value_of(ds: Dataset, keyword: str) -> Any:
+    """``ds.get(keyword)``, read directly when the element is a plain string."""
+    plain = plain_string(ds, tag_of(keyword))
+    return ds.get(keyword) if plain is PYDICOM else plain
+
 
 def text(ds: Dataset, keyword: str, limit: int = 64) -> str:
+    plain = plain_string(ds, tag_of(keyword))
+    if plain is not PYDICOM:
+        return (plain or "").strip(" \x00")[:limit]
     try:
         value = ds.get(keyword)
     except Exception:  # an undecodable value is indexed as empty, not fatal
@@ -31,6 +130,9 @@ def text(ds: Dataset, keyword: str, limit: int = 64) -> str:
 
 
 def integer(ds: Dataset, keyword: str) -> int | None:
+    plain = plain_integer(ds, tag_of(keyword))
+    if plain is not PYDICOM:
+        return plain if plain is None or -(2**31) <= plain < 2**31 else None
     try:
         value = ds.get(keyword)
         if value is None or value == "":

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from gateway.archive.attributes import PYDICOM, plain_integer, plain_string, tag_of
 from gateway.archive.errors import InvalidDataset, InvalidQuery
 from gateway.archive.part10 import ITEM, Layout, read_layout
 
@@ -59,11 +60,18 @@ class PixelAttributes:
     @classmethod
     def from_dataset(cls, ds: Dataset) -> PixelAttributes | None:
         def number(keyword: str, default: int | None = None) -> int | None:
+            plain = plain_integer(ds, tag_of(keyword))
+            if plain is not PYDICOM:
+                return default if plain is None else plain
             try:
                 value = ds.get(keyword)
                 return int(value) if value not in (None, "") else default
             except (TypeError, ValueError):
                 return default
+
+        photometric = plain_string(ds, tag_of("PhotometricInterpretation"))
+        if photometric is PYDICOM:
+            photometric = ds.get("PhotometricInterpretation", "")
 
         rows, columns = number("Rows"), number("Columns")
         bits = number("BitsAllocated")
@@ -75,7 +83,7 @@ class PixelAttributes:
             columns=columns,
             samples_per_pixel=number("SamplesPerPixel", 1) or 1,
             bits_allocated=bits,
-            photometric=str(ds.get("PhotometricInterpretation", "") or "").strip().upper(),
+            photometric=str(photometric or "").strip().upper(),
             number_of_frames=max(frames, 1),
         )
 

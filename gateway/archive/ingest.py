@@ -63,7 +63,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from gateway.archive.attributes import extract, instance_attributes, other_patient_ids, text
+from gateway.archive.attributes import (
+    extract,
+    instance_attributes,
+    other_patient_ids,
+    text,
+    value_of,
+)
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.db import Database
 from gateway.archive.errors import (
@@ -87,7 +93,13 @@ from gateway.archive.models import (
     TransferArrival,
     utcnow,
 )
-from gateway.archive.part10 import Layout, read_layout
+from gateway.archive.part10 import (
+    DEFER_SIZE,
+    Layout,
+    declared_encoding_differs,
+    header_dataset,
+    read_layout,
+)
 from gateway.archive.uids import check_uid, is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -295,15 +307,28 @@ class Ingestor:
             head = fh.read(132)
             if len(head) < 132 or head[128:132] != b"DICM":
                 guessed_ts = _guess_bare_transfer_syntax(path)
-            layout = read_layout(fh, size, transfer_syntax=guessed_ts)
+            # The header's elements are kept by the same walk (one parse, not two), except
+            # for a bare data set (its transfer syntax was guessed by pydicom's reader).
+            layout = read_layout(fh, size, transfer_syntax=guessed_ts, header=not guessed_ts)
+            if (
+                layout.header is not None
+                and pydicom.uid.UID(layout.transfer_syntax).is_transfer_syntax
+                and declared_encoding_differs(fh, layout)
+            ):
+                raise _not_in_declared_syntax(layout)
             try:
-                fh.seek(0)
-                ds = pydicom.dcmread(fh, force=True, stop_before_pixels=True, defer_size=65536)
+                if layout.header is not None:
+                    ds = header_dataset(str(path), layout)
+                else:
+                    fh.seek(0)
+                    ds = pydicom.dcmread(
+                        fh, force=True, stop_before_pixels=True, defer_size=DEFER_SIZE
+                    )
                 # Touch what we validate now so decoding errors surface here.
-                sop_class = ds.get("SOPClassUID")
-                sop_uid = ds.get("SOPInstanceUID")
-                study_uid = ds.get("StudyInstanceUID")
-                series_uid = ds.get("SeriesInstanceUID")
+                sop_class = value_of(ds, "SOPClassUID")
+                sop_uid = value_of(ds, "SOPInstanceUID")
+                study_uid = value_of(ds, "StudyInstanceUID")
+                series_uid = value_of(ds, "SeriesInstanceUID")
             except RecursionError as exc:
                 raise InvalidDataset("data set nests too deeply to parse") from exc
             except Exception as exc:
@@ -312,14 +337,11 @@ class Ingestor:
             if meta is not None:
                 # A DICOMDIR (or any non-storage object) says what it is in its file meta,
                 # possibly without a SOP Class UID in the data set.
-                meta_class = str(meta.get("MediaStorageSOPClassUID", "") or "").strip("\x00 ")
+                meta_class = str(value_of(meta, "MediaStorageSOPClassUID") or "").strip("\x00 ")
                 if is_valid_uid(meta_class) and meta_class not in STORAGE_SOP_CLASSES:
                     raise NotStorageSOPClass(f"SOP Class {meta_class} is not a storage SOP class")
             if not _has_encoding_of(ds, layout.transfer_syntax) and not guessed_ts:
-                raise InvalidDataset(
-                    "data set is not encoded in its declared transfer syntax "
-                    f"{layout.transfer_syntax}"
-                )
+                raise _not_in_declared_syntax(layout)
             for value, keyword in (
                 (sop_class, "SOPClassUID"),
                 (sop_uid, "SOPInstanceUID"),
@@ -336,7 +358,7 @@ class Ingestor:
             if sop_class not in STORAGE_SOP_CLASSES:
                 raise NotStorageSOPClass(f"SOP Class {sop_class} is not a storage SOP class")
             if meta is not None:
-                meta_sop = str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip("\x00 ")
+                meta_sop = str(value_of(meta, "MediaStorageSOPInstanceUID") or "").strip("\x00 ")
                 if meta_sop and meta_sop != sop_uid:
                     raise InvalidDataset(
                         "file meta Media Storage SOP Instance UID differs from SOP Instance UID"
@@ -827,6 +849,12 @@ def _hash_from(fh, offset: int) -> str:  # type: ignore[no-untyped-def]
     while chunk := fh.read(_HASH_CHUNK):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+def _not_in_declared_syntax(layout: Layout) -> InvalidDataset:
+    return InvalidDataset(
+        f"data set is not encoded in its declared transfer syntax {layout.transfer_syntax}"
+    )
 
 
 def _has_encoding_of(ds: Dataset, ts: str) -> bool:

@@ -1029,3 +1029,24 @@ def test_archive_errors_say_whether_to_retry():
     assert StorageUnavailable.retryable
     for cls in (InvalidDataset, InvalidUID, MissingAttribute, InstanceConflict, PatientMismatch):
         assert issubclass(cls, ArchiveError) and not cls.retryable
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("declared", "written_implicit"),
+    [(ExplicitVRLittleEndian, True), (ImplicitVRLittleEndian, False)],
+)
+def test_data_set_not_in_its_declared_vr_encoding_is_refused(
+    archive: Archive, tmp_path: Path, declared: str, written_implicit: bool
+):
+    ds = ct_slice()
+    ds.file_meta.TransferSyntaxUID = declared
+    declared_file = write(ds, tmp_path / "declared.dcm")
+    raw = declared_file.read_bytes()
+    offset = len(raw) - len(dataset_bytes(declared_file))
+    other = bare(ds, tmp_path / "bare.dcm", implicit_vr=written_implicit).read_bytes()
+    path = tmp_path / "in.dcm"
+    path.write_bytes(raw[:offset] + other)
+    with pytest.raises(InvalidDataset):
+        archive.ingest_file(path, SOURCE)
+    assert_nothing_stored(archive)

@@ -14,7 +14,15 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from gateway.archive.errors import InvalidDataset, InvalidUID
-from gateway.archive.part10 import read_layout
+from gateway.archive.part10 import (
+    DEFER_SIZE,
+    Layout,
+    _fast_meta,
+    declared_encoding_differs,
+    header_dataset,
+    read_layout,
+    read_meta,
+)
 from tests.factories import (
     UNDEFINED,
     bare,
@@ -302,3 +310,139 @@ def test_well_formed_pydicom_files_pass(name: str):
     if layout.pixel_offset is not None and layout.pixel_length is not None:
         ds = pydicom.dcmread(path, force=True)
         assert raw[layout.pixel_offset : layout.pixel_offset + layout.pixel_length] == ds.PixelData
+
+
+# -- the header kept by the walk (ingest's dataset, instead of a second dcmread) -------
+
+
+def _header_files() -> list[str]:
+    # The files in pydicom's wheel (get_testdata_files would also try to download).
+    root = Path(pydicom.data.DATA_ROOT)
+    return sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix in (".dcm", ""))
+
+
+def _same_as_dcmread(path: str) -> bool | None:
+    """Whether header_dataset gives what dcmread gives for ``path`` (None: not a file
+    read_layout accepts with a header, e.g. deflated, bare or broken)."""
+    try:
+        with open(path, "rb") as fh:
+            layout = read_layout(fh, Path(path).stat().st_size, header=True)
+    except Exception:
+        return None
+    if layout.header is None:
+        return None
+    ours = header_dataset(path, layout)
+    theirs = pydicom.dcmread(path, force=True, stop_before_pixels=True, defer_size=DEFER_SIZE)
+    return (
+        [e.tag for e in ours] == [e.tag for e in theirs]
+        and ours == theirs
+        and ours.file_meta == theirs.file_meta
+        and ours.original_encoding == theirs.original_encoding
+    )
+
+
+def test_header_is_what_dcmread_reads_from_every_pydicom_file():
+    outcomes = {name: _same_as_dcmread(name) for name in _header_files()}
+    compared = [name for name, same in outcomes.items() if same is not None]
+    # pydicom's own files: every transfer syntax, charsets, nested and private sequences.
+    assert len(compared) > 100
+    assert [name for name in compared if not outcomes[name]] == []
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+@pytest.mark.parametrize("undefined", [True, False])
+def test_header_keeps_sequences_as_dcmread_does(tmp_path: Path, explicit: bool, undefined: bool):
+    ds = ct_slice(rows=4, columns=4)
+    if not explicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    path = tmp_path / "a.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    extra = nested_sequence(5, explicit=explicit, undefined=undefined)
+    out = with_inserted_before_pixels(path, extra, tmp_path / "nested.dcm")
+    assert _same_as_dcmread(str(out))
+    with open(out, "rb") as fh:
+        layout = read_layout(fh, out.stat().st_size, header=True)
+    seq = header_dataset(str(out), layout).ContentSequence
+    for _ in range(4):
+        seq = seq[0].ContentSequence
+    assert seq[0].TextValue == "leaf"
+
+
+def test_large_header_values_are_deferred_and_read_when_asked(tmp_path: Path):
+    ds = ct_slice(rows=4, columns=4)
+    ds.EncapsulatedDocument = b"x" * (DEFER_SIZE + 2)  # OB
+    path = write(ds, tmp_path / "a.dcm")
+    with open(path, "rb") as fh:
+        layout = read_layout(fh, path.stat().st_size, header=True)
+    assert layout.header is not None
+    raw = layout.header[pydicom.tag.Tag("EncapsulatedDocument")]
+    assert raw.value is None and raw.length == DEFER_SIZE + 2
+    assert header_dataset(str(path), layout).EncapsulatedDocument == ds.EncapsulatedDocument
+
+
+def test_nothing_after_the_pixel_data_is_kept(tmp_path: Path):
+    ds = ct_slice(rows=4, columns=4)
+    path = write(ds, tmp_path / "a.dcm")
+    trailer = element_header(0xFFFCFFFC, "OB", 4) + b"\x00" * 4  # Data Set Trailing Padding
+    padded = tmp_path / "padded.dcm"
+    padded.write_bytes(path.read_bytes() + trailer)
+    with open(padded, "rb") as fh:
+        layout = read_layout(fh, padded.stat().st_size, header=True)
+    assert layout.header is not None
+    assert max(layout.header) < 0x7FE00010
+    assert _same_as_dcmread(str(padded))
+
+
+def test_file_meta_with_a_wrong_group_length_is_read_as_pydicom_reads_it(tmp_path: Path):
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    path = write(ct_slice(rows=4, columns=4), tmp_path / "a.dcm")
+    raw = bytearray(path.read_bytes())
+    (length,) = struct.unpack_from("<L", raw, 140)
+    for wrong in (length - 2, length + 6):  # ends inside the group / past it
+        struct.pack_into("<L", raw, 140, wrong)
+        data = bytes(raw)
+        ours = read_meta(io.BytesIO(data))
+        fp = io.BytesIO(data)
+        read_preamble(fp, force=True)
+        theirs = _read_file_meta_info(fp)
+        assert ours[0] == theirs and ours[1] == fp.tell()
+        assert layout_of(data).dataset_offset == fp.tell()
+
+
+def test_fast_file_meta_reader_agrees_with_pydicom(tmp_path: Path):
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    path = write(ct_slice(rows=4, columns=4), tmp_path / "a.dcm")
+    data = path.read_bytes()
+    fast = _fast_meta(io.BytesIO(data))
+    assert fast is not None
+    fp = io.BytesIO(data)
+    read_preamble(fp, force=True)
+    theirs = _read_file_meta_info(fp)
+    assert fast[0] == theirs and fast[1] == fp.tell()
+    assert [e.tag for e in fast[0]] == [e.tag for e in theirs]
+
+
+@pytest.mark.parametrize(
+    ("declared", "written_implicit"),
+    [(ExplicitVRLittleEndian, True), (ImplicitVRLittleEndian, False)],
+)
+def test_data_set_in_the_other_vr_encoding_is_noticed(
+    tmp_path: Path, declared: str, written_implicit: bool
+):
+    ds = ct_slice(rows=4, columns=4)
+    ds.file_meta.TransferSyntaxUID = declared
+    same = tmp_path / "b.dcm"
+    ds.save_as(same, enforce_file_format=True)
+    # The declared file meta, then the data set in the other encoding.
+    offset = layout_of(same.read_bytes()).dataset_offset
+    other = bare(ds, tmp_path / "bare.dcm", implicit_vr=written_implicit).read_bytes()
+    path = tmp_path / "a.dcm"
+    path.write_bytes(same.read_bytes()[:offset] + other)
+    implicit = declared == ImplicitVRLittleEndian
+    layout = Layout(len(other) + offset, offset, None, declared, implicit_vr=implicit)
+    with open(path, "rb") as fh:
+        assert declared_encoding_differs(fh, layout)
+    with open(same, "rb") as fh:
+        assert not declared_encoding_differs(fh, read_layout(fh, same.stat().st_size))
