@@ -373,7 +373,7 @@ def verify(
 
 
 def _rows(db: Database) -> Iterator[AuditRecord]:
-    with db.reading() as session:
+    with db.reading(stream=True) as session:
         stmt = (
             select(AuditRecord)
             .order_by(AuditRecord.chain, AuditRecord.seq, AuditRecord.id)
@@ -478,7 +478,7 @@ def iter_records(
     since: dt.datetime | None = None,
     study_uids: list[str] | None = None,
 ) -> Iterator[AuditRecord]:
-    with db.reading() as session:
+    with db.reading(stream=True) as session:
         stmt = select(AuditRecord).order_by(AuditRecord.at, AuditRecord.id)
         if since is not None:
             stmt = stmt.where(AuditRecord.at >= since)

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     db_max_overflow: int = 10
     db_pool_timeout: float = 30.0
     db_pool_recycle: float = 1800.0
+    # Seconds a pooled connection may sit unused before it is tested with a round trip
+    # at its next use (sooner if the server closed it).
+    db_pool_ping_after: float = 5.0
     # Blob store: "file" keeps instances below blob_dir (default data_dir/blobs);
     # "s3" in a bucket of an S3-compatible object store (MinIO, AWS S3, SeaweedFS).
     blob_store: Literal["file", "s3"] = "file"

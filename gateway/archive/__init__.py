@@ -109,6 +109,7 @@ def pool_settings(settings: Settings) -> PoolSettings:
         max_overflow=settings.db_max_overflow,
         timeout=settings.db_pool_timeout,
         recycle=settings.db_pool_recycle,
+        ping_after=settings.db_pool_ping_after,
     )
 
 

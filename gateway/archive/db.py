@@ -4,8 +4,10 @@ SQLite (the embedded default) runs in WAL mode so several receiving processes an
 readers share it; commits are fsynced (``synchronous=FULL``) because a success
 answer promises durability. Writers open with ``BEGIN IMMEDIATE`` so two processes
 never deadlock upgrading a read transaction. PostgreSQL uses a connection pool per
-process (``PoolSettings``: size, overflow, wait, recycle, pre-ping), so several
-gateway processes share one server; migrations take an advisory lock so gateways
+process (``PoolSettings``: size, overflow, wait, recycle, liveness check), so several
+gateway processes share one server; reads run in autocommit (at PostgreSQL's READ
+COMMITTED each statement takes its own snapshot anyway, and BEGIN and ROLLBACK
+cost a round trip each); migrations take an advisory lock so gateways
 starting together migrate once.
 Schema changes are Alembic migrations, run by ``migrate`` (once, by the parent
 process of ``serve``, or by ``studybridge db upgrade``).
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from typing import Any, TypeVar
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import exc as exc_module
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,6 +52,10 @@ class PoolSettings:
     # Seconds to wait for a TCP connection to the server: a server that is away must
     # give a sender a retryable failure soon, not after the kernel's minutes.
     connect_timeout: int = 10
+    # Seconds a pooled connection may sit unused before its next checkout tests it
+    # with a round trip; a busier one is tested only if the server has written to it
+    # (see ``_check_liveness``).
+    ping_after: float = 5.0
 
 
 def make_engine(url: str, *, pool: PoolSettings | None = None) -> Engine:
@@ -59,9 +68,6 @@ def make_engine(url: str, *, pool: PoolSettings | None = None) -> Engine:
         _configure_sqlite(engine)
         return engine
     kwargs: dict[str, Any] = {
-        # Test each pooled connection before use: after a server restart the pool holds
-        # dead connections, and pre-ping replaces them instead of failing a request.
-        "pool_pre_ping": True,
         "pool_size": pool.size,
         "max_overflow": pool.max_overflow,
         "pool_timeout": pool.timeout,
@@ -75,7 +81,47 @@ def make_engine(url: str, *, pool: PoolSettings | None = None) -> Engine:
             # threshold for small indexed queries: a 0.1 ms QIDO query took 50-170 ms.
             "options": "-c jit=off",
         }
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    _check_liveness(engine, pool.ping_after)
+    return engine
+
+
+def _check_liveness(engine: Engine, ping_after: float) -> None:
+    """Replace a dead pooled connection at checkout instead of failing a request.
+
+    SQLAlchemy's pre-ping costs a round trip on every checkout (two or three per
+    DICOMweb request). A server that ends a session (restart, shutdown,
+    ``pg_terminate_backend``) writes an error to it and closes it, which makes the
+    idle socket readable: a zero-timeout poll sees that without a round trip. Only a
+    readable socket, or one unused for ``ping_after`` seconds (a peer or a network
+    that dropped it silently), is pinged; a failed ping makes the pool connect anew.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["checked_in"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("checked_in")
+        if since is None:
+            return  # just connected
+        try:
+            readable = bool(select.select([dbapi_conn.fileno()], [], [], 0)[0])
+        except (OSError, ValueError) as exc:
+            raise exc_module.DisconnectionError(str(exc)) from exc
+        if not readable and time.monotonic() - since < ping_after:
+            return
+        try:
+            _ping(dbapi_conn)
+        except Exception as exc:
+            raise exc_module.DisconnectionError(f"pooled connection is dead: {exc}") from exc
+
+
+def _ping(dbapi_conn: Any) -> None:
+    with dbapi_conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    dbapi_conn.rollback()
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -246,14 +292,23 @@ class Database:
             if self.is_sqlite and database and database != ":memory:"
             else None
         )
-        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads on PostgreSQL in autocommit: no BEGIN and ROLLBACK round trips.
+        self._read_engine = (
+            self.engine
+            if self.is_sqlite
+            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
+        self._read = sessionmaker(self._read_engine, expire_on_commit=False)
+        self._stream = sessionmaker(self.engine, expire_on_commit=False)
         self._write_engine = self.engine.execution_options(sqlite_write=True)
         self._write = sessionmaker(self._write_engine, expire_on_commit=False)
         self._group = _GroupCommit(self)
 
     @contextmanager
-    def reading(self) -> Iterator[Session]:
-        with self._read() as session:
+    def reading(self, *, stream: bool = False) -> Iterator[Session]:
+        """A session for reads. ``stream``: inside a transaction, which PostgreSQL's
+        server-side cursors (``yield_per``) need; other reads run in autocommit."""
+        with (self._stream if stream else self._read)() as session:
             yield session
 
     @contextmanager
@@ -273,7 +328,7 @@ class Database:
     @contextmanager
     def read_conn(self) -> Iterator[Connection]:
         """A plain (Core) connection for short reads on hot paths."""
-        with self.engine.connect() as conn:
+        with self._read_engine.connect() as conn:
             yield conn
 
     @contextmanager

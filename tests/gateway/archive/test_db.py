@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from gateway.archive import Archive
+from gateway.archive import db as db_module
 from gateway.archive.db import migrate
 from gateway.config import Settings
 from tests.conftest import PG_ADMIN_URL
@@ -17,7 +18,7 @@ from tests.servers import missing
 pytestmark = [pytest.mark.postgres]
 
 
-def test_pool_follows_the_settings(pg_url: str, tmp_path):
+def test_pool_follows_the_settings(pg_url: str, tmp_path, monkeypatch):
     settings = Settings(
         data_dir=tmp_path / "var",
         database_url=pg_url,
@@ -25,19 +26,68 @@ def test_pool_follows_the_settings(pg_url: str, tmp_path):
         db_max_overflow=2,
         db_pool_timeout=7,
         db_pool_recycle=120,
+        db_pool_ping_after=0,
     )
     archive = Archive.open(settings)
     try:
         pool = archive.db.engine.pool
         assert (pool.size(), pool._max_overflow, pool._timeout, pool._recycle) == (3, 2, 7, 120)
-        assert pool._pre_ping
+        pings = _count_pings(monkeypatch)
+        with archive.db.read_conn() as conn:
+            conn.execute(text("SELECT 2"))
+        with archive.db.read_conn() as conn:
+            conn.execute(text("SELECT 2"))
+        # ping_after=0: every checkout but a new connection's is tested with a round trip.
+        assert len(pings) == 1
         with archive.db.read_conn() as conn:
             assert conn.execute(text("SELECT 1")).scalar() == 1
     finally:
         archive.close()
 
 
-def test_pooled_connections_survive_a_server_side_disconnect(pg_url: str, tmp_path):
+def _count_pings(monkeypatch) -> list[int]:
+    pings: list[int] = []
+    real = db_module._ping
+
+    def counted(dbapi_conn):
+        pings.append(1)
+        real(dbapi_conn)
+
+    monkeypatch.setattr(db_module, "_ping", counted)
+    return pings
+
+
+def test_a_busy_connection_is_reused_without_a_round_trip(pg_url: str, tmp_path, monkeypatch):
+    archive = Archive.open(Settings(data_dir=tmp_path / "var", database_url=pg_url))
+    try:
+        with archive.db.read_conn() as conn:
+            first = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        pings = _count_pings(monkeypatch)
+        for _ in range(3):
+            with archive.db.read_conn() as conn:
+                assert conn.execute(text("SELECT pg_backend_pid()")).scalar() == first
+        assert pings == []
+    finally:
+        archive.close()
+
+
+def test_reads_run_in_autocommit(pg_url: str, tmp_path):
+    archive = Archive.open(Settings(data_dir=tmp_path / "var", database_url=pg_url))
+    try:
+        with archive.db.reading() as session:
+            session.execute(text("SELECT 1"))
+            # No transaction was opened for the read (no BEGIN/ROLLBACK round trips).
+            status = session.connection().connection.dbapi_connection.info.transaction_status
+            assert status.name == "IDLE"
+        with archive.db.writing() as session:
+            session.execute(text("SELECT 1"))
+            status = session.connection().connection.dbapi_connection.info.transaction_status
+            assert status.name == "INTRANS"
+    finally:
+        archive.close()
+
+
+def test_pooled_connections_survive_a_server_side_disconnect(pg_url: str, tmp_path, monkeypatch):
     archive = Archive.open(Settings(data_dir=tmp_path / "var", database_url=pg_url))
     try:
         with archive.db.read_conn() as conn:
@@ -46,9 +96,13 @@ def test_pooled_connections_survive_a_server_side_disconnect(pg_url: str, tmp_pa
         with admin.connect() as conn:
             conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         admin.dispose()
-        # The pooled connection is dead; pre-ping replaces it instead of failing.
+        # The pooled connection is dead (the server closed it, so its socket is
+        # readable): the checkout replaces it instead of failing, at once (well
+        # within ping_after).
+        pings = _count_pings(monkeypatch)
         with archive.db.read_conn() as conn:
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != pid
+        assert len(pings) == 1
     finally:
         archive.close()
 
