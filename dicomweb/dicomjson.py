@@ -12,10 +12,12 @@ QIDO-RS and any route answering DICOM JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import orjson
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
@@ -58,45 +60,84 @@ def encode_matches(
     for position, keyword in enumerate(keys):
         tag = tag_for_keyword(keyword)
         if tag is not None:
-            plan.append((tag, f"{tag:08X}", dictionary_VR(tag), position, None))
+            plan.append((tag, f"{tag:08X}", _converter(dictionary_VR(tag)), position, None))
     for keyword, compute in extra:
         tag = tag_for_keyword(keyword)
         if tag is None:
             raise ValueError(f"{keyword} is not a DICOM keyword")
-        plan.append((tag, f"{tag:08X}", dictionary_VR(tag), -1, compute))
+        plan.append((tag, f"{tag:08X}", _converter(dictionary_VR(tag)), -1, compute))
     plan.sort(key=lambda p: p[0])
     by_keyword = list(keys)
     out = []
     for row in rows:
         obj: dict[str, Any] = {}
         named: dict[str, Any] | None = None
-        for _tag, hex_tag, vr, position, compute in plan:
+        for _tag, hex_tag, convert, position, compute in plan:
             if compute is None:
                 value = row[position]
             else:
                 if named is None:
                     named = dict(zip(by_keyword, row, strict=True))
                 value = compute(named)
-            obj[hex_tag] = element(vr, value)
+            obj[hex_tag] = convert(value)
         out.append(obj)
     return dumps(out)
 
 
 def element(vr: str, value: Any) -> dict[str, Any]:
     """One DICOM JSON attribute object for a plain value (see ``encode_matches``)."""
-    if value is None or value == "" or value == []:
-        return {"vr": vr}
-    if isinstance(value, str):
-        values: list[Any] = [value] if vr in _SINGLE_VALUED else value.split("\\")
-    elif isinstance(value, list):
-        values = value
-    else:
-        values = [value]
+    return _converter(vr)(value)
+
+
+@functools.cache
+def _converter(vr: str) -> Callable[[Any], dict[str, Any]]:
+    # One function per VR, chosen once per column: a QIDO page of 100 studies
+    # converts ~1,700 values, and deciding the VR's rules per value took a third of
+    # the request.
+    empty = {"vr": vr}  # shared: only ever serialised
+
+    def values_of(value: Any) -> list[Any] | None:
+        if value is None or value == "" or value == []:
+            return None
+        if isinstance(value, str):
+            return [value] if vr in _SINGLE_VALUED else value.split("\\")
+        return value if isinstance(value, list) else [value]
+
     if vr == "PN":
-        return {"vr": vr, "Value": [_person_name(v) for v in values]}
+
+        def person_names(value: Any) -> dict[str, Any]:
+            values = values_of(value)
+            if values is None:
+                return empty
+            return {"vr": vr, "Value": [_person_name(v) for v in values]}
+
+        return person_names
     if vr in _INT_VRS:
-        return {"vr": vr, "Value": [int(v) for v in values]}
-    return {"vr": vr, "Value": values}
+
+        def integers(value: Any) -> dict[str, Any]:
+            if type(value) is int:
+                return {"vr": vr, "Value": [value]}
+            values = values_of(value)
+            if values is None:
+                return empty
+            return {"vr": vr, "Value": [int(v) for v in values]}
+
+        return integers
+    if vr in _SINGLE_VALUED:
+
+        def single(value: Any) -> dict[str, Any]:
+            values = values_of(value)
+            return empty if values is None else {"vr": vr, "Value": values}
+
+        return single
+
+    def strings(value: Any) -> dict[str, Any]:
+        if type(value) is str and value and "\\" not in value:
+            return {"vr": vr, "Value": [value]}
+        values = values_of(value)
+        return empty if values is None else {"vr": vr, "Value": values}
+
+    return strings
 
 
 def _person_name(value: str) -> dict[str, str]:
@@ -105,7 +146,12 @@ def _person_name(value: str) -> dict[str, str]:
 
 
 def dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Compact UTF-8 JSON (orjson: 3-4x the standard library's speed)."""
+    try:
+        return orjson.dumps(value)
+    except (orjson.JSONEncodeError, TypeError):
+        # What orjson refuses (integers beyond 64 bits, say): the standard library.
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def parse_accept(header: str) -> list[tuple[str, float]]:
