@@ -563,6 +563,14 @@ def _frames_response(
             else:
                 yield Part(part_type, _lazy(lambda n: reader.uncompressed(n)[0], number))
 
+    if len(numbers) == 1:
+        # One frame (what a viewer asks for, slice by slice) is read whole anyway: one
+        # body with its length, instead of a thread hop per multipart chunk.
+        return Response(
+            b"".join(writer.iter_body(parts())),
+            media_type=writer.content_type,
+            headers=_cache_headers(etag),
+        )
     return StreamingResponse(
         writer.iter_body(parts()), media_type=writer.content_type, headers=_cache_headers(etag)
     )
