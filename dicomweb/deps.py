@@ -7,7 +7,9 @@ from fastapi import Request
 from gateway.archive import Archive
 
 
-def get_archive(request: Request) -> Archive:
+async def get_archive(request: Request) -> Archive:
+    # async: FastAPI runs a plain function dependency on the thread pool, a hop per
+    # request for a lookup.
     archive: Archive = request.app.state.archive
     return archive
 
