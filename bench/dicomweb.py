@@ -661,8 +661,12 @@ LAUNCHER = """
 import uvicorn
 from dicomweb.app import create_app
 from gateway.config import Settings
+from gateway.runtime import configure_serving_process, freeze_startup_heap
 settings = Settings()
-uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
+configure_serving_process()  # as `studybridge serve`'s HTTP process does
+app = create_app(settings)
+freeze_startup_heap()
+uvicorn.run(app, host=settings.http_host, port=settings.http_port,
             log_level="warning", access_log=False,
             timeout_graceful_shutdown=int(settings.shutdown_grace))
 """

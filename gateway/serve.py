@@ -27,7 +27,7 @@ from gateway.archive.db import migrate
 from gateway.config import Settings
 from gateway.ops.logs import setup_logging
 from gateway.ops.metrics import prepare_multiprocess, process_exited
-from gateway.runtime import configure_serving_process
+from gateway.runtime import configure_serving_process, freeze_startup_heap
 
 log = logging.getLogger("studybridge.serve")
 
@@ -79,6 +79,7 @@ def _http_child(settings: Settings, ready: Any) -> None:
         **https_options(settings),
     )
     server = uvicorn.Server(config)
+    freeze_startup_heap()
     threading.Thread(target=_signal_when_started, args=(server, ready), daemon=True).start()
     server.run()
 
