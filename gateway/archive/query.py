@@ -39,6 +39,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Integer,
     Select,
     and_,
@@ -294,12 +295,14 @@ def run_query(db: Database, query: Query) -> QueryResult:
         )
         stmt = _base_select(level, columns.selected).where(id_col.in_(page)).order_by(order_col)
 
-    with db.reading() as session:
-        rows = session.execute(stmt).all()
+    # A Core connection: the rows are plain values, and the ORM session's execution
+    # machinery cost a fifth of a scoped QIDO request's CPU.
+    with db.read_conn() as conn:
+        rows = conn.execute(stmt).all()
         truncated = query.limit is not None and len(rows) > query.limit
         if truncated:
             rows = rows[: query.limit]
-        computed = _computed(session, rows, columns)
+        computed = _computed(conn, rows, columns)
 
     return QueryResult(
         level=level,
@@ -570,7 +573,7 @@ def _pn_condition(value: str) -> ColumnElement[bool] | None:
 
 
 # -- results ---------------------------------------------------------------------------
-def _computed(session: Any, rows: Sequence[Any], columns: _Columns) -> dict:
+def _computed(conn: Connection, rows: Sequence[Any], columns: _Columns) -> dict:
     """Computed attributes of the returned rows: grouped queries over the page's ids.
 
     A computed attribute belongs to a level (e.g. NumberOfStudyRelatedInstances to the
@@ -586,18 +589,18 @@ def _computed(session: Any, rows: Sequence[Any], columns: _Columns) -> dict:
     summary = [k for k in _STUDY_SUMMARY if k in wanted]
     if summary:
         ids = sorted({row[wanted[summary[0]]] for row in rows})
-        out.update(_study_summary(session, ids, summary))
+        out.update(_study_summary(conn, ids, summary))
         for keyword in summary:
             del wanted[keyword]
     for keyword, owner_pos in wanted.items():
         ids = sorted({row[owner_pos] for row in rows})
         values: dict[int, Any] = {}
         for chunk in _chunks(ids):
-            stmt = _COMPUTED[keyword](_among(session, chunk))
+            stmt = _COMPUTED[keyword](_among(conn, chunk))
             if keyword.startswith("NumberOf"):
-                values.update(session.execute(stmt).all())
+                values.update(conn.execute(stmt).all())
             else:
-                for owner_id, value in session.execute(stmt):
+                for owner_id, value in conn.execute(stmt):
                     values.setdefault(owner_id, []).append(value)
         out[keyword] = values
     return out
@@ -610,7 +613,7 @@ _STUDY_SUMMARY = (
 )
 
 
-def _study_summary(session: Any, ids: list[int], keywords: list[str]) -> dict:
+def _study_summary(conn: Connection, ids: list[int], keywords: list[str]) -> dict:
     """Modalities, series and instance counts of studies, from one row per series."""
     instances = (
         select(func.count())
@@ -623,9 +626,9 @@ def _study_summary(session: Any, ids: list[int], keywords: list[str]) -> dict:
     counts: dict[int, int] = {}
     for chunk in _chunks(ids):
         stmt = select(Series.study_fk, Series.modality, instances).where(
-            _among(session, chunk)(Series.study_fk)
+            _among(conn, chunk)(Series.study_fk)
         )
-        for study, modality, number in session.execute(stmt):
+        for study, modality, number in conn.execute(stmt):
             if modality:
                 modalities.setdefault(study, set()).add(modality)
             series[study] = series.get(study, 0) + 1
@@ -658,11 +661,11 @@ def study_sources(db: Database, study_uids: Sequence[str]) -> dict[str, list[str
     return found
 
 
-def _among(session: Any, ids: list[int]) -> Callable[[Any], ColumnElement[bool]]:
+def _among(conn: Connection, ids: list[int]) -> Callable[[Any], ColumnElement[bool]]:
     """``column IN ids`` as the database takes it best: on PostgreSQL one array
     parameter (``= ANY``), the same statement text whatever the number of ids (an IN
     list of a page's 100 ids cost 1.2 ms to render and send, the array 0.7 ms)."""
-    if session.get_bind().dialect.name == "postgresql":
+    if conn.dialect.name == "postgresql":
         array = bindparam("ids", ids, type_=ARRAY(Integer))
         return lambda column: column == any_(array)
     return lambda column: column.in_(ids)
