@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -177,24 +178,95 @@ def user_principal(db: Database, user_id: int, *, token_id: int | None = None) -
 
 
 def user_principal_in(
-    session: Session, user_id: int, *, token_id: int | None = None
+    session: Session | Connection, user_id: int, *, token_id: int | None = None
 ) -> Principal | None:
-    """``user_principal`` inside the caller's session (resolving a token reads the
-    token and its principal on one connection: each extra one cost PostgreSQL round
-    trips of its own, pre-ping, BEGIN and ROLLBACK, on every request)."""
-    row = session.get(User, user_id)
-    if row is None or row.disabled_at is not None:
+    """``user_principal`` inside the caller's session or connection (resolving a token
+    reads the token and its principal in one statement: each extra round trip to
+    PostgreSQL counted on every request)."""
+    columns, source = user_source()
+    found = session.execute(select(*columns).select_from(source).where(_USERS.c.id == user_id))
+    return user_principal_from(found.first(), token_id=token_id)
+
+
+# Institutions as joined to a user and to a system (aliases: a token's statement
+# joins both).
+_USER_INSTITUTION = Institution.__table__.alias("user_institution")
+_SYSTEM_INSTITUTION = Institution.__table__.alias("system_institution")
+_USERS = User.__table__
+_SYSTEMS = InstitutionSystem.__table__
+
+
+def user_source(base: Any = None, on: Any = None) -> tuple[list[Any], Any]:
+    """The columns ``user_principal_from`` takes, and the FROM clause that gives them:
+    users with their institution, outer-joined to ``base`` on ``on`` when given."""
+    users, inst = _USERS, _USER_INSTITUTION
+    source = users if base is None else base.outerjoin(users, on)
+    source = source.outerjoin(inst, inst.c.id == users.c.institution_fk)
+    columns = [
+        users.c.id,
+        users.c.username,
+        users.c.kind,
+        users.c.role,
+        users.c.disabled_at,
+        inst.c.id,
+        inst.c.name,
+        inst.c.disabled_at,
+    ]
+    return columns, source
+
+
+def user_principal_from(values: Any, *, token_id: int | None = None) -> Principal | None:
+    """A user's principal from ``user_source``'s values (None: no such user, or it or
+    its institution is disabled)."""
+    if values is None:
         return None
-    inst = session.get(Institution, row.institution_fk) if row.institution_fk else None
-    if inst is not None and inst.disabled_at is not None:
+    user_id, username, kind, role, disabled_at, inst_id, inst_name, inst_disabled = values
+    if user_id is None or disabled_at is not None or inst_disabled is not None:
         return None
     return Principal(
-        kind=Kind(row.kind),
-        id=row.id,
-        name=row.username,
-        institution_id=inst.id if inst else None,
-        institution=inst.name if inst else "",
-        role=row.role,
+        kind=Kind(kind),
+        id=user_id,
+        name=username,
+        institution_id=inst_id,
+        institution=inst_name or "",
+        role=role,
+        token_id=token_id,
+    )
+
+
+def system_source(base: Any = None, on: Any = None) -> tuple[list[Any], Any]:
+    """As ``user_source``, for ``system_principal_from``: systems with their
+    institution."""
+    systems, inst = _SYSTEMS, _SYSTEM_INSTITUTION
+    source = systems if base is None else base.outerjoin(systems, on)
+    source = source.outerjoin(inst, inst.c.id == systems.c.institution_fk)
+    columns = [
+        systems.c.id,
+        systems.c.client_id,
+        systems.c.disabled_at,
+        inst.c.id,
+        inst.c.name,
+        inst.c.disabled_at,
+    ]
+    return columns, source
+
+
+def system_principal_from(values: Any, *, token_id: int | None = None) -> Principal | None:
+    """A system's principal from ``system_source``'s values (None: no such system, or it
+    or its institution is disabled)."""
+    if values is None:
+        return None
+    system_id, client_id, disabled_at, inst_id, inst_name, inst_disabled = values
+    if system_id is None or inst_id is None:
+        return None
+    if disabled_at is not None or inst_disabled is not None:
+        return None
+    return Principal(
+        kind=Kind.SYSTEM,
+        id=system_id,
+        name=client_id,
+        institution_id=inst_id,
+        institution=inst_name,
         token_id=token_id,
     )
 
@@ -214,27 +286,12 @@ def system_principal(
 
 
 def system_principal_in(
-    session: Session, system_id: int, *, token_id: int | None = None
+    session: Session | Connection, system_id: int, *, token_id: int | None = None
 ) -> Principal | None:
-    """``system_principal`` inside the caller's session, in one statement."""
-    found = session.execute(
-        select(InstitutionSystem, Institution)
-        .join(Institution, Institution.id == InstitutionSystem.institution_fk)
-        .where(InstitutionSystem.id == system_id)
-    ).first()
-    if found is None:
-        return None
-    row, inst = found
-    if row.disabled_at is not None or inst.disabled_at is not None:
-        return None
-    return Principal(
-        kind=Kind.SYSTEM,
-        id=row.id,
-        name=row.client_id,
-        institution_id=inst.id,
-        institution=inst.name,
-        token_id=token_id,
-    )
+    """``system_principal`` inside the caller's session or connection, in one statement."""
+    columns, source = system_source()
+    found = session.execute(select(*columns).select_from(source).where(_SYSTEMS.c.id == system_id))
+    return system_principal_from(found.first(), token_id=token_id)
 
 
 def institution_disabled(db: Database, name: str) -> bool:

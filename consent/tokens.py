@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 
 from consent.crypto import new_token, token_hash, verify_secret
-from consent.models import AccessToken, InstitutionSystem, ShareLink
+from consent.models import AccessToken, InstitutionSystem, ShareLink, User
 from consent.principals import (
     Kind,
     Principal,
-    system_principal_in,
+    system_principal_from,
+    system_source,
+    user_principal_from,
     user_principal_in,
+    user_source,
 )
 from gateway.archive.db import Database
 from gateway.archive.models import utcnow
@@ -129,16 +132,44 @@ def resolve(db: Database, token: str, now: dt.datetime | None = None) -> Princip
     if not token.startswith(ACCESS_PREFIX) or len(token) > 200:
         return None
     now = now or utcnow()
-    with db.reading() as session:
-        row = session.scalar(select(AccessToken).where(AccessToken.token_hash == token_hash(token)))
+    tokens = AccessToken.__table__
+    user_columns, source = user_source(tokens, tokens.c.user_fk == User.__table__.c.id)
+    system_columns, source = system_source(
+        source, tokens.c.system_fk == InstitutionSystem.__table__.c.id
+    )
+    # The token and a user's or system's principal in one statement: this runs on
+    # every request.
+    stmt = (
+        select(
+            tokens.c.id,
+            tokens.c.revoked_at,
+            tokens.c.expires_at,
+            tokens.c.link_fk,
+            tokens.c.acting_user_fk,
+            tokens.c.user_fk,
+            tokens.c.system_fk,
+            *user_columns,
+            *system_columns,
+        )
+        .select_from(source)
+        .where(tokens.c.token_hash == token_hash(token))
+    )
+    with db.read_conn() as conn:
+        row = conn.execute(stmt).first()
         if row is None or row.revoked_at is not None or row.expires_at <= now:
             return None
+        user_values = row[7 : 7 + len(user_columns)]
+        system_values = row[7 + len(user_columns) :]
         if row.link_fk is not None:
-            link = session.get(ShareLink, row.link_fk)
+            link = conn.execute(
+                select(
+                    ShareLink.id, ShareLink.revoked_at, ShareLink.expires_at, ShareLink.can_download
+                ).where(ShareLink.id == row.link_fk)
+            ).first()
             if link is None or link.revoked_at is not None or link.expires_at <= now:
                 return None
             acting = (
-                user_principal_in(session, row.acting_user_fk)
+                user_principal_in(conn, row.acting_user_fk)
                 if row.acting_user_fk is not None
                 else None
             )
@@ -151,11 +182,10 @@ def resolve(db: Database, token: str, now: dt.datetime | None = None) -> Princip
                 can_download=link.can_download,
                 token_id=row.id,
             )
-        # The principal on the same connection: one checkout per request.
         if row.user_fk is not None:
-            return user_principal_in(session, row.user_fk, token_id=row.id)
+            return user_principal_from(user_values, token_id=row.id)
         if row.system_fk is not None:
-            return system_principal_in(session, row.system_fk, token_id=row.id)
+            return system_principal_from(system_values, token_id=row.id)
     return None
 
 
