@@ -45,7 +45,7 @@ from gateway.dimse.balance import AcceptBalance
 from gateway.dimse.commitment import CommitmentSCP
 from gateway.dimse.handlers import Handlers
 from gateway.peers import PeerRegistry
-from gateway.runtime import configure_serving_process
+from gateway.runtime import configure_serving_process, freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,7 @@ def run_worker(
                 balance=balance,
             )
         )
+    freeze_startup_heap()
     stop = threading.Event()
 
     def _on_signal(_signum: int, _frame: Any) -> None:
