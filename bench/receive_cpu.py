@@ -29,6 +29,7 @@ Run it from a checkout with ``PYTHONPATH=$PWD`` to measure that checkout's code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import shutil
@@ -55,6 +56,7 @@ from ingest import (
 AET = "STUDYBRIDGE"
 READY = "receive_cpu worker ready"
 COUNTS = "receive_cpu index writes/transactions:"
+LOCK = "receive_cpu writer lock wait/held ms:"
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -112,13 +114,32 @@ def worker(data_dir: Path, port: int, profile: Path | None) -> None:
             counts["writes"] += 1
         return run(self, work)
 
-    def counted_commit(self: db._GroupCommit, mine: Any) -> None:
+    def counted_commit(self: db._GroupCommit, mine: Any) -> Any:
         with counting:
             counts["commits"] += 1
-        commit(self, mine)
+        return commit(self, mine)
 
     db._GroupCommit.run = counted_run  # type: ignore[method-assign]
     db._GroupCommit._commit = counted_commit  # type: ignore[method-assign]
+
+    # Time spent waiting for the SQLite writer lock and holding it (all processes'
+    # index writers queue for it: a bound on commits per second).
+    hold = db._WriterLock.hold
+    lock_times = {"wait": 0.0, "held": 0.0}
+
+    @contextlib.contextmanager
+    def timed_hold(self: db._WriterLock) -> Any:
+        asked = time.perf_counter()
+        with hold(self):
+            got = time.perf_counter()
+            try:
+                yield
+            finally:
+                with counting:
+                    lock_times["wait"] += got - asked
+                    lock_times["held"] += time.perf_counter() - got
+
+    db._WriterLock.hold = timed_hold  # type: ignore[method-assign]
 
     class Ready:
         def set(self) -> None:
@@ -126,6 +147,7 @@ def worker(data_dir: Path, port: int, profile: Path | None) -> None:
 
     server.run_worker(settings, 0, Ready())
     print(f"{COUNTS} {counts['writes']} {counts['commits']}", flush=True)
+    print(f"{LOCK} {lock_times['wait'] * 1000:.0f} {lock_times['held'] * 1000:.0f}", flush=True)
     if profile is not None and merged:
         merged[0].dump_stats(str(profile))
 
@@ -160,6 +182,10 @@ def run_once(
     procs.stop(proc)
     counted = [line for line in log.read_text().splitlines() if line.startswith(COUNTS)]
     writes, commits = (int(n) for n in counted[-1].split()[-2:]) if counted else (0, 0)
+    locked = [line for line in log.read_text().splitlines() if line.startswith(LOCK)]
+    if locked:
+        wait, held = locked[-1].split()[-2:]
+        print(f"     writer lock: {wait} ms waited, {held} ms held, in {elapsed:.1f} s")
     return elapsed, user1 - user0, sys1 - sys0, stored, writes, commits
 
 
