@@ -127,6 +127,16 @@ _SELECT_STUDY = (
     .join(_PATIENTS, _STUDIES.c.patient_fk == _PATIENTS.c.id)
     .where(_STUDIES.c.study_uid == bindparam("study_uid"))
 )
+# Where a placement read before the transaction (or cached) points: still the
+# series and study it was, or removed meanwhile (and perhaps its row ids reused).
+_CHECK_PLACEMENT = (
+    select(_SERIES.c.series_uid, _SERIES.c.study_fk, _STUDIES.c.study_uid, _STUDIES.c.patient_fk)
+    .join(_STUDIES, _SERIES.c.study_fk == _STUDIES.c.id)
+    .where(_SERIES.c.id == bindparam("series_fk"))
+)
+_CHECK_STUDY = select(_STUDIES.c.study_uid, _STUDIES.c.patient_fk).where(
+    _STUDIES.c.id == bindparam("study_fk")
+)
 _INSERT_INSTANCE = insert(_INSTANCES)
 _INSERT_EVENT = insert(_EVENTS)
 _INSERT_ARRIVAL = insert(TransferArrival.__table__)
@@ -467,6 +477,13 @@ class Ingestor:
             filed = place
             if filed.series_fk is None:
                 filed = self._file_series(conn, cand, filed, patient_id, issuer)
+            else:
+                # A placement read earlier, or cached: another process may have removed
+                # the study since, and SQLite gives a removed row's id to the next one.
+                now = conn.execute(_CHECK_PLACEMENT, {"series_fk": filed.series_fk}).first()
+                expected = (cand.series_uid, filed.study_fk, cand.study_uid, filed.patient_fk)
+                if now is None or tuple(now) != expected:
+                    raise _PlacementGone()
             conn.execute(_INSERT_INSTANCE, {**row, "series_fk": filed.series_fk})
             conn.execute(
                 _RECORD_SOURCE[conn.dialect.name],
@@ -497,6 +514,11 @@ class Ingestor:
             if race.what == "series":
                 self._refuse_series_mismatch(cand, source, race.detail, already_moved=True)
             self._refuse_patient_mismatch(cand, source, patient_id, issuer, already_moved=True)
+        except _PlacementGone as exc:
+            self._places.clear()
+            # The blob is an orphan now (the sweep removes it); the sender's retry is
+            # filed afresh.
+            raise IndexUnavailable("the study was removed during ingest; retry") from exc
         except IntegrityError as exc:
             self._places.clear()
             # Another receiver stored the same SOP Instance UID a moment ago.
@@ -584,6 +606,11 @@ class Ingestor:
             )
             if filed_patient != patient_fk:
                 raise _FiledElsewhere("study", "")
+        else:
+            # Read before the transaction: still this study of this patient?
+            now = conn.execute(_CHECK_STUDY, {"study_fk": study_fk}).first()
+            if now is None or tuple(now) != (cand.study_uid, patient_fk):
+                raise _PlacementGone()
         series_fk, filed_study = self._upsert(
             conn,
             _SERIES,
@@ -762,6 +789,12 @@ class Ingestor:
             transfer_syntax=cand.transfer_syntax,
             size=cand.size,
         )
+
+
+class _PlacementGone(ArchiveError):
+    """Raised inside the index transaction when the series, study and patient an
+    instance was to be filed under are no longer those rows (removed, or the study
+    moved to another patient, meanwhile)."""
 
 
 class _FiledElsewhere(ArchiveError):

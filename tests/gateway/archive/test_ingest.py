@@ -22,10 +22,12 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from sqlalchemy import select
 
 from gateway.archive import Archive, Digests, Outcome, Source
 from gateway.archive.errors import (
     ArchiveError,
+    IndexUnavailable,
     InstanceConflict,
     InvalidDataset,
     InvalidUID,
@@ -35,6 +37,7 @@ from gateway.archive.errors import (
     StorageUnavailable,
 )
 from gateway.archive.models import Instance, Patient, Series, Study
+from gateway.archive.removal import remove_study_rows
 from tests.factories import (
     bare,
     ct_slice,
@@ -381,6 +384,48 @@ def test_next_instances_of_a_series_after_a_duplicate_are_stored(archive: Archiv
         )
     assert (count(archive, Instance), count(archive, Series), count(archive, Study)) == (4, 1, 1)
     assert len(blob_keys(archive)) == 4
+
+
+@pytest.mark.fast
+def test_a_cached_series_removed_meanwhile_is_never_filed_under_rows_that_reuse_its_ids(
+    archive: Archive, tmp_path: Path
+):
+    # This process cached where series X is filed. Another process then removes its
+    # study, and a new study takes the freed row ids (SQLite reuses the largest
+    # rowid; PostgreSQL never does, the insert then misses its foreign key). X's next
+    # instance must not land in the new study's series.
+    first = ct_slice(patient_id="PAT-X")
+    archive.ingest_file(write(first, tmp_path / "x1.dcm"), SOURCE)
+    with archive.db.writing() as session:
+        assert remove_study_rows(session, first.StudyInstanceUID) is not None
+    other = ct_slice(patient_id="PAT-Y", patient_name="ROE^RICHARD", accession="ACC-Y")
+    archive.ingest_file(write(other, tmp_path / "y1.dcm"), SOURCE)
+    again = ct_slice(
+        patient_id="PAT-X",
+        study_uid=first.StudyInstanceUID,
+        series_uid=first.SeriesInstanceUID,
+        instance_number=2,
+    )
+    path = write(again, tmp_path / "x2.dcm")
+    try:
+        archive.ingest_file(path, SOURCE)
+    except IndexUnavailable as exc:  # retryable: the sender sends it again
+        assert exc.retryable
+        archive.ingest_file(path, SOURCE)
+    with archive.db.reading() as session:
+        filed = session.execute(
+            select(Instance.sop_uid, Series.series_uid, Study.study_uid, Patient.patient_id)
+            .join(Series, Series.id == Instance.series_fk)
+            .join(Study, Study.id == Series.study_fk)
+            .join(Patient, Patient.id == Study.patient_fk)
+            .order_by(Instance.sop_uid)
+        ).all()
+    assert sorted(tuple(r) for r in filed) == sorted(
+        [
+            (other.SOPInstanceUID, other.SeriesInstanceUID, other.StudyInstanceUID, "PAT-Y"),
+            (again.SOPInstanceUID, first.SeriesInstanceUID, first.StudyInstanceUID, "PAT-X"),
+        ]
+    )
 
 
 @pytest.mark.fast
