@@ -338,19 +338,23 @@ class Database:
             yield conn
 
     def analyze(self) -> bool:
-        """Refresh PostgreSQL's planner statistics of the index (False: SQLite, nothing done).
+        """Refresh PostgreSQL's planner statistics and visibility map of the index
+        (False: SQLite, nothing done).
 
         The query engine relies on them: without statistics PostgreSQL guesses that a
         modality matches 0.5% of series and a date range 0.5% of studies, and picks
-        plans ten times slower (see gateway/archive/query.py). Autovacuum refreshes
-        them on its own schedule; after a bulk import or a restore, do it at once.
-        ANALYZE runs outside a transaction block here: run inside one that is then
-        rolled back, its statistics would be discarded.
+        plans ten times slower (see gateway/archive/query.py); and until rows of a bulk
+        load are vacuumed, every index-only probe (the access scope's study_sources,
+        a study's modalities) visits the table too, and the first readers of each row
+        write its hint bits. Autovacuum does both on its own schedule, competing with
+        the first queries; after a bulk import or a restore, do it at once. VACUUM runs
+        outside a transaction block (it must), as ANALYZE should: run inside one that
+        is then rolled back, its statistics would be discarded.
         """
         if self.is_sqlite:
             return False
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.exec_driver_sql("ANALYZE")
+            conn.exec_driver_sql("VACUUM (ANALYZE)")
         return True
 
     def write_grouped(self, work: Callable[[Connection], T]) -> T:
