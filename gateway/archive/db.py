@@ -106,8 +106,12 @@ def _check_liveness(engine: Engine, ping_after: float) -> None:
         since = record.info.get("checked_in")
         if since is None:
             return  # just connected
+        # poll, not select: select refuses descriptors above 1023, which a busy
+        # gateway's connections reach. A hang-up or error counts as readable too.
+        poller = select.poll()
         try:
-            readable = bool(select.select([dbapi_conn.fileno()], [], [], 0)[0])
+            poller.register(dbapi_conn.fileno(), select.POLLIN)
+            readable = bool(poller.poll(0))
         except (OSError, ValueError) as exc:
             raise exc_module.DisconnectionError(str(exc)) from exc
         if not readable and time.monotonic() - since < ping_after:

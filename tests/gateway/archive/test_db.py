@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import threading
 import uuid
 
@@ -69,6 +71,30 @@ def test_a_busy_connection_is_reused_without_a_round_trip(pg_url: str, tmp_path,
         assert pings == []
     finally:
         archive.close()
+
+
+def test_liveness_check_works_for_descriptors_above_1023(pg_url: str, tmp_path, monkeypatch):
+    # A busy gateway holds many sockets and files: select() would refuse the pooled
+    # connection's descriptor there, and every checkout would count as a dead
+    # connection.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard == resource.RLIM_INFINITY or hard >= 2048, "needs 2048 descriptors"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    archive = Archive.open(Settings(data_dir=tmp_path / "var", database_url=pg_url))
+    try:
+        with archive.db.read_conn() as conn:
+            first = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+            assert conn.connection.dbapi_connection.fileno() > 1023
+        pings = _count_pings(monkeypatch)
+        with archive.db.read_conn() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar() == first
+        assert pings == []
+    finally:
+        archive.close()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_reads_run_in_autocommit(pg_url: str, tmp_path):
