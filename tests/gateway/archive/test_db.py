@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import threading
+import time
 import uuid
 
 import pytest
@@ -121,6 +122,13 @@ def test_pooled_connections_survive_a_server_side_disconnect(pg_url: str, tmp_pa
         admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            # pg_terminate_backend only signals the backend; wait until it has gone
+            # (it sends its FATAL message to the client before leaving
+            # pg_stat_activity), or the checkout below may race its exit.
+            deadline = time.monotonic() + 10
+            gone = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+            while conn.execute(gone, {"pid": pid}).scalar() and time.monotonic() < deadline:
+                time.sleep(0.01)
         admin.dispose()
         # The pooled connection is dead (the server closed it, so its socket is
         # readable): the checkout replaces it instead of failing, at once (well
