@@ -780,12 +780,17 @@ class Studybridge(Target):
             if self.big:
                 print(f"  ingesting the {len(self.big)}-slice big study ...", flush=True)
                 ingest_ct(archive, self.big)
+            self.token = bench_token(archive, self.specs, self.args.scope)
             # As `studybridge import` does after a bulk import (and autovacuum would
             # later): PostgreSQL's planner statistics of the loaded index. (This was
             # once run inside a transaction that was then rolled back, which threw the
-            # statistics away and left PostgreSQL planning blind: 73 ms at 100k.)
+            # statistics away and left PostgreSQL planning blind: 73 ms at 100k.) After
+            # the token: its consents and patient links are tables of the scope query,
+            # and until they are analysed (autovacuum does within a minute or so) the
+            # planner takes them for one row each and joins them by nested loop; the
+            # measured figures then depended on whether autovacuum had come by yet
+            # (PatientID 21 vs 7.5 ms).
             archive.db.analyze()
-            self.token = bench_token(archive, self.specs, self.args.scope)
         finally:
             archive.close()
         return LoadResult(loader, len(self.specs), seconds, ct_seconds, note)
