@@ -36,7 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import (
@@ -125,29 +125,71 @@ def _cached_filter(
 
 
 def _study_filter(principal: Principal, operation: Operation, now: _Now) -> ColumnElement[bool]:
+    rules = _study_rules(principal, operation, now, probe=True)
+    return rules[0] if len(rules) == 1 else or_(*rules)
+
+
+def study_rules(principal: Principal, operation: Operation) -> tuple[ColumnElement[bool], ...]:
+    """The rules whose union is ``study_filter``, each written so the database can
+    also drive a query from it (the studies an institution sent as a join, not a
+    probe): the query engine reads a page per rule when its keys select little."""
+    return _cached_rules(
+        principal.kind,
+        principal.id,
+        principal.institution_id,
+        principal.institution,
+        principal.can_download,
+        operation,
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_rules(
+    kind: Kind,
+    principal_id: int,
+    institution_id: int | None,
+    institution: str,
+    can_download: bool,
+    operation: Operation,
+) -> tuple[ColumnElement[bool], ...]:
+    principal = Principal(
+        kind=kind,
+        id=principal_id,
+        name="",
+        institution_id=institution_id,
+        institution=institution,
+        can_download=can_download,
+    )
+    return tuple(_study_rules(principal, operation, _NOW, probe=False))
+
+
+def _study_rules(
+    principal: Principal, operation: Operation, now: _Now, *, probe: bool
+) -> list[ColumnElement[bool]]:
     kind = principal.kind
     if kind is Kind.DEMO:
-        return true()
+        return [true()]
     if operation not in _READS:
-        return false()  # storing is a permission of the principal (may_store), not a scope
+        return [false()]  # storing is a permission of the principal (may_store), not a scope
     if kind is Kind.PATIENT:
-        return _patient_studies(principal.id, now)
+        return [_patient_studies(principal.id, now)]
     if kind is Kind.LINK:
         if operation is Operation.DOWNLOAD and not principal.can_download:
-            return false()
-        return _link_studies(principal.id, now)
+            return [false()]
+        return [_link_studies(principal.id, now)]
     if kind in (Kind.STAFF, Kind.SYSTEM):
         if not principal.institution:
-            return false()
-        clauses = [_institution_studies(principal.institution_id, principal.institution, now)]
+            return [false()]
+        rules = [_sent_by(principal.institution, probe=probe)]
         if principal.institution_id is not None:
-            clauses.append(_shared_with(principal.institution_id, operation, now))
+            rules.append(_consented_to(principal.institution_id, now))
+            rules.append(_shared_with(principal.institution_id, operation, now))
         if kind is Kind.STAFF:
-            clauses.append(_break_glass_studies(principal.id, now))
-        return or_(*clauses)
+            rules.append(_break_glass_studies(principal.id, now))
+        return rules
     if kind is Kind.OPERATOR:
-        return _break_glass_studies(principal.id, now)
-    return false()  # auditors, and any kind added later until it gets a rule
+        return [_break_glass_studies(principal.id, now)]
+    return [false()]  # auditors, and any kind added later until it gets a rule
 
 
 def break_glass_filter(principal: Principal, now: dt.datetime | None = None) -> ColumnElement[bool]:
@@ -372,15 +414,20 @@ def _shared_with(institution_id: int, operation: Operation, now: _Now) -> Column
     return Study.id.in_(stmt)
 
 
-def _sent_by(institution: str) -> ColumnElement[bool]:
-    # The study's senders as recorded at ingest (``study_sources``): one primary-key
-    # probe per candidate study. Through the instances instead (a probe of series and
-    # instances per study, or a hash over every instance the institution sent) a
-    # scoped QIDO took 22-270 ms at 100,000 studies; IN over every study it sent,
-    # built in full per request, 170-600 ms. Fenced with OFFSET 0 so PostgreSQL keeps
-    # it a probe: otherwise it hashed every study the institution sent before reading
-    # a page of the newest (KIM* with limit=100: 158 ms for an institution that sent
-    # all 100,000 studies, 11 ms probing; 23 against 30 ms when it sent a tenth).
+def _sent_by(institution: str, *, probe: bool = True) -> ColumnElement[bool]:
+    # The study's senders as recorded at ingest (``study_sources``). As a probe: one
+    # primary-key probe per candidate study. Through the instances instead (a probe
+    # of series and instances per study, or a hash over every instance the
+    # institution sent) a scoped QIDO took 22-270 ms at 100,000 studies; IN over
+    # every study it sent, built in full per request, 170-600 ms. Fenced with OFFSET 0
+    # so PostgreSQL keeps it a probe: otherwise it hashed every study the institution
+    # sent before reading a page of the newest (KIM* with limit=100: 158 ms for an
+    # institution that sent all 100,000 studies, 11 ms probing; 23 against 30 ms
+    # when it sent a tenth). Not a probe (``probe=False``): a semi-join the database
+    # may drive from, reading the institution's studies newest first from the
+    # (institution, study) index, for a page of a query whose keys select little.
+    if not probe:
+        return Study.id.in_(select(_SOURCE.c.study_fk).where(_SOURCE.c.institution == institution))
     return (
         select(_SOURCE.c.study_fk)
         .where(_SOURCE.c.study_fk == Study.id, _SOURCE.c.institution == institution)
@@ -413,15 +460,6 @@ def _consented_to(institution_id: int, now: _Now) -> ColumnElement[bool]:
     return Study.id.in_(stmt)
 
 
-def _institution_studies(
-    institution_id: int | None, institution: str, now: _Now
-) -> ColumnElement[bool]:
-    sent = _sent_by(institution)
-    if institution_id is None:
-        return sent  # a peer's institution not registered for consents: what it sent
-    return or_(sent, _consented_to(institution_id, now))
-
-
 def _break_glass_studies(user_id: int, now: _Now) -> ColumnElement[bool]:
     s, p = _S, _P
     stmt = (
@@ -446,6 +484,22 @@ def _break_glass_studies(user_id: int, now: _Now) -> ColumnElement[bool]:
 
 
 # -- decision plus audit, for the doors ----------------------------------------------------
+class SearchScope:
+    """A search's ``Query.study_scope``: called, the condition on ``Study`` rows;
+    ``rules()``, the same scope as rules whose union it is (see ``study_rules``)."""
+
+    __slots__ = ("principal",)
+
+    def __init__(self, principal: Principal) -> None:
+        self.principal = principal
+
+    def __call__(self) -> ColumnElement[bool]:
+        return study_filter(self.principal, Operation.SEARCH)
+
+    def rules(self) -> tuple[ColumnElement[bool], ...]:
+        return study_rules(self.principal, Operation.SEARCH)
+
+
 class Gate:
     """What a door calls: scopes for queries and checks for retrieves, each audited."""
 
@@ -461,7 +515,7 @@ class Gate:
         client: str = "",
         purpose: str = "",
         detail: str = "",
-    ) -> Callable[[], ColumnElement[bool]]:
+    ) -> SearchScope:
         """The ``Query.study_scope`` for a search, which is audited as attempted."""
         self.auditor.record(
             Attempt(
@@ -474,7 +528,7 @@ class Gate:
                 detail=detail,
             )
         )
-        return lambda: study_filter(principal, Operation.SEARCH)
+        return SearchScope(principal)
 
     def check(
         self,

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy import ColumnElement
 
-from consent.access import Gate, permitted_studies
+from consent.access import Gate, SearchScope, permitted_studies
 from consent.audit import Attempt
 from consent.principals import DEMO, Operation, Principal
 from consent.redact import redact
@@ -137,7 +136,7 @@ def gate_of(request: Request) -> Gate:
     return gate
 
 
-def search_scope(request: Request) -> Callable[[], ColumnElement[bool]]:
+def search_scope(request: Request) -> SearchScope:
     """The study scope of a QIDO-RS search (the search is audited)."""
     return gate_of(request).search_scope(
         principal_of(request),

@@ -50,6 +50,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    union,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 
@@ -188,6 +189,9 @@ class Query:
     # Extra attributes to return (keywords), beyond the keys.
     include: Sequence[str] = ()
     # A SQL condition on Study rows limiting what this query may see (access control).
+    # It may also offer ``rules()``: the same scope as conditions whose union it is
+    # (consent.access.SearchScope), which a page whose keys select little reads
+    # one rule at a time.
     study_scope: Callable[[], ColumnElement[bool]] | None = None
     # Entities with an empty value also match a key (QIDO-RS emptyvaluematching=true).
     empty_value_matching: bool = False
@@ -268,7 +272,8 @@ def run_query(db: Database, query: Query) -> QueryResult:
         for k, v in match_keys.items()
     ]
     conditions = [c for c in conditions if c is not None]
-    if query.study_scope is not None:
+    rules = _page_rules(db, query, level, match_keys)
+    if query.study_scope is not None and not rules:
         if level is Level.PATIENT:
             conditions.append(exists().where(Study.patient_fk == Patient.id, query.study_scope()))
         else:
@@ -281,6 +286,28 @@ def run_query(db: Database, query: Query) -> QueryResult:
     if query.limit is None:
         stmt = _base_select(level, columns.selected).where(*conditions).order_by(order_col)
         stmt = stmt.offset(query.offset)
+    elif rules:
+        # A page per scope rule, then the page of their union: each rule's page can
+        # be read newest first from that rule's own index (the studies an
+        # institution sent, from study_sources) instead of walking the newest
+        # studies of the whole archive and probing each against every rule.
+        deep = query.offset + query.limit + 1
+        pages = [
+            _base_select(level, [id_col])
+            .where(*conditions, rule)
+            .order_by(order_col)
+            .limit(deep)
+            .subquery()
+            for rule in rules
+        ]
+        either = union(*(select(p.c[0]) for p in pages)).subquery()
+        page = (
+            select(either.c[0])
+            .order_by(either.c[0].desc())
+            .offset(query.offset)
+            .limit(query.limit + 1)
+        )
+        stmt = _base_select(level, columns.selected).where(id_col.in_(page)).order_by(order_col)
     else:
         # A page: choose the page's row ids first, then read the returned columns
         # of those rows only. Matching and sorting then touch ids (often from an
@@ -310,6 +337,47 @@ def run_query(db: Database, query: Query) -> QueryResult:
         rows=[columns.values(row, computed) for row in rows],
         truncated=truncated,
     )
+
+
+def _page_rules(
+    db: Database, query: Query, level: Level, match_keys: dict[str, str]
+) -> tuple[ColumnElement[bool], ...]:
+    """The scope's rules when a page of studies should be read one rule at a time
+    (else empty): on PostgreSQL, for a scope of several rules, when no key picks out
+    few studies by itself. With such a key (a patient or accession, a bounded date
+    range) reading its matches and probing each against the scope is cheaper; without
+    one, probing walks the newest studies of the whole archive until a page is in
+    scope: at 100,000 studies, for an institution that sent a tenth, PatientName=KIM*
+    walked 2,700 studies for 100 matches, where its own studies give them after 270."""
+    rules_of = getattr(query.study_scope, "rules", None)
+    if db.is_sqlite or rules_of is None or level is not Level.STUDY or query.limit is None:
+        return ()
+    if any(_picks_few(keyword, value) for keyword, value in match_keys.items()):
+        return ()
+    rules = rules_of()
+    return rules if len(rules) > 1 else ()
+
+
+# Keys whose exact value picks out few entities through an index of their own.
+_PICKING = {
+    "PatientID",
+    "StudyInstanceUID",
+    "AccessionNumber",
+    "StudyID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+}
+
+
+def _picks_few(keyword: str, value: str) -> bool:
+    if _is_universal(value):
+        return False
+    if keyword in _PICKING:
+        return "*" not in value and "?" not in value
+    if _ATTRS[keyword].kind == "date":
+        # A date, or a range closed at both ends; an open range selects little.
+        return not value.startswith("-") and not value.endswith("-")
+    return False
 
 
 class _Columns:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from sqlalchemy import event
 
 from consent import breakglass, consents
 from consent.access import Gate, may_store, permitted_studies, study_filter
@@ -262,3 +263,52 @@ def test_storing_into_another_senders_study_is_refused(site: Site):
     consents.grant(site.db, site.p("alice"), institution="North")
     assert may_add_to_study(site.db, north, site.studies["a3"])  # visible by consent
     assert may_add_to_study(site.db, DEMO, site.studies["c1"])
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({}, {"a1", "a2", "a3", "b1"}),
+        ({"PatientName": "LIDDELL*"}, {"a1", "a2", "a3"}),
+        ({"ModalitiesInStudy": "CT"}, {"a1", "a2", "a3", "b1"}),
+        ({"PatientID": "P1"}, {"a1", "a2"}),
+    ],
+    ids=["none", "wildcard-name", "modality", "patient-id"],
+)
+def test_a_page_read_one_rule_at_a_time_is_the_page_the_whole_scope_gives(
+    site: Site, keys, expected
+):
+    # North sees what it sent (a1, a2, b1) and, by Alice's consent, a3; a1 and a2
+    # are in both rules. Without a key that picks out few studies, PostgreSQL reads
+    # a page per rule and then the page of their union: the same pages, in the same
+    # order, with the same truncation, as the scope applied as one condition.
+    consents.grant(site.db, site.p("alice"), institution="North")
+    scope = Gate(site.db, site.auditor).search_scope(site.p("north_rad"), door="test")
+    statements: list[str] = []
+    listen = lambda conn, cursor, statement, *rest: statements.append(statement)  # noqa: E731
+    event.listen(site.db.engine, "before_cursor_execute", listen)
+
+    def page(study_scope, limit: int, offset: int) -> tuple[list[str], bool]:
+        query = Query(
+            level=Level.STUDY,
+            keys=dict(keys, StudyInstanceUID=""),
+            limit=limit,
+            offset=offset,
+            study_scope=study_scope,
+        )
+        result = site.archive.query(query)
+        at = result.keys.index("StudyInstanceUID")
+        return [row[at] for row in result.rows], result.truncated
+
+    try:
+        for limit, offset in [(10, 0), (2, 0), (2, 2), (1, 3), (2, 4), (3, 1)]:
+            statements.clear()
+            by_rule = page(scope, limit, offset)
+            unioned = any(" UNION " in s for s in statements)
+            assert by_rule == page(lambda: scope(), limit, offset)
+            assert unioned == (not site.db.is_sqlite and "PatientID" not in keys)
+        everything = page(scope, 10, 0)[0]
+        assert len(everything) == len(set(everything))
+        assert site.nick(everything) == expected
+    finally:
+        event.remove(site.db.engine, "before_cursor_execute", listen)
