@@ -4,7 +4,18 @@ A blob is written once under a key built from validated UIDs and never changed.
 ``put_file`` returns only when the bytes are durable (for files: written, fsynced,
 linked or renamed into place, directory fsynced), so the index may then point at them.
 
-Callers see only this interface; an S3 implementation slots in beside ``FileStore``.
+``place_file`` + ``sync`` split that in two for callers that store many blobs at
+once (the ingest of concurrent receivers): ``place_file`` puts the blob in place and
+may return before it is durable (a ``Placed`` saying what is still to flush), and
+``sync`` makes a whole list of them durable in one pass (every pending file fsynced
+and every distinct directory fsynced, all at once), so a batch of instances waits for
+one round of flushes instead of one each. Until ``sync`` returned for it, nothing may
+point at a placed blob; one that never becomes durable is an unindexed orphan (a
+retry replaces it, the orphan sweep removes it).
+
+Callers see only this interface; an S3 implementation slots in beside ``FileStore``
+(its objects are durable when stored: its ``place_file`` stores, its ``sync`` has
+nothing to do).
 """
 
 from __future__ import annotations
@@ -18,8 +29,9 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -42,6 +54,20 @@ def check_key(key: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class Placed:
+    """A blob put in place under ``key`` by ``place_file``, and what is still to be
+    flushed before it is durable (None: nothing)."""
+
+    key: str
+    file: Path | None = None
+    directory: Path | None = None
+
+    @property
+    def durable(self) -> bool:
+        return self.file is None and self.directory is None
+
+
 class BlobStore(Protocol):
     """Durable, immutable storage of blobs by key."""
 
@@ -51,6 +77,14 @@ class BlobStore(Protocol):
         With ``move`` the store may take the file (rename) instead of copying it.
         Raises StorageUnavailable when the backend cannot take it.
         """
+
+    def place_file(self, key: str, path: Path, *, move: bool) -> Placed:
+        """Like ``put_file``, but the blob may not be durable yet on return: it is once
+        ``sync`` of a list holding the result returned. Raises StorageUnavailable."""
+
+    def sync(self, placed: Sequence[Placed]) -> None:
+        """Make every blob of ``placed`` durable, in one pass for all of them; raises
+        StorageUnavailable if any may not be (none of them then counts as durable)."""
 
     def open(self, key: str) -> BinaryIO:
         """A readable binary stream of the blob (NotFound if absent)."""
@@ -128,22 +162,41 @@ def _link_new(path: Path, target: Path) -> bool:
     return True
 
 
-_dir_syncer: ThreadPoolExecutor | None = None
-_dir_syncer_lock = threading.Lock()
+_syncer: ThreadPoolExecutor | None = None
+_syncer_lock = threading.Lock()
+# fsyncs of one pass that run at once (a batch holds a few instances per receiver
+# thread of the process; fsync waits on the disk, not on a core).
+_SYNC_THREADS = 8
 
 
-def _fsync_with_dir(path: Path) -> None:
-    """fsync ``path`` and, concurrently (another thread), its directory."""
-    global _dir_syncer
-    if _dir_syncer is None:
-        with _dir_syncer_lock:
-            if _dir_syncer is None:
-                _dir_syncer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync-dir")
-    directory = _dir_syncer.submit(fsync_dir, path.parent)
+def sync_all(files: Sequence[Path], directories: Sequence[Path]) -> None:
+    """fsync every file and directory given, all at once (the filesystem commits the
+    concurrent ones together), and wait for all of them; raises the first OSError."""
+    global _syncer
+    if _syncer is None:
+        with _syncer_lock:
+            if _syncer is None:
+                _syncer = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="fsync")
+    jobs: list[tuple[Callable[[Path], None], Path]] = [
+        *((fsync_dir, d) for d in dict.fromkeys(directories)),
+        *((_fsync_path, f) for f in dict.fromkeys(files)),
+    ]
+    if not jobs:
+        return
+    # The last one in this thread, the others in the pool's.
+    futures: list[Future[None]] = [_syncer.submit(call, path) for call, path in jobs[:-1]]
+    error: OSError | None = None
     try:
-        _fsync_path(path)
-    finally:
-        directory.result()
+        jobs[-1][0](jobs[-1][1])
+    except OSError as exc:
+        error = exc
+    for future in futures:
+        try:
+            future.result()
+        except OSError as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def fsync_dir(path: Path) -> None:
@@ -185,6 +238,27 @@ class FileStore:
         self._known_dirs.add(directory)
 
     def put_file(self, key: str, path: Path, *, move: bool) -> None:
+        placed = self.place_file(key, path, move=move)
+        try:
+            self.sync([placed])
+        except StorageUnavailable:
+            # Nothing points at it, and it may not hold its bytes: not left behind.
+            if placed.file is not None:
+                with contextlib.suppress(OSError):
+                    placed.file.unlink()
+            raise
+
+    def sync(self, placed: Sequence[Placed]) -> None:
+        files = [p.file for p in placed if p.file is not None]
+        directories = [p.directory for p in placed if p.directory is not None]
+        try:
+            sync_all(files, directories)
+        except OSError as exc:
+            for directory in directories:
+                self._known_dirs.discard(directory)
+            raise StorageUnavailable(_describe_os_error(exc, "write")) from exc
+
+    def place_file(self, key: str, path: Path, *, move: bool) -> Placed:
         target = self._path(key)
         staged: Path | None = None
         try:
@@ -192,19 +266,14 @@ class FileStore:
             if move and os.stat(path).st_dev == os.stat(target.parent).st_dev:
                 if _link_new(path, target):
                     # A new name for the staged file: its bytes and the new directory
-                    # entry become durable by two fsyncs running at once (the
-                    # filesystem commits them together: one wait instead of two).
-                    # Until they return nothing points at the blob; a crash before
-                    # leaves an unindexed file that a retry replaces (below) or the
-                    # orphan sweep removes. The staging name needs no durability.
-                    try:
-                        _fsync_with_dir(target)
-                    except OSError:
-                        with contextlib.suppress(OSError):
-                            target.unlink()
-                        raise
+                    # entry become durable by the fsyncs of ``sync`` (of the file and
+                    # of its directory, run at once with those of the other blobs of
+                    # the batch: the filesystem commits them together). Until they
+                    # return nothing points at the blob; a crash before leaves an
+                    # unindexed file that a retry replaces (below) or the orphan sweep
+                    # removes. The staging name needs no durability.
                     os.unlink(path)
-                    return
+                    return Placed(key, file=target, directory=target.parent)
                 # The key exists already (a concurrent or earlier copy of the same
                 # bytes): replace it only with a file whose bytes are durable.
                 fd = os.open(path, os.O_RDONLY)
@@ -212,6 +281,8 @@ class FileStore:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+                # (Were it only placed, a crash could leave the copy the index already
+                # points at without its bytes.)
                 os.replace(path, target)
             else:
                 # A unique temporary name: several threads of one process may store
@@ -226,7 +297,9 @@ class FileStore:
                 if move:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
-            fsync_dir(target.parent)
+            # The bytes under the key are durable already (they replaced a name that
+            # may be indexed): only the directory entry is left for ``sync``.
+            return Placed(key, directory=target.parent)
         except OSError as exc:
             self._known_dirs.discard(target.parent)
             if staged is not None:

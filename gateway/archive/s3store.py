@@ -1,12 +1,13 @@
 """Blobs in an S3-compatible object store (MinIO, AWS S3, SeaweedFS...) via ``minio``.
 
-The same ``BlobStore`` contract as ``FileStore``: ``put_file`` returns only once the
-object store has answered that the whole object is stored, so the index may then
-point at it. What was stored is checked against what was sent: every request body is
-checked by the server (SHA-256 of the signed payload over HTTP, Content-MD5 over
-HTTPS), and the ETag the store answers is compared with the MD5 (per part, for
-multipart uploads) of the bytes read from the local file. Objects larger than the
-part size go up as multipart uploads; frames are read with ranged GETs.
+The same ``BlobStore`` contract as ``FileStore``: ``put_file`` (and ``place_file``)
+returns only once the object store has answered that the whole object is stored, so
+the index may then point at it (``sync`` has nothing left to do). What was stored
+is checked against what was sent: every request body is checked by the server
+(SHA-256 of the signed payload over HTTP, Content-MD5 over HTTPS), and the ETag the
+store answers is compared with the MD5 (per part, for multipart uploads) of the
+bytes read from the local file. Objects larger than the part size go up as
+multipart uploads; frames are read with ranged GETs.
 
 Every connection failure, timeout or 5xx answer becomes ``StorageUnavailable``
 (retryable): a DICOM sender gets an out-of-resources status, an HTTP client a 503.
@@ -24,7 +25,7 @@ import os
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -33,7 +34,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from minio.sse import SseKMS, SseS3
 
-from gateway.archive.blobstore import check_key
+from gateway.archive.blobstore import Placed, check_key
 from gateway.archive.errors import NotFound, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,14 @@ class S3Store:
         if move:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    def place_file(self, key: str, path: Path, *, move: bool) -> Placed:
+        # An object is durable once the store has answered: nothing left for ``sync``.
+        self.put_file(key, path, move=move)
+        return Placed(key)
+
+    def sync(self, placed: Sequence[Placed]) -> None:
+        """Nothing to do: ``place_file`` returned once each object was stored."""
 
     def _discard(self, name: str) -> None:
         with contextlib.suppress(MinioException, urllib3.exceptions.HTTPError, OSError):

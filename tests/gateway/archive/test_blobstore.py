@@ -188,3 +188,54 @@ def test_missing_source_is_storage_unavailable(store: FileStore, tmp_path: Path)
     with pytest.raises(StorageUnavailable):
         store.put_file("k/a", tmp_path / "nope", move=False)
     assert files_under(store.root) == []
+
+
+def test_a_placed_blob_is_flushed_by_sync_each_file_and_each_directory_once(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from gateway.archive import blobstore
+
+    synced: list[tuple[str, str]] = []
+    file_sync, dir_sync = blobstore._fsync_path, blobstore.fsync_dir
+    monkeypatch.setattr(
+        blobstore, "_fsync_path", lambda p: (synced.append(("file", str(p))), file_sync(p))
+    )
+    monkeypatch.setattr(
+        blobstore, "fsync_dir", lambda p: (synced.append(("dir", str(p))), dir_sync(p))
+    )
+    store.put_file("warm/up", source(tmp_path, "w", b"w"), move=False)  # folders exist now
+    (store.root / "studies" / "1").mkdir(parents=True)
+    store._known_dirs.add(store.root / "studies" / "1")
+    synced.clear()
+
+    placed = [
+        store.place_file(f"studies/1/{name}", source(tmp_path, name, name.encode()), move=True)
+        for name in ("a", "b", "c")
+    ]
+    # In place but not flushed yet: nothing may point at them before sync returns.
+    assert synced == []
+    assert [p.durable for p in placed] == [False, False, False]
+    assert store.exists("studies/1/a")
+
+    store.sync(placed)
+    assert sorted(synced) == [
+        ("dir", str(store.root / "studies" / "1")),
+        *(("file", str(store.root / "studies" / "1" / n)) for n in ("a", "b", "c")),
+    ]
+
+
+def test_a_failed_sync_is_storage_unavailable_and_put_file_leaves_nothing(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from gateway.archive import blobstore
+
+    def failing(_path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    placed = store.place_file("k/a", source(tmp_path, "a", b"a"), move=True)
+    monkeypatch.setattr(blobstore, "_fsync_path", failing)
+    with pytest.raises(StorageUnavailable):
+        store.sync([placed])
+    with pytest.raises(StorageUnavailable):
+        store.put_file("k/b", source(tmp_path, "b", b"b"), move=True)
+    assert not store.exists("k/b")  # not flushed: not left under its key
