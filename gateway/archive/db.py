@@ -185,13 +185,32 @@ class _WriterLock:
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Prerequisite:
+    """What a grouped write's rows depend on and must be durable before the transaction
+    holding them commits (an instance's blob, placed but not yet flushed).
+
+    ``settle`` makes items durable; it is called ONCE with the items of all the writes
+    of a transaction that share it (one round of flushes for the batch instead of one
+    per write), before their work runs. Should it raise, every one of those writes
+    fails with its error and none of them runs: nothing is written that points at
+    something not durable.
+    """
+
+    settle: Callable[[list[Any]], None]
+    item: Any
+
+
 class _Write:
     """One caller's part of a grouped write transaction."""
 
-    __slots__ = ("done", "error", "result", "work")
+    __slots__ = ("before", "done", "error", "result", "work")
 
-    def __init__(self, work: Callable[[Connection], Any]) -> None:
+    def __init__(
+        self, work: Callable[[Connection], Any], before: Prerequisite | None = None
+    ) -> None:
         self.work = work
+        self.before = before
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
@@ -200,13 +219,17 @@ class _Write:
 class _GroupCommit:
     """Writes of concurrent threads committed together: one transaction, one flush.
 
-    A thread that finds no transaction running opens one; once it holds the write
-    lock (SQLite writers of all processes queue for it) it runs every write queued
-    by then, its own included, and those queued while they ran, then commits.
-    Threads arriving while a transaction runs queue for the next one. The first
-    write of a transaction runs as it is; the others each in a savepoint, so one
-    write's error (a duplicate key) undoes that write alone. Every write is answered
-    only after the transaction holding it committed (or failed).
+    A thread that finds no transaction running opens one. It first settles the
+    prerequisites of every write queued by then (its own included: their blobs are
+    flushed in one pass), before it asks for the write lock (SQLite writers of all
+    processes queue for it, and are not held up by those flushes); once it holds the
+    lock it runs those writes, then settles and runs those queued meanwhile (in one
+    more pass), and commits. Threads arriving while a transaction runs queue for the
+    next one. The first write of a transaction runs as it is; the others each in a
+    savepoint, so one write's error (a duplicate key) undoes that write alone. A
+    write whose prerequisite could not be settled fails without running, as does
+    every other write settled in the same pass. Every write is answered only after
+    the transaction holding it committed (or failed).
     """
 
     def __init__(self, db: Database) -> None:
@@ -215,8 +238,8 @@ class _GroupCommit:
         self._queue: list[_Write] = []
         self._busy = False
 
-    def run(self, work: Callable[[Connection], T]) -> T:
-        mine = _Write(work)
+    def run(self, work: Callable[[Connection], T], before: Prerequisite | None = None) -> T:
+        mine = _Write(work, before)
         with self._cond:
             self._queue.append(mine)
         while True:
@@ -241,12 +264,38 @@ class _GroupCommit:
             batch, self._queue = self._queue, []
         return batch
 
+    def _settled(self, batch: list[_Write]) -> list[_Write]:
+        """The writes of ``batch`` whose prerequisites are now durable: one ``settle``
+        call for all those sharing it. The others are answered with its error."""
+        groups: dict[Callable[[list[Any]], None], list[_Write]] = {}
+        for write in batch:
+            if write.before is not None:
+                groups.setdefault(write.before.settle, []).append(write)
+        failed: list[_Write] = []
+        for settle, writes in groups.items():
+            try:
+                settle([w.before.item for w in writes if w.before is not None])
+            except Exception as exc:
+                for write in writes:
+                    write.error = exc
+                failed += writes
+        if not failed:
+            return batch
+        with self._cond:
+            for write in failed:
+                write.done = True
+            self._cond.notify_all()
+        return [w for w in batch if not w.done]
+
     def _commit(self, mine: _Write) -> None:
         ran: list[_Write] = []
-        batch: list[_Write] = []
+        batch: list[_Write] = self._take()
         try:
+            batch = self._settled(batch)
+            if not batch:
+                return
             with self.db.write_conn() as conn:
-                while batch := self._take():
+                while batch:
                     while batch:
                         write = batch.pop(0)
                         ran.append(write)
@@ -263,15 +312,17 @@ class _GroupCommit:
                             write.error = exc
                         else:
                             savepoint.commit()
+                    # Writes queued meanwhile join this transaction.
+                    batch = self._settled(self._take())
         except BaseException as exc:
             # The transaction failed: none of the writes it ran holds; those it had not
             # run yet go back to the queue for the next transaction. If it failed before
             # running any (no connection, no lock), the leader's own write fails.
             with self._cond:
-                self._queue[:0] = batch
-                if not ran:
-                    self._queue.remove(mine)
+                if not ran and mine in batch:
+                    batch.remove(mine)
                     ran.append(mine)
+                self._queue[:0] = batch
             for write in ran:
                 if write.error is None:
                     write.error = exc
@@ -361,12 +412,16 @@ class Database:
             conn.exec_driver_sql("VACUUM (ANALYZE)")
         return True
 
-    def write_grouped(self, work: Callable[[Connection], T]) -> T:
+    def write_grouped(
+        self, work: Callable[[Connection], T], *, before: Prerequisite | None = None
+    ) -> T:
         """Run ``work(conn)`` in a write transaction shared with the concurrent callers
         of this method in this process (committed once for all of them: one flush
-        instead of one each); returns once that transaction committed. Raises what
-        ``work`` raised (its own writes undone) or what the commit raised."""
-        return self._group.run(work)
+        instead of one each); returns once that transaction committed. ``before``:
+        made durable (settled together with those of the other writes) before
+        ``work`` runs. Raises what settling or ``work`` raised (its own writes undone)
+        or what the commit raised."""
+        return self._group.run(work, before)
 
     def dispose(self) -> None:
         self.engine.dispose()

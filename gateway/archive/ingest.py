@@ -12,7 +12,10 @@ set from an old disc) and:
    the caller wrote the file and hashed it on the way (``Digests``: the DIMSE
    receiver hashes the PDUs as they arrive, so the file is not read again);
 4. decides against what is already stored (see "Rules" below);
-5. writes the blob durably, then commits the index, and only then returns success.
+5. writes the blob durably, then commits the index, and only then returns success
+   (the blob is put in place first, and made durable in one round of flushes with
+   the blobs of the other instances of the same index transaction, before it; see
+   ``db.Database.write_grouped`` and ``blobstore.BlobStore.place_file``).
 
 Rules (documented in docs/architecture.md):
 - same SOP Instance UID, same data set bytes: success, no second copy;
@@ -71,7 +74,7 @@ from gateway.archive.attributes import (
     value_of,
 )
 from gateway.archive.blobstore import BlobStore
-from gateway.archive.db import Database
+from gateway.archive.db import Database, Prerequisite
 from gateway.archive.errors import (
     ArchiveError,
     IndexUnavailable,
@@ -450,7 +453,10 @@ class Ingestor:
 
         key = _blob_key(cand)
         frame_offsets = _frame_offsets(cand)
-        self.store.put_file(key, cand.path, move=cand.owned)
+        # In place, but perhaps not durable yet: it is made durable together with the
+        # blobs of the instances this process indexes in the same transaction (one
+        # round of flushes for all of them), before their rows are written.
+        placed = self.store.place_file(key, cand.path, move=cand.owned)
         # The staged file may now be gone (moved): the blob is the only copy.
         cand.owned = False
         row = {
@@ -503,10 +509,13 @@ class Ingestor:
                 )
             return filed
 
+        flush = None if placed.durable else Prerequisite(self.store.sync, placed)
         try:
             # Committed together with the instances other receiving threads of this
-            # process index at the same moment: one flush for all of them.
-            place = self.db.write_grouped(index)
+            # process index at the same moment: one round of blob flushes, then one
+            # commit, for all of them. A failed flush fails every instance of its
+            # round (StorageUnavailable: retryable) and indexes none of them.
+            place = self.db.write_grouped(index, before=flush)
         except _FiledElsewhere as race:
             # Another receiver filed this study or series a moment ago, differently.
             self._places.clear()

@@ -11,6 +11,7 @@ from sqlalchemy import event, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from gateway.archive import Archive
+from gateway.archive.db import Prerequisite
 from gateway.archive.models import IngestEvent
 
 pytestmark = pytest.mark.production
@@ -125,3 +126,72 @@ def test_writes_queued_behind_a_failing_write_are_committed_without_it(archive: 
     assert (results["w21"], results["w22"]) == (21, 22)
     with db.read_conn() as conn:
         assert sorted(conn.execute(select(EVENTS.c.id)).scalars()) == [21, 22]
+
+
+@pytest.mark.fast
+def test_prerequisites_queued_together_are_settled_in_one_call_and_a_failure_fails_them_all(
+    archive: Archive,
+) -> None:
+    db = archive.db
+    started, release = threading.Event(), threading.Event()
+    settled: list[list[int]] = []
+    fail = {"on": False}
+
+    def settle(items: list[int]) -> None:
+        settled.append(sorted(items))
+        if fail["on"]:
+            raise RuntimeError("flush failed")
+
+    firsts = iter([30, 37])
+
+    def first(conn: Any) -> int:
+        started.set()
+        release.wait(10)
+        return _write(next(firsts), "first")(conn)
+
+    results: dict[str, Any] = {}
+
+    def call(name: str, work: Any, before: Any = None) -> None:
+        try:
+            results[name] = db.write_grouped(work, before=before)
+        except Exception as exc:
+            results[name] = exc
+
+    def queue_behind_a_running_write(idents: list[int]) -> list[threading.Thread]:
+        started.clear()
+        release.clear()
+        threads = [threading.Thread(target=call, args=("first", first))]
+        threads[0].start()
+        assert started.wait(10)
+        for i in idents:
+            before = Prerequisite(settle, i)
+            threads.append(threading.Thread(target=call, args=(f"w{i}", _write(i, "q"), before)))
+            threads[-1].start()
+        deadline = time.monotonic() + 10
+        while len(db._group._queue) < len(idents) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return threads
+
+    threads = queue_behind_a_running_write([31, 32, 33])
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    # One round for the three, before their rows were written; all committed.
+    assert settled == [[31, 32, 33]]
+    assert [results[f"w{i}"] for i in (31, 32, 33)] == [31, 32, 33]
+
+    db.write_grouped(_write(39, "reset"))  # a fresh transaction for the next round
+    settled.clear()
+    fail["on"] = True
+    threads = queue_behind_a_running_write([34, 35, 36])
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert settled == [[34, 35, 36]]
+    # The flush failed: each write of that round fails with its error, none is written;
+    # the write without a prerequisite in the same transaction commits.
+    assert all(isinstance(results[f"w{i}"], RuntimeError) for i in (34, 35, 36))
+    assert results["first"] == 37
+    with db.read_conn() as conn:
+        ids = sorted(conn.execute(select(EVENTS.c.id)).scalars())
+    assert ids == [30, 31, 32, 33, 37, 39]

@@ -9,6 +9,7 @@ import resource
 import shutil
 import signal
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from gateway.archive import Archive, Digests, Outcome, Source
 from gateway.archive.errors import (
@@ -1095,3 +1096,116 @@ def test_data_set_not_in_its_declared_vr_encoding_is_refused(
     with pytest.raises(InvalidDataset):
         archive.ingest_file(path, SOURCE)
     assert_nothing_stored(archive)
+
+
+def _hold_group_commit(archive: Archive) -> tuple[threading.Thread, threading.Event]:
+    """Keep the index's grouped-write transaction busy until the event is set: ingests
+    started meanwhile queue behind it and are settled (their blobs flushed) together."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(_conn: object) -> None:
+        started.set()
+        release.wait(20)
+
+    thread = threading.Thread(target=archive.db.write_grouped, args=(hold,))
+    thread.start()
+    assert started.wait(10)
+    return thread, release
+
+
+def _ingest_in_threads(archive: Archive, paths: list[Path]) -> tuple[list[threading.Thread], dict]:
+    outcomes: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            outcomes[i] = archive.ingest_file(paths[i], SOURCE, owned=True)
+        except Exception as exc:  # asserted by the caller
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(paths))]
+    for t in threads:
+        t.start()
+    return threads, outcomes
+
+
+@pytest.mark.file_store
+def test_a_failed_blob_flush_fails_every_instance_of_its_round_and_indexes_none(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from gateway.archive import blobstore
+    from gateway.dimse.status import store_failure_status
+
+    store = archive.store
+    rounds: list[int] = []
+    sync = type(store).sync
+
+    def failing_sync(self: object, placed: list) -> None:
+        rounds.append(len(placed))
+        sync(self, placed)
+
+    def eio(_path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(type(store), "sync", failing_sync)
+    monkeypatch.setattr(blobstore, "_fsync_path", eio)
+    study, series = uid(), uid()
+    paths = [
+        write(ct_slice(study_uid=study, series_uid=series), tmp_path / f"{i}.dcm") for i in range(3)
+    ]
+    holder, release = _hold_group_commit(archive)
+    threads, outcomes = _ingest_in_threads(archive, paths)
+    deadline = time.monotonic() + 10
+    while len(archive.db._group._queue) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for t in [holder, *threads]:
+        t.join(20)
+
+    assert rounds == [3]  # one round of flushes for the three
+    assert all(isinstance(outcomes[i], StorageUnavailable) for i in range(3)), outcomes
+    # A retryable failure for the sender (Out of Resources).
+    assert {store_failure_status(outcomes[i])[0] >> 8 for i in range(3)} == {0xA7}
+    assert instances(archive) == []  # no row points at a blob that was not flushed
+
+    monkeypatch.undo()
+    again = [
+        write(ct_slice(study_uid=study, series_uid=series), tmp_path / f"again{i}.dcm")
+        for i in range(3)
+    ]
+    assert all(archive.ingest_file(p, SOURCE).outcome is Outcome.STORED for p in again)
+    assert len(instances(archive)) == 3
+
+
+@pytest.mark.file_store
+def test_success_is_not_reported_before_the_blob_is_flushed(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from gateway.archive import blobstore
+
+    entered, release = threading.Event(), threading.Event()
+    order: list[str] = []
+    fsync_file = blobstore._fsync_path
+
+    def slow_fsync(path: Path) -> None:
+        if path.name.endswith(".dcm"):
+            entered.set()
+            release.wait(20)
+            order.append("blob flushed")
+        fsync_file(path)
+
+    monkeypatch.setattr(blobstore, "_fsync_path", slow_fsync)
+    event.listen(archive.db.engine, "commit", lambda _conn: order.append("index commit"))
+    path = write(ct_slice(), tmp_path / "a.dcm")
+    threads, outcomes = _ingest_in_threads(archive, [path])
+    try:
+        assert entered.wait(10), "the blob was never flushed"
+        time.sleep(0.2)
+        # Waiting for the flush: not answered, nothing indexed.
+        assert threads[0].is_alive() and outcomes == {}
+        assert instances(archive) == []
+    finally:
+        release.set()
+        threads[0].join(20)
+    assert outcomes[0].outcome is Outcome.STORED
+    assert order == ["blob flushed", "index commit"]
+    assert len(instances(archive)) == 1

@@ -35,16 +35,23 @@ _CHILD = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGKILL)
 
     if args["point"] == "after-blob":  # the blob store in use: files or S3
+        # Dies once the blob is durable: when placed (S3: stored), or after the flush
+        # that the index write waits for (files).
         store = type(archive.store)
-        put = store.put_file
-        def put_then_die(self, *a, **kw):
-            put(self, *a, **kw)
+        place, sync = store.place_file, store.sync
+        def place_then_die(self, *a, **kw):
+            placed = place(self, *a, **kw)
+            if placed.durable:
+                die()
+            return placed
+        def sync_then_die(self, *a, **kw):
+            sync(self, *a, **kw)
             die()
-        store.put_file = put_then_die
+        store.place_file, store.sync = place_then_die, sync_then_die
     else:  # inside the index transaction, its rows written, before the commit
         grouped = db.Database.write_grouped
-        def write_then_die(self, work):
-            return grouped(self, lambda conn: (work(conn), die()))
+        def write_then_die(self, work, **kw):
+            return grouped(self, lambda conn: (work(conn), die()), **kw)
         db.Database.write_grouped = write_then_die
     archive.ingest_file(Path(args["path"]), Source(door="test"), owned=True)
     """
