@@ -109,10 +109,10 @@ def worker(data_dir: Path, port: int, profile: Path | None) -> None:
     counting = threading.Lock()
     run, commit = db._GroupCommit.run, db._GroupCommit._commit
 
-    def counted_run(self: db._GroupCommit, work: Any) -> Any:
+    def counted_run(self: db._GroupCommit, work: Any, before: Any = None) -> Any:
         with counting:
             counts["writes"] += 1
-        return run(self, work)
+        return run(self, work, before)
 
     def counted_commit(self: db._GroupCommit, mine: Any) -> Any:
         with counting:
@@ -121,6 +121,20 @@ def worker(data_dir: Path, port: int, profile: Path | None) -> None:
 
     db._GroupCommit.run = counted_run  # type: ignore[method-assign]
     db._GroupCommit._commit = counted_commit  # type: ignore[method-assign]
+
+    # Rounds of blob flushes (``FileStore.sync`` calls with new blobs to flush).
+    from gateway.archive import blobstore
+
+    sync = blobstore.FileStore.sync
+
+    def counted_sync(self: blobstore.FileStore, placed: Any) -> None:
+        if any(p.file is not None for p in placed):
+            with counting:
+                counts["flushes"] += 1
+        sync(self, placed)
+
+    counts["flushes"] = 0
+    blobstore.FileStore.sync = counted_sync  # type: ignore[method-assign]
 
     # Time spent waiting for the SQLite writer lock and holding it (all processes'
     # index writers queue for it: a bound on commits per second).
@@ -146,7 +160,7 @@ def worker(data_dir: Path, port: int, profile: Path | None) -> None:
             print(READY, flush=True)
 
     server.run_worker(settings, 0, Ready())
-    print(f"{COUNTS} {counts['writes']} {counts['commits']}", flush=True)
+    print(f"{COUNTS} {counts['writes']} {counts['commits']} {counts['flushes']}", flush=True)
     print(f"{LOCK} {lock_times['wait'] * 1000:.0f} {lock_times['held'] * 1000:.0f}", flush=True)
     if profile is not None and merged:
         merged[0].dump_stats(str(profile))
@@ -181,11 +195,14 @@ def run_once(
     stored = sum(1 for _ in (data / "blobs" / "studies").rglob("*.dcm"))
     procs.stop(proc)
     counted = [line for line in log.read_text().splitlines() if line.startswith(COUNTS)]
-    writes, commits = (int(n) for n in counted[-1].split()[-2:]) if counted else (0, 0)
+    writes, commits, flushes = (int(n) for n in counted[-1].split()[-3:]) if counted else (0, 0, 0)
     locked = [line for line in log.read_text().splitlines() if line.startswith(LOCK)]
     if locked:
         wait, held = locked[-1].split()[-2:]
-        print(f"     writer lock: {wait} ms waited, {held} ms held, in {elapsed:.1f} s")
+        print(
+            f"     writer lock: {wait} ms waited, {held} ms held, in {elapsed:.1f} s; "
+            f"{flushes} rounds of blob flushes"
+        )
     return elapsed, user1 - user0, sys1 - sys0, stored, writes, commits
 
 
