@@ -36,7 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -85,14 +85,7 @@ def study_filter(
     default: when the statement runs)."""
     if now is not None:
         return _study_filter(principal, operation, now)
-    return _cached_filter(
-        principal.kind,
-        principal.id,
-        principal.institution_id,
-        principal.institution,
-        principal.can_download,
-        operation,
-    )
+    return _cached_filter(_scope_key(principal), operation)
 
 
 # A rule's time: a datetime, or ``_NOW``.
@@ -104,15 +97,22 @@ _Now = dt.datetime | BindParameter[dt.datetime]
 _NOW = bindparam("scope_now", callable_=utcnow, type_=UTCDateTime())
 
 
+def _scope_key(principal: Principal) -> tuple[Kind, int, int | None, str, bool]:
+    # What a principal's scope depends on (its name does not).
+    return (
+        principal.kind,
+        principal.id,
+        principal.institution_id,
+        principal.institution,
+        principal.can_download,
+    )
+
+
 @functools.lru_cache(maxsize=1024)
-def _cached_filter(
-    kind: Kind,
-    principal_id: int,
-    institution_id: int | None,
-    institution: str,
-    can_download: bool,
-    operation: Operation,
-) -> ColumnElement[bool]:
+def _cached_rules(
+    key: tuple[Kind, int, int | None, str, bool], operation: Operation, probe: bool
+) -> tuple[ColumnElement[bool], ...]:
+    kind, principal_id, institution_id, institution, can_download = key
     principal = Principal(
         kind=kind,
         id=principal_id,
@@ -121,46 +121,29 @@ def _cached_filter(
         institution=institution,
         can_download=can_download,
     )
-    return _study_filter(principal, operation, _NOW)
+    return tuple(_study_rules(principal, operation, _NOW, probe=probe))
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_filter(
+    key: tuple[Kind, int, int | None, str, bool], operation: Operation
+) -> ColumnElement[bool]:
+    return _either(_cached_rules(key, operation, True))
+
+
+def _either(rules: Sequence[ColumnElement[bool]]) -> ColumnElement[bool]:
+    return rules[0] if len(rules) == 1 else or_(*rules)
 
 
 def _study_filter(principal: Principal, operation: Operation, now: _Now) -> ColumnElement[bool]:
-    rules = _study_rules(principal, operation, now, probe=True)
-    return rules[0] if len(rules) == 1 else or_(*rules)
+    return _either(_study_rules(principal, operation, now, probe=True))
 
 
 def study_rules(principal: Principal, operation: Operation) -> tuple[ColumnElement[bool], ...]:
     """The rules whose union is ``study_filter``, each written so the database can
     also drive a query from it (the studies an institution sent as a join, not a
     probe): the query engine reads a page per rule when its keys select little."""
-    return _cached_rules(
-        principal.kind,
-        principal.id,
-        principal.institution_id,
-        principal.institution,
-        principal.can_download,
-        operation,
-    )
-
-
-@functools.lru_cache(maxsize=1024)
-def _cached_rules(
-    kind: Kind,
-    principal_id: int,
-    institution_id: int | None,
-    institution: str,
-    can_download: bool,
-    operation: Operation,
-) -> tuple[ColumnElement[bool], ...]:
-    principal = Principal(
-        kind=kind,
-        id=principal_id,
-        name="",
-        institution_id=institution_id,
-        institution=institution,
-        can_download=can_download,
-    )
-    return tuple(_study_rules(principal, operation, _NOW, probe=False))
+    return _cached_rules(_scope_key(principal), operation, False)
 
 
 def _study_rules(
