@@ -10,7 +10,6 @@ and closed the connection without a word: the sender saw its first C-STORE abort
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +22,8 @@ from gateway.archive import Archive
 from gateway.archive.retrieve import get_instance
 from gateway.config import Settings
 from gateway.dimse import acceptor
-from gateway.dimse.server import configure_pynetdicom, make_server
-from gateway.peers import PeerRegistry
 from tests.factories import ct_slice
-from tests.servers import free_port
+from tests.gateway.dimse.helpers import in_process_node
 
 pytestmark = pytest.mark.fast
 
@@ -35,20 +32,8 @@ DELAY = 0.4  # seconds the DUL thread waits before sending the A-ASSOCIATE-AC
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[tuple[Settings, Archive]]:
-    configure_pynetdicom()
-    settings = Settings(data_dir=tmp_path / "var", dimse_host="127.0.0.1", dimse_port=free_port())
-    archive = Archive.open(settings, migrate_schema=True)
-    PeerRegistry(archive.db).add("SLOWSCU", "127.0.0.1", 104, institution="Test Hospital")
-    server = make_server(settings, archive)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield settings, archive
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-        archive.close()
+    with in_process_node(tmp_path, "SLOWSCU") as started:
+        yield started
 
 
 @pytest.fixture

@@ -17,10 +17,8 @@ from gateway.archive import Archive, blobstore
 from gateway.archive.errors import StorageUnavailable
 from gateway.archive.models import Instance
 from gateway.config import Settings
-from gateway.dimse.server import configure_pynetdicom, make_server
-from gateway.peers import PeerRegistry
 from tests.factories import ct_slice, uid
-from tests.servers import free_port
+from tests.gateway.dimse.helpers import in_process_node
 
 pytestmark = pytest.mark.fast
 SENDERS = 3
@@ -28,20 +26,8 @@ SENDERS = 3
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[tuple[Settings, Archive]]:
-    configure_pynetdicom()
-    settings = Settings(data_dir=tmp_path / "var", dimse_host="127.0.0.1", dimse_port=free_port())
-    archive = Archive.open(settings, migrate_schema=True)
-    PeerRegistry(archive.db).add("FLUSHSCU", "127.0.0.1", 104, institution="Test Hospital")
-    server = make_server(settings, archive)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield settings, archive
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-        archive.close()
+    with in_process_node(tmp_path, "FLUSHSCU") as started:
+        yield started
 
 
 def _indexed(archive: Archive) -> int:
