@@ -194,6 +194,11 @@ class Acceptor(Association):
             super()._serve_request(msg, context_id)
         finally:
             self._serving = False
+            # pynetdicom's idle timer runs from the last PDU received, so a request
+            # that took longer than network_timeout to serve (a loaded machine, a
+            # slow flush) would abort the association as soon as it was answered.
+            # The timeout is for a silent peer: count from our answer instead.
+            self.dul._idle_timer.restart()
         if self._stop_requested and self.is_established:
             self.abort()
 

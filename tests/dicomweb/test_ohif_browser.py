@@ -308,8 +308,8 @@ def shots(environment: tuple[Any, Studies, Path]) -> Path:
 
 
 _CANVAS_STATS = """() => Array.from(document.querySelectorAll('canvas.cornerstone-canvas'))
-  .map(c => {
-    const out = {w: c.width, h: c.height, variance: 0, hash: 0};
+  .map((c, index) => {
+    const out = {index, w: c.width, h: c.height, variance: 0, hash: 0};
     const ctx = c.getContext('2d');
     if (!ctx || !c.width || !c.height) return out;
     const d = ctx.getImageData(0, 0, c.width, c.height).data;
@@ -373,27 +373,38 @@ def test_viewer_renders_ct_and_scrolls(ohif, studies: Studies, shots: Path) -> N
     page.screenshot(path=str(shot))
     assert first["variance"] > 10, _report(recorder, shot)
 
-    canvas = page.locator("canvas.cornerstone-canvas").first
-    box = canvas.bounding_box()
-    assert box is not None
-    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    canvas = page.locator("canvas.cornerstone-canvas").nth(first["index"])
     changed = None
     # A deadline, not a speed check: the next slices' frames may take a while on a
     # loaded machine (on production they come from S3), and OHIF draws a slice only
-    # once its frame is in. 40 slices: past the last one the wheel changes nothing.
-    for _ in range(75):
-        page.mouse.wheel(0, 120)
+    # once its frame is in. Down first, then up: past the end of the stack the wheel
+    # changes nothing, in case OHIF opened the series at its far end. The pointer is put back over the canvas before every turn of the wheel: OHIF
+    # may still be laying the page out (side panels open after the first image).
+    under = ""
+    for turn in range(75):
+        box = canvas.bounding_box()
+        assert box is not None
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(x, y)
+        page.mouse.wheel(0, 120 if turn < 40 else -120)
         page.wait_for_timeout(400)
-        now = page.evaluate(_CANVAS_STATS)[0]
+        now = page.evaluate(_CANVAS_STATS)[first["index"]]
         if now["hash"] != first["hash"] and now["variance"] > 10:
             changed = now
             break
+        if turn % 25 == 24:  # what the wheel went to, for the failure message
+            under = page.evaluate(
+                "([x, y]) => { const e = document.elementFromPoint(x, y);"
+                " return e ? e.tagName + '.' + e.className : 'nothing'; }",
+                [x, y],
+            )
     scrolled = shots / "viewer-ct-scrolled.png"
     page.screenshot(path=str(scrolled))
-    assert changed is not None, "the image did not change on scrolling; " + _report(
-        recorder, scrolled
-    )
     frames = [r for r in recorder.requests if "/frames/" in r]
+    assert changed is not None, (
+        f"the image did not change on scrolling (under the pointer: {under}; "
+        f"{len(frames)} frame requests answered); " + _report(recorder, scrolled)
+    )
     assert frames and all(r.startswith("200 ") for r in frames), frames[:5]
     assert any(
         r.startswith("200 ") and r.split("?")[0].endswith("/metadata") for r in recorder.requests

@@ -6,6 +6,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from gateway.archive import Archive
 from gateway.config import Settings
@@ -15,11 +16,15 @@ from tests.servers import free_port
 
 
 @contextlib.contextmanager
-def in_process_node(tmp_path: Path, calling_ae: str) -> Iterator[tuple[Settings, Archive]]:
+def in_process_node(
+    tmp_path: Path, calling_ae: str, **overrides: Any
+) -> Iterator[tuple[Settings, Archive]]:
     """A DIMSE server thread on a fresh archive, ``calling_ae`` registered from
-    127.0.0.1 for "Test Hospital"."""
+    127.0.0.1 for "Test Hospital"; ``overrides`` are further settings."""
     configure_pynetdicom()
-    settings = Settings(data_dir=tmp_path / "var", dimse_host="127.0.0.1", dimse_port=free_port())
+    settings = Settings(
+        data_dir=tmp_path / "var", dimse_host="127.0.0.1", dimse_port=free_port(), **overrides
+    )
     archive = Archive.open(settings, migrate_schema=True)
     PeerRegistry(archive.db).add(calling_ae, "127.0.0.1", 104, institution="Test Hospital")
     server = make_server(settings, archive)
