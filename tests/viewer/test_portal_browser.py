@@ -406,6 +406,28 @@ def test_request_approved_then_radiologist_inbox_and_history(portal: Portal, con
     no_problems(page)
 
 
+def test_the_password_never_goes_in_the_url_before_the_script_runs(portal: Portal) -> None:
+    """A click or Enter before the page's script has loaded submits nothing: the
+    button is enabled by the script, and the form would POST, not GET."""
+    ctx = portal.browser.new_context()
+    try:
+        page = open_page(ctx)
+        p = page.page
+        p.route("**/js/signin.js", lambda route: route.abort())  # the script never loads
+        p.goto(f"{portal.url}/viewer/signin")
+        assert p.get_attribute("#signin", "method") == "post"
+        assert p.locator("#submit").is_disabled()
+        p.fill("#username", "alice")
+        p.fill("#password", PASSWORD)
+        p.click("#submit", force=True)
+        p.press("#password", "Enter")
+        p.wait_for_timeout(300)
+        assert PASSWORD not in p.url and "password" not in p.url
+        assert p.url.endswith("/viewer/signin")
+    finally:
+        ctx.close()
+
+
 def test_korean_ui(portal: Portal) -> None:
     ctx = portal.browser.new_context(viewport={"width": 1280, "height": 900}, locale="ko-KR")
     try:

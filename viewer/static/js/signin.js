@@ -60,6 +60,9 @@ form.addEventListener("submit", async (event) => {
   }
 });
 
+// Disabled in the page until now (see signin.html).
+document.getElementById("submit").disabled = false;
+
 back.addEventListener("click", () => {
   code.value = "";
   showError(null);
