@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.types import Receive, Scope, Send
 
 from consent import redact
 from consent.access import Gate
@@ -39,6 +40,7 @@ from dicomweb import (
     sessions,
     stow,
     wado,
+    zerocopy,
 )
 from dicomweb.access import require_principal
 from dicomweb.errors import (
@@ -63,6 +65,14 @@ from gateway.ops import metrics
 from viewer import pages as viewer_pages
 
 
+class _App(FastAPI):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            # Before any middleware wraps ``send``: it names the server's protocol.
+            zerocopy.attach(scope, send)
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
     archive = archive or Archive.open(settings, post_ingest=True)
 
@@ -79,7 +89,7 @@ def create_app(settings: Settings, archive: Archive | None = None) -> FastAPI:
         auditor.close()
         archive.close()
 
-    app = FastAPI(title="studybridge", version=__version__, lifespan=lifespan)
+    app = _App(title="studybridge", version=__version__, lifespan=lifespan)
     app.state.archive = archive
     app.state.settings = settings
     app.state.gate = gate

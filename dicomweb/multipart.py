@@ -140,12 +140,10 @@ class MultipartWriter:
             return None
         return sum(len(self._head(p)) + (p.size or 0) + 2 for p in parts) + len(self._tail())
 
-    def iter_range(
-        self, parts: Sequence[Part], start: int, end: int, chunk_size: int = 4 << 20
-    ) -> Iterator[bytes]:
+    def range_spans(self, parts: Sequence[Part], start: int, end: int) -> Iterator[Piece]:
         """Bytes ``start`` to ``end`` (inclusive) of the body of sized parts (an HTTP
-        Range): framing cut from memory, part bodies read from ``start`` on by seeking
-        their source, so a range near the end of a large instance reads only itself."""
+        Range): framing cut from memory, part bodies as spans from ``start`` on, so a
+        range near the end of a large instance reads only itself."""
         pos = 0
         for part in parts:
             assert part.source is not None and part.size is not None
@@ -156,15 +154,23 @@ class MultipartWriter:
                     if isinstance(piece, bytes):
                         yield piece[lo - pos : hi - pos]
                     else:
-                        yield from _read_sized(part, chunk_size, lo - pos, hi - lo)
+                        yield FileSpan(part, lo - pos, hi - lo)
                 pos += length
         tail = self._tail()
         lo, hi = max(start, pos), min(end + 1, pos + len(tail))
         if lo < hi:
             yield tail[lo - pos : hi - pos]
 
-    def iter_body(self, parts: Iterable[Part], chunk_size: int = 4 << 20) -> Iterator[bytes]:
-        """The body, chunk by chunk; a sized part comes in chunks of ``chunk_size``."""
+    def iter_range(
+        self, parts: Sequence[Part], start: int, end: int, chunk_size: int = 4 << 20
+    ) -> Iterator[bytes]:
+        """``range_spans``, read."""
+        return materialize(self.range_spans(parts, start, end), chunk_size)
+
+    def spans(self, parts: Iterable[Part]) -> Iterator[Piece]:
+        """The body: framing and unsized parts' chunks as bytes, sized parts' bodies as
+        spans of their source (read by ``materialize``, or sent from their file by a
+        server that can: ``dicomweb.zerocopy``)."""
         # Each yielded item costs a trip through the server's thread pool and an HTTP
         # chunk, so the small framing pieces ride along with the part's first chunk.
         pending = b""
@@ -176,7 +182,7 @@ class MultipartWriter:
                 # chunk costs no HTTP chunk framing, and BatchedStream batches them).
                 yield pending
                 pending = b"\r\n"
-                yield from _read_sized(part, chunk_size)
+                yield FileSpan(part, 0, part.size, whole=True)
                 continue
             for chunk in part.body:
                 if not chunk:
@@ -188,24 +194,49 @@ class MultipartWriter:
             pending += b"\r\n"
         yield pending + self._tail()
 
+    def iter_body(self, parts: Iterable[Part], chunk_size: int = 4 << 20) -> Iterator[bytes]:
+        """The body, chunk by chunk; a sized part comes in chunks of ``chunk_size``."""
+        return materialize(self.spans(parts), chunk_size)
 
-def _read_sized(
-    part: Part, chunk_size: int, skip: int = 0, length: int | None = None
-) -> Iterator[bytes]:
-    """The part's ``size`` body bytes (or ``length`` of them after ``skip``), read in
-    chunks (each a fresh, unzeroed buffer)."""
+
+@dataclass(frozen=True)
+class FileSpan:
+    """``length`` bytes of a sized part's body from ``skip`` on. ``whole``: the
+    part's entire body, whose source must then hold exactly ``size`` bytes past its
+    offset (never send a silently shortened or lengthened part)."""
+
+    part: Part
+    skip: int
+    length: int
+    whole: bool = False
+
+
+Piece = bytes | FileSpan
+
+
+def materialize(pieces: Iterable[Piece], chunk_size: int = 4 << 20) -> Iterator[bytes]:
+    """The bytes of ``pieces``: spans read from their source in chunks."""
+    for piece in pieces:
+        if isinstance(piece, FileSpan):
+            yield from read_span(piece, chunk_size)
+        else:
+            yield piece
+
+
+def read_span(span: FileSpan, chunk_size: int) -> Iterator[bytes]:
+    """The span's bytes, read in chunks (each a fresh, unzeroed buffer)."""
+    part = span.part
     assert part.source is not None and part.size is not None
-    whole = length is None
-    left = part.size - skip if length is None else length
+    left = span.length
     with part.source() as fh:
-        if part.offset + skip:
-            fh.seek(part.offset + skip)
+        if part.offset + span.skip:
+            fh.seek(part.offset + span.skip)
         while left:
             chunk = fh.read(min(left, chunk_size))
             if not chunk:
                 raise OSError(f"blob ended {left} bytes before its recorded size")
             left -= len(chunk)
             yield chunk
-        if whole and part.offset == 0 and fh.read(1):
+        if span.whole and part.offset == 0 and fh.read(1):
             # Never send a silently shortened part: the client sees a broken body.
             raise OSError("blob is longer than its recorded size")

@@ -81,14 +81,12 @@ def ranged_multipart(
     """The multipart body of ``parts``: whole (200) or the byte range asked for (206)."""
     total = writer.content_length(parts)
     if total is None:
-        return BatchedStream(
-            writer.iter_body(parts), media_type=writer.content_type, headers=headers
-        )
+        return BatchedStream(writer.spans(parts), media_type=writer.content_type, headers=headers)
     headers = {**headers, "Accept-Ranges": "bytes"}
     span = requested_range(request, total, etag)
     if span is None:
         return BatchedStream(
-            writer.iter_body(parts),
+            writer.spans(parts),
             media_type=writer.content_type,
             headers=headers,
             content_length=total,
@@ -96,7 +94,7 @@ def ranged_multipart(
     start, end = span
     headers["Content-Range"] = f"bytes {start}-{end}/{total}"
     return BatchedStream(
-        writer.iter_range(parts, start, end),
+        writer.range_spans(parts, start, end),
         media_type=writer.content_type,
         headers=headers,
         content_length=end - start + 1,

@@ -10,6 +10,9 @@ the CPU cache between the read and the send). At most two batches are held, and 
 server's flow control pauses sending while the client is slow, so memory stays flat
 however large the body is.
 
+Where the server allows it (``dicomweb.zerocopy``), the parts' stored bytes are
+sent from their files by the kernel instead, and only framing passes through Python.
+
 Disconnects, background tasks and errors are handled by ``StreamingResponse``.
 """
 
@@ -23,7 +26,9 @@ from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from dicomweb import zerocopy
 from dicomweb.middleware import HEAD_ONLY
+from dicomweb.multipart import Piece, materialize
 
 BATCH_SIZE = 1 << 20
 
@@ -31,7 +36,7 @@ BATCH_SIZE = 1 << 20
 class BatchedStream(StreamingResponse):
     def __init__(
         self,
-        chunks: Iterator[bytes | bytearray],
+        pieces: Iterator[Piece],
         *,
         media_type: str,
         headers: Mapping[str, str] | None = None,
@@ -51,8 +56,10 @@ class BatchedStream(StreamingResponse):
             headers=all_headers,
             background=background,
         )
-        self._chunks = chunks
+        self._pieces = pieces
+        self._chunks = materialize(pieces)
         self._batch_size = batch_size
+        self._sink: zerocopy.RawSink | None = None
 
     def _take(self) -> list[bytes | bytearray]:
         batch: list[bytes | bytearray] = []
@@ -78,12 +85,22 @@ class BatchedStream(StreamingResponse):
             )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
+        self._sink = scope.get(zerocopy.RAW_SINK)
         await super().__call__(scope, receive, send)
 
     async def stream_response(self, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
+        sink = self._sink
+        if sink is not None and await sink.ready():
+            try:
+                await zerocopy.send_raw(sink, self._pieces, anyio.to_thread.run_sync)
+            except (BrokenPipeError, ConnectionResetError):
+                sink.closed()  # the client left mid-body; uvicorn drops the connection
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         upcoming = asyncio.ensure_future(anyio.to_thread.run_sync(self._take))
         try:
             while batch := await upcoming:
@@ -102,9 +119,10 @@ class BatchedStream(StreamingResponse):
         self._close_iterator()
 
     def _close_iterator(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
+        for iterator in (self._chunks, self._pieces):
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
 
 async def _never() -> AsyncIterator[bytes]:  # the parent's iterator; never used

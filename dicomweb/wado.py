@@ -235,7 +235,7 @@ def _retrieve(request: Request, req: RetrieveRequest, *, single: bool = False) -
         )
     writer = MultipartWriter(DICOM)
     return BatchedStream(
-        writer.iter_body(parts),
+        writer.spans(parts),
         media_type=writer.content_type,
         headers=_cache_headers(etag),
         content_length=writer.content_length(parts),

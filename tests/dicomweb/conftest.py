@@ -120,16 +120,22 @@ def ingest_study(
     return refs
 
 
-def _serve(app: Any) -> tuple[uvicorn.Server, threading.Thread, int]:
+def _serve(app: Any, **config: Any) -> tuple[uvicorn.Server, threading.Thread, int]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = int(sock.getsockname()[1])
     # As `studybridge serve` by default: proxy headers are not trusted.
-    config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", proxy_headers=False
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            proxy_headers=False,
+            **config,
+        )
     )
-    server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True
     )
