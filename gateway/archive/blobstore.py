@@ -148,18 +148,25 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _link_new(path: Path, target: Path) -> bool:
-    """Give ``path`` the new name ``target``; False if ``target`` exists or the
-    filesystem has no hard links."""
+# What ``_link_new`` found.
+_LINKED, _EXISTS, _NO_LINK, _OTHER_DEVICE = range(4)
+
+
+def _link_new(path: Path, target: Path) -> int:
+    """Give ``path`` the new name ``target``: ``_LINKED``, or why not: ``_EXISTS``
+    (``target`` exists), ``_NO_LINK`` (the filesystem has no hard links),
+    ``_OTHER_DEVICE`` (``path`` is on another filesystem than ``target``)."""
     try:
         os.link(path, target)
     except FileExistsError:
-        return False
+        return _EXISTS
     except OSError as exc:
-        if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
-            return False
+        if exc.errno == errno.EXDEV:
+            return _OTHER_DEVICE
+        if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+            return _NO_LINK
         raise
-    return True
+    return _LINKED
 
 
 _syncer: ThreadPoolExecutor | None = None
@@ -263,8 +270,11 @@ class FileStore:
         staged: Path | None = None
         try:
             self._ensure_dir(target.parent)
-            if move and os.stat(path).st_dev == os.stat(target.parent).st_dev:
-                if _link_new(path, target):
+            # Whether ``path`` is on the store's filesystem is the link's answer (EXDEV),
+            # not asked beforehand: the staging folder nearly always is.
+            linked = _link_new(path, target) if move else _OTHER_DEVICE
+            if linked != _OTHER_DEVICE:
+                if linked == _LINKED:
                     # A new name for the staged file: its bytes and the new directory
                     # entry become durable by the fsyncs of ``sync`` (of the file and
                     # of its directory, run at once with those of the other blobs of

@@ -277,7 +277,10 @@ class Ingestor:
                 self._log_arrival(source, cand, "rejected", f"{exc.reason}: {exc}")
             raise
         finally:
-            if owned:
+            # A staged file put into the store (or quarantine) was moved there: it is
+            # gone already, no need to ask the filesystem again.
+            consumed = cand is not None and cand.path == path and not cand.owned
+            if owned and not consumed:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             if staged is not None:
@@ -311,11 +314,11 @@ class Ingestor:
     # -- examination --------------------------------------------------------------
     def _examine(self, path: Path, owned: bool, digests: Digests | None = None) -> _Candidate:
         try:
-            size = path.stat().st_size
             fh = open(path, "rb")  # noqa: SIM115 - closed below
         except OSError as exc:
             raise InvalidDataset(f"cannot read file: {exc.strerror}") from exc
         with fh:
+            size = os.fstat(fh.fileno()).st_size
             guessed_ts = ""
             head = fh.read(132)
             if len(head) < 132 or head[128:132] != b"DICM":

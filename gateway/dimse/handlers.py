@@ -227,9 +227,15 @@ class Handlers:
 
         Used by pynetdicom's C-STORE event and by the storage data phase of
         ``receive.StorageReceiver`` (which hashed the file as it wrote it: ``digests``).
+        The file is gone when this returns, whatever the outcome.
         """
         try:
-            source = self._source(assoc)
+            try:
+                source = self._source(assoc)
+            except BaseException:
+                # Not handed to ingest (which consumes it): removed here.
+                path.unlink(missing_ok=True)
+                raise
             self.archive.ingest_file(path, source, owned=True, digests=digests)
         except ArchiveError as exc:
             log.info("C-STORE refused (%s): %s", exc.reason, exc)

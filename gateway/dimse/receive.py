@@ -15,8 +15,9 @@ phase itself, in the association's thread, with blocking reads:
   size of the instance), and are hashed (SHA-256) on the way, while the sender is
   still sending: the archive need not read the file again to hash it;
 - a complete C-STORE goes to ``store(path, digests)`` (the archive's one ingest,
-  through the DIMSE handlers) and its status is answered with the byte-level
-  C-STORE-RSP encoder; C-ECHO is answered at once;
+  through the DIMSE handlers), which consumes the staging file (moves it into the
+  store or deletes it) whenever it returns a status, and its status is answered
+  with the byte-level C-STORE-RSP encoder; C-ECHO is answered at once;
 - A-RELEASE-RQ is answered with A-RELEASE-RP; A-ABORT closes; anything else (an
   unknown or unexpected PDU, a PDV of a context that was not accepted, a command
   other than C-STORE/C-ECHO, a malformed item) is answered with an A-ABORT (source:
@@ -331,9 +332,11 @@ class StorageReceiver:
             digests = Digests(self._meta_offset, self._meta_digest, self._digest.hexdigest())
             try:
                 code, comment = self.store(path, digests)
-            finally:
+            except BaseException:
+                # ``store`` consumes the file when it answers; not when it fails.
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+                raise
         else:
             code, comment = 0xA700, "could not stage the data set; retry"
         self._fields, self._path = None, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import signal
@@ -55,6 +56,38 @@ def test_put_move_takes_the_file(store: FileStore, tmp_path: Path):
     assert not src.exists()
     with store.open("k/a.dcm") as fh:
         assert fh.read() == data
+
+
+@pytest.mark.parametrize(("errno_", "how"), [(errno.EXDEV, "copied"), (errno.EPERM, "renamed")])
+def test_move_without_a_hard_link_still_takes_the_file(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int, how: str
+):
+    """A staged file on another filesystem is copied (EXDEV); on a filesystem without
+    hard links it is renamed into place: either way the key holds it and it is gone."""
+    from gateway.archive import blobstore
+
+    def no_link(_src: object, _dst: object) -> None:
+        raise OSError(errno_, os.strerror(errno_))
+
+    copies: list[object] = []
+    copy = blobstore._copy
+    monkeypatch.setattr(blobstore.os, "link", no_link)
+    monkeypatch.setattr(blobstore, "_copy", lambda src, out: (copies.append(src), copy(src, out)))
+    data = os.urandom(1000)
+    src = source(tmp_path, "a", data)
+    placed = store.place_file("k/a.dcm", src, move=True)
+    store.sync([placed])
+    assert not src.exists()
+    assert (len(copies) == 1) == (how == "copied")
+    with store.open("k/a.dcm") as fh:
+        assert fh.read() == data
+    assert files_under(store.root) == ["k/a.dcm"]
+
+
+def test_move_of_a_missing_file_is_storage_unavailable(store: FileStore, tmp_path: Path):
+    with pytest.raises(StorageUnavailable):
+        store.place_file("k/a.dcm", tmp_path / "nope", move=True)
+    assert files_under(store.root) == []
 
 
 def test_replacing_a_key_and_deleting(store: FileStore, tmp_path: Path):

@@ -181,6 +181,32 @@ def test_owned_file_is_consumed_whatever_the_outcome(archive: Archive, tmp_path:
 
 
 @pytest.mark.fast
+def test_owned_file_is_consumed_when_the_store_refuses_it(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Not moved into the store (it failed): the file is still removed, not left behind."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise StorageUnavailable("blob store cannot write: Input/output error")
+
+    path = write(ct_slice(), tmp_path / "a.dcm")
+    monkeypatch.setattr(archive.store, "place_file", refuse)
+    with pytest.raises(StorageUnavailable):
+        archive.ingest_file(path, SOURCE, owned=True)
+    assert not path.exists()
+    assert_nothing_stored(archive)
+
+
+@pytest.mark.fast
+def test_owned_bare_data_set_is_consumed_once_wrapped_and_stored(archive: Archive, tmp_path: Path):
+    path = bare(ct_slice(), tmp_path / "bare.dcm", implicit_vr=True)
+    assert archive.ingest_file(path, SOURCE, owned=True).outcome is Outcome.STORED
+    assert not path.exists()
+    assert all_files(archive.settings.staging_dir) == []
+    assert len(blob_keys(archive)) == 1
+
+
+@pytest.mark.fast
 def test_ingest_dataset_in_memory(archive: Archive):
     ds = ct_slice()
     result = archive.ingestor.ingest_dataset(ds, SOURCE)

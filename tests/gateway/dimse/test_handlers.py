@@ -1,11 +1,13 @@
 """C-STORE answers of an in-process receiving server when the blob store's flush fails:
-every instance of the flush's round gets a retryable failure and nothing is indexed."""
+every instance of the flush's round gets a retryable failure and nothing is indexed;
+and the staged file ``store_instance`` is given never survives it."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,7 +19,10 @@ from gateway.archive import Archive, blobstore
 from gateway.archive.errors import StorageUnavailable
 from gateway.archive.models import Instance
 from gateway.config import Settings
-from tests.factories import ct_slice, uid
+from gateway.dimse import status
+from gateway.dimse.handlers import Handlers
+from gateway.peers import PeerRegistry
+from tests.factories import ct_slice, uid, write
 from tests.gateway.dimse.helpers import in_process_node
 
 pytestmark = pytest.mark.fast
@@ -85,3 +90,31 @@ def test_a_failed_blob_flush_answers_every_sender_out_of_resources_and_indexes_n
     monkeypatch.undo()
     assert _push_at_once(settings, datasets) == [0x0000] * SENDERS
     assert _indexed(archive) == SENDERS
+
+
+class _Association:
+    """What ``store_instance`` asks of an association (weakly referenced: a class)."""
+
+    requestor = SimpleNamespace(ae_title="FLUSHSCU", address="127.0.0.1")
+
+
+def test_store_instance_consumes_the_staged_file_whatever_the_outcome(
+    node: tuple[Settings, Archive], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _settings, archive = node
+    handlers = Handlers(archive, PeerRegistry(archive.db))
+    assoc = _Association()
+    stored = write(ct_slice(), tmp_path / "stored.dcm")
+    assert handlers.store_instance(stored, assoc) == (status.SUCCESS, "")
+    refused = tmp_path / "refused.dcm"
+    refused.write_bytes(b"not dicom at all" * 20)
+    assert handlers.store_instance(refused, assoc)[0] != status.SUCCESS
+
+    def no_source(_assoc: Any) -> None:
+        raise RuntimeError("peer registry unreadable")
+
+    monkeypatch.setattr(handlers, "_source", no_source)
+    unsourced = write(ct_slice(), tmp_path / "unsourced.dcm")
+    assert handlers.store_instance(unsourced, assoc)[0] == status.STORE_PROCESSING_FAILURE
+    assert not stored.exists() and not refused.exists() and not unsourced.exists()
+    assert _indexed(archive) == 1

@@ -210,6 +210,22 @@ def test_peer_abort_and_truncated_message_leave_no_staging_file(harness: Harness
     assert harness.stored == []
 
 
+def test_a_store_that_fails_leaves_no_staging_file(tmp_path: Path) -> None:
+    """``store`` consumes the file when it answers; when it raises, the receiver
+    removes it."""
+
+    class Failing(Harness):
+        def _store(self, path: Path, digests: Digests) -> tuple[int, str]:
+            self.stored.append(path.read_bytes())
+            raise OSError(5, "Input/output error")
+
+    h = Failing(tmp_path)
+    h.send(_pdu((1, 0x03, _command()), (1, 0x02, b"\x08\x00\x16\x00UI\x02\x001\x00")))
+    assert h.finish() == "closed"
+    assert len(h.stored) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stop_aborts_an_idle_association_at_once(harness: Harness) -> None:
     started = time.monotonic()
     harness.receiver.request_stop()
