@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import socket
 import struct
 import threading
@@ -25,7 +26,8 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode, encode
 
 from gateway.archive import Digests
-from gateway.dimse.receive import StorageReceiver
+from gateway.dimse import receive
+from gateway.dimse.receive import StorageReceiver, create_staging_file
 
 pytestmark = pytest.mark.fast
 
@@ -224,6 +226,22 @@ def test_a_store_that_fails_leaves_no_staging_file(tmp_path: Path) -> None:
     assert h.finish() == "closed"
     assert len(h.stored) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_staging_files_are_new_private_files_never_an_existing_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leftover of an earlier process that had this pid is skipped, not reused."""
+    monkeypatch.setattr(receive, "_staging_names", iter(range(3)))
+    leftover = tmp_path / f"rx-{os.getpid()}-0.dcm"
+    leftover.write_bytes(b"an earlier process's")
+    fd1, first = create_staging_file(tmp_path)
+    fd2, second = create_staging_file(tmp_path)
+    os.close(fd1)
+    os.close(fd2)
+    assert leftover.read_bytes() == b"an earlier process's"
+    assert [first.name, second.name] == [f"rx-{os.getpid()}-{n}.dcm" for n in (1, 2)]
+    assert first.stat().st_size == 0 and first.stat().st_mode & 0o777 == 0o600
 
 
 def test_stop_aborts_an_idle_association_at_once(harness: Harness) -> None:
