@@ -65,6 +65,7 @@ _LONG_VRS = {
 # pydicom reads them from the file if they are ever asked for.
 DEFER_SIZE = 65536
 _KNOWN_VRS = frozenset(vr.encode() for vr in _VR)
+_VR_TEXT = {vr.encode(): str(vr) for vr in _VR}
 _PIXEL_TAGS = (PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA)
 _META_MAX = 65536  # a file meta group longer than this goes to pydicom's reader
 _BLOCK = 8192  # bytes read at once by the walk (a file object's usual buffer size)
@@ -250,6 +251,7 @@ class _Walker:
         self.fp = fp
         self.size = size
         self.e = "<" if little else ">"
+        self.little = little
         self.implicit = implicit
         self.max_depth = max_depth
         self.layout = layout
@@ -257,6 +259,11 @@ class _Walker:
         self.header: dict[BaseTag, RawDataElement] | None = None
         self._block = b""  # the bytes of the file from _block_pos, last read
         self._block_pos = 0
+        # An element header in one unpack (implicit VR: tag and 32-bit length; explicit
+        # VR: tag, VR and 16-bit length), formats compiled once per walk.
+        self._implicit_head = struct.Struct(self.e + "HHL")
+        self._explicit_head = struct.Struct(self.e + "HH2sH")
+        self._long = struct.Struct(self.e + "L")
 
     def _read(self, pos: int, n: int) -> bytes:
         if pos + n > self.size:
@@ -286,26 +293,34 @@ class _Walker:
                 if self._read(pos, end - pos).strip(b"\x00") == b"":
                     return end
                 raise InvalidDataset(f"data set truncated at byte {pos}")
-            head = self._read(pos, 8)
-            tag = self._tag(head[:4])
+            # The element header is unpacked where it lies in the block last read (this
+            # loop runs for every element of every instance: no slices, no calls).
+            start = pos - self._block_pos
+            if start < 0 or start + 8 > len(self._block):
+                self._read(pos, 8)  # reads the block from pos (or finds the file short)
+                start = 0
+            if implicit:
+                group, elem, length = self._implicit_head.unpack_from(self._block, start)
+                tag = (group << 16) | elem
+                vr = None
+                value_pos = pos + 8
+            else:
+                group, elem, vr, length = self._explicit_head.unpack_from(self._block, start)
+                tag = (group << 16) | elem
+                value_pos = pos + 8
             if tag == ITEM_DELIM:
                 if depth == 0:
                     raise InvalidDataset(f"item delimiter outside a sequence item at byte {pos}")
                 return pos + 8
-            if implicit:
-                vr = None
-                (length,) = struct.unpack(self.e + "L", head[4:8])
-                value_pos = pos + 8
-            else:
-                vr = head[4:6]
-                if not (vr.isalpha() and vr.isupper()):
+            if vr is not None:
+                if vr not in _KNOWN_VRS and not (vr.isalpha() and vr.isupper()):
                     raise InvalidDataset(f"invalid VR at byte {pos}")
                 if vr in _LONG_VRS:
-                    (length,) = struct.unpack(self.e + "L", self._read(pos + 8, 4))
+                    if start + 12 <= len(self._block):
+                        (length,) = self._long.unpack_from(self._block, start + 8)
+                    else:
+                        (length,) = self._long.unpack(self._read(pos + 8, 4))
                     value_pos = pos + 12
-                else:
-                    (length,) = struct.unpack(self.e + "H", head[6:8])
-                    value_pos = pos + 8
             collect = depth == 0 and self.header is not None and tag not in _PIXEL_TAGS
             if tag == PIXEL_DATA and (depth == 0 or length == UNDEFINED):
                 if depth == 0:
@@ -341,7 +356,7 @@ class _Walker:
             if is_sq and length:
                 self._sequence(value_pos, value_pos + length, depth + 1, implicit)
             if collect:
-                text_vr = vr.decode() if vr is not None else None
+                text_vr = (_VR_TEXT.get(vr) or vr.decode()) if vr is not None else None
                 self._keep(tag, text_vr, length, value_pos, length, implicit)
             pos = value_pos + length
         return pos
@@ -363,12 +378,15 @@ class _Walker:
         if defer and size > DEFER_SIZE:
             value = None  # read from the file by pydicom if ever asked for
         elif size:
-            value = self._read(value_pos, size)
+            start = value_pos - self._block_pos
+            if start >= 0 and start + size <= len(self._block):
+                value = self._block[start : start + size]
+            else:
+                value = self._read(value_pos, size)
         else:
             value = empty_value_for_VR(vr, raw=True)  # type: ignore[assignment]
-        little = self.e == "<"
         key = BaseTag(tag)
-        self.header[key] = RawDataElement(key, vr, length, value, value_pos, implicit, little)
+        self.header[key] = RawDataElement(key, vr, length, value, value_pos, implicit, self.little)
 
     def _sequence(self, pos: int, end: int | None, depth: int, implicit: bool) -> int:
         if depth > self.max_depth:

@@ -368,6 +368,43 @@ def test_header_keeps_sequences_as_dcmread_does(tmp_path: Path, explicit: bool, 
     assert seq[0].TextValue == "leaf"
 
 
+@pytest.mark.parametrize("explicit", [True, False])
+def test_elements_across_the_walks_read_blocks_are_kept_as_dcmread_reads_them(
+    tmp_path: Path, explicit: bool
+):
+    """The walk reads the file in blocks of 8 KiB and unpacks element headers and values
+    inside the block it holds: short and long element headers, and values, that start
+    before a block's end and end after it are read whole."""
+    ds = ct_slice(rows=4, columns=4)
+    if not explicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    path = tmp_path / "a.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with open(path, "rb") as fh:
+        layout = read_layout(fh, path.stat().st_size)
+    assert layout.pixel_offset is not None
+    before = layout.pixel_offset - (12 if explicit else 8) - layout.dataset_offset
+    for shift in range(0, 26, 2):
+        # Padding that ends ``shift`` bytes before the first block's end, then a short-VR
+        # and a long-VR element (their headers and values cross that end in turn).
+        pad = 8192 - before - (12 if explicit else 8) - shift
+        extra = (
+            element_header(0x7FD00010, "OB" if explicit else None, pad)
+            + b"\x01" * pad
+            + element_header(0x7FD00011, "LO" if explicit else None, 6)
+            + b"ABCDEF"
+            + element_header(0x7FD00012, "OB" if explicit else None, 10)
+            + b"0123456789"
+        )
+        out = with_inserted_before_pixels(path, extra, tmp_path / f"{shift}.dcm")
+        assert _same_as_dcmread(str(out)), shift
+        with open(out, "rb") as fh:
+            header = read_layout(fh, out.stat().st_size, header=True).header
+        assert header is not None
+        assert header[pydicom.tag.Tag(0x7FD00011)].value == b"ABCDEF"
+        assert header[pydicom.tag.Tag(0x7FD00012)].value == b"0123456789"
+
+
 def test_large_header_values_are_deferred_and_read_when_asked(tmp_path: Path):
     ds = ct_slice(rows=4, columns=4)
     ds.EncapsulatedDocument = b"x" * (DEFER_SIZE + 2)  # OB
