@@ -10,10 +10,10 @@ phase itself, in the association's thread, with blocking reads:
 
 - a P-DATA-TF PDU is read item by item; command fragments are collected (a command
   set is at most ``MAX_COMMAND`` bytes); data set fragments of a C-STORE go from the
-  socket into a reused buffer and from there into the staging file, whose preamble
-  and file meta information were written first (so memory does not grow with the
-  size of the instance), and are hashed (SHA-256) on the way, while the sender is
-  still sending: the archive need not read the file again to hash it;
+  socket into a reused buffer (1 MiB), which is written into the staging file (whose
+  preamble and file meta information were written first) and hashed (SHA-256)
+  whenever it is full and at the end of the data set: memory does not grow with the
+  size of the instance, and the archive need not read the file again to hash it;
 - a complete C-STORE goes to ``store(path, digests)`` (the archive's one ingest,
   through the DIMSE handlers), which consumes the staging file (moves it into the
   store or deletes it) whenever it returns a status, and its status is answered
@@ -169,7 +169,8 @@ class StorageReceiver:
         self._path: Path | None = None
         self._meta_offset = 0
         self._meta_digest = ""
-        self._digest: Any = None  # SHA-256 of the data set bytes received so far
+        self._digest: Any = None  # SHA-256 of the data set bytes written so far
+        self._filled = 0  # data set bytes in the buffer, not yet written
 
     # -- control from other threads -------------------------------------------------
     def request_stop(self) -> None:
@@ -298,6 +299,7 @@ class StorageReceiver:
         self._meta_offset = len(head)
         self._meta_digest = hashlib.sha256(head).hexdigest()
         self._digest = hashlib.sha256()
+        self._filled = 0
 
     def _write(self, data: Any) -> None:
         view = memoryview(data)
@@ -309,33 +311,36 @@ class StorageReceiver:
             raise _Abort(_UNEXPECTED_PDU, "data set fragment without a command")
         if context_id != self._context:
             raise _Abort(_INVALID_PARAMETER, "data set fragment on another context")
+        # Fragments (one per PDU, a few per instance) are gathered in the buffer and
+        # written and hashed a buffer at a time: one write and one hash update for an
+        # instance smaller than the buffer, instead of one of each per fragment.
         buffer, rfile = self._buffer, self._rfile
         while length:
-            part = buffer[: min(length, _CHUNK)]
-            got = rfile.readinto(part)
+            if self._filled == _CHUNK:
+                self._flush()
+            end = self._filled + min(length, _CHUNK - self._filled)
+            got = rfile.readinto(buffer[self._filled : end])
             if not got:
                 raise _Closed
+            self._filled += got
+            length -= got
+        if control & 0x02:
+            self._flush()
+            self._finish()
+
+    def _flush(self) -> None:
+        """Write and hash the data set bytes gathered in the buffer."""
+        if self._file is not None and self._filled:
+            part = self._buffer[: self._filled]
             try:
-                self._write(part[:got])
-                self._digest.update(part[:got])
+                self._write(part)
+                self._digest.update(part)
             except OSError as exc:
                 # Keep reading the data set (the sender is still sending it), answer
                 # with a retryable failure at the end.
                 log.warning("staging write failed: %s", exc)
                 self._drop_file()
-            length -= got
-            if self._file is None:
-                self._skip(length)
-                length = 0
-        if control & 0x02:
-            self._finish()
-
-    def _skip(self, length: int) -> None:
-        while length:
-            got = self._rfile.readinto(self._buffer[: min(length, _CHUNK)])
-            if not got:
-                raise _Closed
-            length -= got
+        self._filled = 0
 
     def _finish(self) -> None:
         fields = self._fields

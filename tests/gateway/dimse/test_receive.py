@@ -244,6 +244,41 @@ def test_staging_files_are_new_private_files_never_an_existing_one(
     assert first.stat().st_size == 0 and first.stat().st_mode & 0o777 == 0o600
 
 
+def test_a_failed_staging_write_is_a_retryable_failure_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The buffer fills twice in this data set (made small here): the second write
+    fails; the rest of the data set is read and dropped, the answer is Out of
+    Resources, and the next C-STORE of the association is stored."""
+    monkeypatch.setattr(receive, "_CHUNK", 1024)
+    h = Harness(tmp_path)
+    write, calls = h.receiver._write, []
+
+    def failing_second_flush(data: object) -> None:
+        calls.append(data)
+        if len(calls) == 3:  # the file meta, the first buffer, then this one
+            raise OSError(28, "No space left on device")
+        write(data)
+
+    monkeypatch.setattr(h.receiver, "_write", failing_second_flush)
+    dataset = b"\x08\x00\x18\x00UI\x0a\x001.2.3.4.5\x00" + bytes(range(256)) * 20
+    h.send(_pdu((1, 0x03, _command()), (1, 0x00, dataset[:1500])))
+    h.send(_pdu((1, 0x00, dataset[1500:3000])))
+    h.send(_pdu((1, 0x02, dataset[3000:])))
+    rsp = _response(h.peer)
+    assert rsp.Status == 0xA700 and h.stored == []
+    assert list(tmp_path.iterdir()) == []
+    h.send(_pdu((1, 0x03, _command(message_id=2)), (1, 0x00, dataset[:2000])))
+    h.send(_pdu((1, 0x02, dataset[2000:])))
+    rsp = _response(h.peer)
+    assert rsp.Status == 0 and rsp.MessageIDBeingRespondedTo == 2
+    assert h.stored[0].endswith(dataset)
+    assert h.digests[0].dataset == hashlib.sha256(dataset).hexdigest()
+    h.peer.close()
+    assert h.finish() == "closed"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stop_aborts_an_idle_association_at_once(harness: Harness) -> None:
     started = time.monotonic()
     harness.receiver.request_stop()
