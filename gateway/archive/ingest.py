@@ -102,6 +102,7 @@ from gateway.archive.part10 import (
     declared_encoding_differs,
     header_dataset,
     read_layout,
+    syntax_uid,
 )
 from gateway.archive.uids import check_uid, is_valid_uid
 
@@ -328,7 +329,7 @@ class Ingestor:
             layout = read_layout(fh, size, transfer_syntax=guessed_ts, header=not guessed_ts)
             if (
                 layout.header is not None
-                and pydicom.uid.UID(layout.transfer_syntax).is_transfer_syntax
+                and syntax_uid(layout.transfer_syntax).is_transfer_syntax
                 and declared_encoding_differs(fh, layout)
             ):
                 raise _not_in_declared_syntax(layout)
@@ -904,7 +905,7 @@ def _not_in_declared_syntax(layout: Layout) -> InvalidDataset:
 
 def _has_encoding_of(ds: Dataset, ts: str) -> bool:
     """Whether pydicom read the data set with the encoding the transfer syntax implies."""
-    uid = pydicom.uid.UID(ts)
+    uid = syntax_uid(ts)
     if not uid.is_transfer_syntax or uid.is_deflated:
         return True
     encoding = getattr(ds, "original_encoding", None)

@@ -19,6 +19,7 @@ little endian group with a correct group length, is read by a byte-level reader
 
 from __future__ import annotations
 
+import functools
 import struct
 import tempfile
 import zlib
@@ -195,7 +196,7 @@ def read_layout(
             raise InvalidDataset("not a DICOM Part 10 file and no transfer syntax given")
     ts = check_uid(ts, "Transfer Syntax UID")
     layout = Layout(size=size, dataset_offset=offset, file_meta=meta, transfer_syntax=ts)
-    uid = UID(ts)
+    uid = syntax_uid(ts)
     if uid.is_transfer_syntax and uid.is_deflated:
         # The data set is zlib-compressed: nothing to locate by offset in the file, but
         # its structure (truncation, nesting) is checked on the inflated bytes.
@@ -210,6 +211,14 @@ def read_layout(
         walker.header = layout.header = {}
     walker.walk_dataset(offset, size, 0)
     return layout
+
+
+@functools.lru_cache(maxsize=64)
+def syntax_uid(ts: str) -> UID:
+    """``UID(ts)``, made once per transfer syntax: pydicom checks a UID's form with a
+    regular expression each time one is made, and ingest asks about the transfer
+    syntax of every instance several times."""
+    return UID(ts)
 
 
 def header_dataset(path: str, layout: Layout) -> FileDataset:
