@@ -178,18 +178,29 @@ _SYNC_THREADS = 8
 
 def sync_all(files: Sequence[Path], directories: Sequence[Path]) -> None:
     """fsync every file and directory given, all at once (the filesystem commits the
-    concurrent ones together), and wait for all of them; raises the first OSError."""
+    concurrent ones together), and wait for all of them; raises the first OSError.
+
+    One file and its directory (the usual round of a receiver) are flushed one after
+    the other in this thread, the file first: on a journaling filesystem (ext4, XFS)
+    its fsync commits the journal that holds the new directory entry too, so the
+    directory's then returns at once; handing one of them to a pool thread costs CPU
+    (thread wake-ups, the GIL passed back and forth) for no time saved."""
+    unique_files, unique_dirs = list(dict.fromkeys(files)), list(dict.fromkeys(directories))
+    if len(unique_files) <= 1 and len(unique_dirs) <= 1:
+        for path in unique_files:
+            _fsync_path(path)
+        for path in unique_dirs:
+            fsync_dir(path)
+        return
     global _syncer
     if _syncer is None:
         with _syncer_lock:
             if _syncer is None:
                 _syncer = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="fsync")
     jobs: list[tuple[Callable[[Path], None], Path]] = [
-        *((fsync_dir, d) for d in dict.fromkeys(directories)),
-        *((_fsync_path, f) for f in dict.fromkeys(files)),
+        *((fsync_dir, d) for d in unique_dirs),
+        *((_fsync_path, f) for f in unique_files),
     ]
-    if not jobs:
-        return
     # The last one in this thread, the others in the pool's.
     futures: list[Future[None]] = [_syncer.submit(call, path) for call, path in jobs[:-1]]
     error: OSError | None = None

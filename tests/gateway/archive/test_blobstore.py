@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,33 @@ def test_a_placed_blob_is_flushed_by_sync_each_file_and_each_directory_once(
         ("dir", str(store.root / "studies" / "1")),
         *(("file", str(store.root / "studies" / "1" / n)) for n in ("a", "b", "c")),
     ]
+
+
+def test_a_round_of_one_blob_is_flushed_in_the_calling_thread_file_first(
+    store: FileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The file's fsync commits its new directory entry too (journaling filesystems):
+    then the directory's returns at once, with no pool thread woken for it."""
+    from gateway.archive import blobstore
+
+    synced: list[tuple[str, str, str]] = []
+    file_sync, dir_sync = blobstore._fsync_path, blobstore.fsync_dir
+    here = threading.current_thread().name
+
+    def record(kind: str, real: Callable[[Path], None]) -> Callable[[Path], None]:
+        def call(path: Path) -> None:
+            synced.append((kind, path.name, threading.current_thread().name))
+            real(path)
+
+        return call
+
+    monkeypatch.setattr(blobstore, "_fsync_path", record("file", file_sync))
+    monkeypatch.setattr(blobstore, "fsync_dir", record("dir", dir_sync))
+    store.put_file("warm/up", source(tmp_path, "w", b"w"), move=False)  # folders exist now
+    store._known_dirs.add(store.root / "warm")
+    synced.clear()
+    store.sync([store.place_file("warm/a", source(tmp_path, "a", b"a"), move=True)])
+    assert synced == [("file", "a", here), ("dir", "warm", here)]
 
 
 def test_a_failed_sync_is_storage_unavailable_and_put_file_leaves_nothing(
