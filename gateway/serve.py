@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -28,6 +29,17 @@ from gateway.config import Settings
 from gateway.ops.logs import setup_logging
 from gateway.ops.metrics import prepare_multiprocess, process_exited
 from gateway.runtime import configure_serving_process, freeze_startup_heap
+
+# What the parent's periodic jobs (``Supervisor._*_periodically``) import.
+PERIODIC_JOB_MODULES = (
+    "gateway.archive",
+    "gateway.archive.sweep",
+    "gateway.forward.tasks",
+    "gateway.tasks.audit",
+    "gateway.tasks.registry",
+    "gateway.tasks.sweeps",
+    "gateway.transfers.tasks",
+)
 
 log = logging.getLogger("studybridge.serve")
 
@@ -228,6 +240,13 @@ class Supervisor:
                 f"{settings.http_port}/, "
                 f"data in {settings.data_dir.resolve()}"
             )
+        # The periodic jobs import their modules lazily; imported here first, in one
+        # thread: threads importing modules that import each other at the same moment
+        # can deadlock Python's import system, which then fails one of them
+        # (_DeadlockError killed the audit thread that way once: no checkpoint was
+        # written for the rest of the run).
+        for module in PERIODIC_JOB_MODULES:
+            importlib.import_module(module)
         threading.Thread(target=self._sweep_periodically, name="sweeper", daemon=True).start()
         if not settings.task_broker_url and settings.resume_interval > 0:
             threading.Thread(target=self._resume_periodically, name="resumer", daemon=True).start()
