@@ -47,7 +47,17 @@ _READ_CHUNK = 1 << 20
 # A thread's turn ends after this much, even if the socket still takes more, so the
 # event loop sees disconnects and other requests get threads.
 _TURN = 16 << 20
-_FLUSH_TURNS = 8
+# Event loop turns to wait for uvloop to flush the headers before raw writes.
+_HEADER_FLUSH_TURNS = 8
+# What RawSink reads and writes of uvicorn's request cycle.
+_CYCLE_ATTRIBUTES = (
+    "transport",
+    "response_started",
+    "response_complete",
+    "disconnected",
+    "chunked_encoding",
+    "expected_content_length",
+)
 
 
 class RawSink:
@@ -62,7 +72,7 @@ class RawSink:
         and uvicorn counting a Content-Length. (uvloop writes what a transport was
         given at the end of the loop's turn: the headers may need a turn or two.)"""
         cycle = self._cycle
-        for _turn in range(_FLUSH_TURNS):
+        for _turn in range(_HEADER_FLUSH_TURNS):
             if (
                 not cycle.response_started
                 or cycle.response_complete
@@ -96,10 +106,7 @@ def attach(scope: dict[str, Any], send: Any) -> None:
     cycle = getattr(send, "__self__", None)
     if cycle is None or type(cycle).__module__ != "uvicorn.protocols.http.httptools_impl":
         return
-    needed = ("transport", "response_started", "response_complete", "disconnected")
-    if not all(hasattr(cycle, name) for name in (*needed, "chunked_encoding")):
-        return
-    if not hasattr(cycle, "expected_content_length"):
+    if not all(hasattr(cycle, name) for name in _CYCLE_ATTRIBUTES):
         return
     transport = cycle.transport
     if transport.get_extra_info("sslcontext") is not None:
