@@ -163,6 +163,9 @@ class Supervisor:
         self.ctx = mp.get_context("spawn")
         self.children: dict[str, Any] = {}
         self.stopping = threading.Event()
+        # Set by the signal handler, turned into ``stopping`` by the main thread (see
+        # _on_signal).
+        self._signalled = False
         # The DIMSE listening sockets, bound here once and shared by every receiving
         # process, and how many connections each process serves: the least busy one
         # accepts (gateway.dimse.balance).
@@ -223,13 +226,13 @@ class Supervisor:
         deadline = time.monotonic() + 60
         for ready in readies:
             while not ready.wait(0.2):
-                if self.stopping.is_set() or time.monotonic() > deadline:
+                if self._stop_requested() or time.monotonic() > deadline:
                     break
                 if any(not p.is_alive() for p, _ in self.children.values()):
                     self.say("a child process failed to start; stopping")
                     self._stop_children()
                     return 1
-        if not self.stopping.is_set():
+        if not self._stop_requested():
             self.say(
                 f"studybridge ready: DICOM {settings.ae_title}@{settings.dimse_host}:"
                 f"{settings.dimse_port}"
@@ -253,10 +256,10 @@ class Supervisor:
         if not settings.task_broker_url and settings.audit_checkpoint_interval > 0:
             threading.Thread(target=self._audit_periodically, name="auditor", daemon=True).start()
         restarts: list[float] = []
-        while not self.stopping.is_set():
-            self.stopping.wait(0.5)
+        while not self._stop_requested():
+            time.sleep(0.2)
             for name, (proc, _ready) in list(self.children.items()):
-                if self.stopping.is_set() or proc.is_alive():
+                if self._stop_requested() or proc.is_alive():
                     continue
                 now = time.monotonic()
                 restarts = [t for t in restarts if now - t < 60] + [now]
@@ -332,7 +335,17 @@ class Supervisor:
                 log.exception("%s failed; trying again next interval", what)
 
     def _on_signal(self, _signum: int, _frame: Any) -> None:
-        self.stopping.set()
+        # A flag only, no lock: the handler runs in the main thread between two of its
+        # bytecodes, which may be inside Event.wait or Event.set holding the Event's
+        # lock, and setting the Event here then waited for that lock forever (a
+        # second SIGTERM arriving during the first one's Event.set hung the parent).
+        self._signalled = True
+
+    def _stop_requested(self) -> bool:
+        """Whether to stop (main thread): a signal came, or something else stopped."""
+        if self._signalled and not self.stopping.is_set():
+            self.stopping.set()
+        return self.stopping.is_set()
 
     def _stop_children(self) -> None:
         for proc, _ready in self.children.values():

@@ -34,3 +34,26 @@ def test_the_listed_modules_import() -> None:
 
     for module in serve.PERIODIC_JOB_MODULES:
         importlib.import_module(module)
+
+
+def test_the_signal_handler_takes_no_lock(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The handler may run while the main thread holds the stopping Event's lock (in
+    Event.wait or Event.set): it must return at once, and the main thread then stops."""
+    import threading
+
+    from gateway.config import Settings
+
+    supervisor = serve.Supervisor(Settings(data_dir=tmp_path / "var"), say=lambda _text: None)
+    returned = threading.Event()
+
+    def signal_while_the_lock_is_held() -> None:
+        with supervisor.stopping._cond:  # as inside Event.wait / Event.set
+            supervisor._on_signal(15, None)
+            supervisor._on_signal(15, None)  # a second SIGTERM
+        returned.set()
+
+    worker = threading.Thread(target=signal_while_the_lock_is_held, daemon=True)
+    worker.start()
+    assert returned.wait(5), "the signal handler waited for the stopping Event's lock"
+    assert supervisor._stop_requested()
+    assert supervisor.stopping.is_set()
