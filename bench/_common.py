@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -280,6 +282,51 @@ def load_average() -> tuple[float, float, float]:
         return os.getloadavg()
     except OSError:
         return (0.0, 0.0, 0.0)
+
+
+# --- deleted files -----------------------------------------------------------------------
+# ext4 without a journal (this machine's root file system: /proc/fs/jbd2 lists no device)
+# does not reuse an inode freed less than 60 s ago (300 s while its inode table block is
+# unwritten): every file created meanwhile first steps over each such inode of its block
+# group, one buffer lookup each (Linux fs/ext4/ialloc.c: find_inode_bit, recently_deleted).
+# Right after a run's thousand files were deleted, the next run's receiver spent about
+# 0.5 ms of kernel CPU on each file it created (receive_cpu.py: 550 us per staging file,
+# against 43 us with nothing deleted), a cost of the benchmark, not of the receiver. So
+# the benchmarks keep their runs' files until they end, and one that starts less than a
+# minute after a benchmark deleted files waits first.
+_DELETED_STAMP = Path(tempfile.gettempdir()) / "studybridge-bench-deleted-files"
+_RECENT_DELETION_S = 62.0
+
+
+def remove_tree(path: Path) -> None:
+    """Delete ``path`` and write the freed inodes back (``sync``: 60 s, not 300, until
+    the kernel reuses them); later benchmarks wait for them (``wait_out_deletions``)."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+    with contextlib.suppress(OSError):
+        _DELETED_STAMP.write_text(f"{time.time()}\n")
+
+
+def wait_out_deletions() -> None:
+    """Wait until files a benchmark deleted are past the kernel's reuse delay."""
+    try:
+        since = time.time() - float(_DELETED_STAMP.read_text())
+    except (OSError, ValueError):
+        return
+    if 0 <= since < _RECENT_DELETION_S:
+        wait = _RECENT_DELETION_S - since
+        print(
+            f"waiting {wait:.0f} s: files deleted {since:.0f} s ago would slow every file "
+            "creation until the kernel reuses their inodes (see bench/_common.py)",
+            flush=True,
+        )
+        time.sleep(wait)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free for an unprivileged writer on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def apt_install(packages: Sequence[str]) -> None:

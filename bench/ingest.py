@@ -97,10 +97,13 @@ from _common import (
     MB,
     Processes,
     RssWatch,
+    free_bytes,
     free_port,
     log_tail,
+    remove_tree,
     wait_for_line,
     wait_for_port,
+    wait_out_deletions,
 )
 
 STORESCU = "/usr/bin/storescu"  # absolute: pynetdicom installs another storescu on PATH
@@ -196,7 +199,7 @@ def make_ct_corpus(folder: Path, count: int) -> list[Path]:
     if corpus_ready(folder, expect):
         return files
     print(f"generating {count} CT slices in {folder} ...", flush=True)
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_tree(folder)
     folder.mkdir(parents=True)
     template, base = _ct_template(count), _phantom()
     rng = np.random.default_rng(1234)
@@ -571,7 +574,7 @@ class ProductionBackend:
         from sqlalchemy import text
 
         self.s3.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_tree(self.root)
         if self.queues:  # tasks a stopped worker left behind
             with contextlib.suppress(redis.RedisError):
                 redis.Redis.from_url(self.broker_url, socket_timeout=5).delete(*self.queues)
@@ -977,7 +980,7 @@ def _measure(args: argparse.Namespace, work: Path, backend: ProductionBackend | 
     meta = print_header(targets, skipped, args)
     if not targets:
         print("no target can run")
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
         return 1
 
     files = make_ct_corpus(args.cache_dir / f"ct-{ROWS}-{args.count}", args.count)
@@ -988,6 +991,8 @@ def _measure(args: argparse.Namespace, work: Path, backend: ProductionBackend | 
         )
     warm_page_cache(files)
     os.sync()
+    keep_runs = args.keep or room_for_every_run(args, targets, files, large, work)
+    wait_out_deletions()
 
     runs: list[Run] = []
     large_runs: list[LargeRun] = []
@@ -1001,19 +1006,19 @@ def _measure(args: argparse.Namespace, work: Path, backend: ProductionBackend | 
                         )
                         run_dir = work / f"{target.name}-x{assoc}-r{rep}"
                         runs.append(throughput_run(procs, target, files, assoc, run_dir))
-                        drop_data(run_dir, args.keep)
+                        drop_data(run_dir, keep_runs)
             if large is not None:
                 warm_page_cache([large])
                 for target in targets:
                     print(f"large instance: {target.name} ...", flush=True)
                     run_dir = work / f"{target.name}-large"
                     large_runs.append(large_run(procs, target, large, run_dir))
-                    drop_data(run_dir, args.keep)
+                    drop_data(run_dir, keep_runs)
     finally:
         if args.keep:
             print(f"\nkept {work}")
         else:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree(work)
 
     return meta, runs, large_runs
 
@@ -1053,15 +1058,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def drop_data(run_dir: Path, keep: bool) -> None:
-    """Free the disk between runs (logs stay until the temp dir goes), then flush.
+def room_for_every_run(
+    args: argparse.Namespace, targets: list, files: list[Path], large: Path | None, work: Path
+) -> bool:
+    """Whether the disk holds what every run stores, so that no run's files are deleted
+    before the last run (``_common.remove_tree``: a deletion slows the runs after it)."""
+    corpus = sum(f.stat().st_size for f in files)
+    runs = args.repeat * len(dict.fromkeys((1, args.parallel))) * len(targets)
+    needed = corpus * runs + (large.stat().st_size * len(targets) if large else 0)
+    if free_bytes(work) > needed * 1.2 + 2 * 1024**3:
+        return True
+    print(
+        f"{needed / 1e9:.1f} GB for every run's data do not fit in {work}: each run's data "
+        "is deleted after it, and the next run waits a minute before it starts",
+        flush=True,
+    )
+    return False
 
-    ``sync`` writes back what the previous run left dirty, so no run pays for
-    another's writeback.
-    """
+
+def drop_data(run_dir: Path, keep: bool) -> None:
+    """Write back what the run left dirty, so no run pays for another's writeback
+    (``sync``). Without ``keep``, free the disk first (logs stay until the temp dir
+    goes) and wait out the deletion."""
     if not keep:
         for name in ("data", "storage", "index"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
+            remove_tree(run_dir / name)
+        wait_out_deletions()
     os.sync()
 
 

@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LOOPBACK, Processes, free_port, wait_for_line
+from _common import (
+    LOOPBACK,
+    Processes,
+    free_port,
+    remove_tree,
+    wait_for_line,
+    wait_out_deletions,
+)
 from ingest import (
     BENCH_INSTITUTION,
     CALLING_AET,
@@ -227,26 +234,29 @@ def main() -> int:
     print(
         "run  load   instances/s  CPU ms/instance (user + sys)  stored   index writes/transactions"
     )
-    with Processes() as procs:
+    wait_out_deletions()
+    # Every run's files stay until the last run ends: a deletion slows the file
+    # creations after it (see _common.remove_tree).
+    run_dirs: list[Path] = []
+    with contextlib.ExitStack() as cleanup, Processes() as procs:
+        if not args.keep:
+            cleanup.callback(lambda: [remove_tree(d) for d in run_dirs])
         for n in range(args.repeat):
             run_dir = Path(tempfile.mkdtemp(prefix="receive-cpu-", dir=args.work_dir))
-            try:
-                load = os.getloadavg()[0]
-                profile = args.profile if n == args.repeat - 1 else None
-                elapsed, user, system, stored, writes, commits = run_once(
-                    procs, files, args.associations, run_dir, profile
-                )
-                per = 1000 / len(files)
-                print(
-                    f"{n + 1:>3}  {load:4.1f}  {len(files) / elapsed:>11.1f}  "
-                    f"{(user + system) * per:>6.2f} ({user * per:.2f} + {system * per:.2f})"
-                    f"{'':>12}{stored}/{len(files)}  {writes}/{commits}",
-                    flush=True,
-                )
-                failed += stored != len(files)
-            finally:
-                if not args.keep:
-                    shutil.rmtree(run_dir, ignore_errors=True)
+            run_dirs.append(run_dir)
+            load = os.getloadavg()[0]
+            profile = args.profile if n == args.repeat - 1 else None
+            elapsed, user, system, stored, writes, commits = run_once(
+                procs, files, args.associations, run_dir, profile
+            )
+            per = 1000 / len(files)
+            print(
+                f"{n + 1:>3}  {load:4.1f}  {len(files) / elapsed:>11.1f}  "
+                f"{(user + system) * per:>6.2f} ({user * per:.2f} + {system * per:.2f})"
+                f"{'':>12}{stored}/{len(files)}  {writes}/{commits}",
+                flush=True,
+            )
+            failed += stored != len(files)
     if args.profile:
         print(f"profile of the last run's association threads: {args.profile}")
     return 1 if failed else 0
