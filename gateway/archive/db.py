@@ -1,9 +1,11 @@
 """Index database: engine creation for SQLite and PostgreSQL, sessions, and migrations.
 
 SQLite (the embedded default) runs in WAL mode so several receiving processes and
-readers share it; commits are fsynced (``synchronous=FULL``) because a success
-answer promises durability. Writers open with ``BEGIN IMMEDIATE`` so two processes
-never deadlock upgrading a read transaction. PostgreSQL uses a connection pool per
+readers share it; commits are fsynced because a success answer promises durability:
+by SQLite itself (``synchronous=FULL``), except for the grouped writes of ingest,
+which fsync the write-ahead log themselves once the write lock is released (see
+``_GroupCommit``). Writers open with ``BEGIN IMMEDIATE`` so two processes never
+deadlock upgrading a read transaction. PostgreSQL uses a connection pool per
 process (``PoolSettings``: size, overflow, wait, recycle, liveness check), so several
 gateway processes share one server; reads run in autocommit (at PostgreSQL's READ
 COMMITTED each statement takes its own snapshot anyway, and BEGIN and ROLLBACK
@@ -33,6 +35,8 @@ from sqlalchemy import exc as exc_module
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from gateway.archive.errors import IndexUnavailable
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # PostgreSQL advisory lock key serialising migrations ("sbridge" in ASCII).
 _MIGRATION_LOCK = 0x736272696467
@@ -58,14 +62,18 @@ class PoolSettings:
     ping_after: float = 5.0
 
 
-def make_engine(url: str, *, pool: PoolSettings | None = None) -> Engine:
+def make_engine(
+    url: str, *, pool: PoolSettings | None = None, sqlite_synchronous: str = "FULL"
+) -> Engine:
+    """An engine for ``url``. ``sqlite_synchronous``: SQLite's ``synchronous`` setting of
+    its connections (``NORMAL`` only where the caller fsyncs the log itself)."""
     pool = pool or PoolSettings()
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, sqlite_synchronous)
         return engine
     kwargs: dict[str, Any] = {
         "pool_size": pool.size,
@@ -128,14 +136,16 @@ def _ping(dbapi_conn: Any) -> None:
     dbapi_conn.rollback()
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+    assert synchronous in ("FULL", "NORMAL")
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control from pysqlite so we can say BEGIN IMMEDIATE.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
         # DICOM matching is case-sensitive except where we fold explicitly; this
@@ -204,13 +214,14 @@ class Prerequisite:
 class _Write:
     """One caller's part of a grouped write transaction."""
 
-    __slots__ = ("before", "done", "error", "result", "work")
+    __slots__ = ("before", "done", "error", "ran", "result", "work")
 
     def __init__(
         self, work: Callable[[Connection], Any], before: Prerequisite | None = None
     ) -> None:
         self.work = work
         self.before = before
+        self.ran = False  # run in a transaction that committed, not yet answered
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
@@ -224,12 +235,19 @@ class _GroupCommit:
     flushed in one pass), before it asks for the write lock (SQLite writers of all
     processes queue for it, and are not held up by those flushes); once it holds the
     lock it runs those writes, then settles and runs those queued meanwhile (in one
-    more pass), and commits. Threads arriving while a transaction runs queue for the
-    next one. The first write of a transaction runs as it is; the others each in a
+    more pass), and commits. A thread arriving while a transaction runs settles its
+    write's prerequisite at once, in its own thread (the flushes overlap the running
+    transaction instead of following it), then queues the write for the next
+    transaction. The first write of a transaction runs as it is; the others each in a
     savepoint, so one write's error (a duplicate key) undoes that write alone. A
     write whose prerequisite could not be settled fails without running, as does
-    every other write settled in the same pass. Every write is answered only after
-    the transaction holding it committed (or failed).
+    every other write settled in the same pass.
+
+    Every write is answered only once the transaction holding it is durable (or
+    failed). On SQLite the commit does not fsync the log (``synchronous=NORMAL``):
+    the leader fsyncs it after releasing the write lock, so the next transaction, of
+    this process or another, runs while the log goes to disk, and one fsync covers
+    every transaction committed before it (``Database.make_commits_durable``).
     """
 
     def __init__(self, db: Database) -> None:
@@ -240,24 +258,51 @@ class _GroupCommit:
 
     def run(self, work: Callable[[Connection], T], before: Prerequisite | None = None) -> T:
         mine = _Write(work, before)
+        if before is not None and self._busy:
+            # Its leader would settle this prerequisite only after the running
+            # transaction ends: settle it now, while it runs (a failure fails this
+            # write alone, before it is queued).
+            before.settle([before.item])
+            mine.before = None
         with self._cond:
             self._queue.append(mine)
         while True:
             with self._cond:
-                while self._busy and not mine.done:
+                # A write that ran waits for its transaction's log flush, whoever leads.
+                while not mine.done and (self._busy or mine.ran):
                     self._cond.wait()
                 if mine.done:
                     break
                 self._busy = True
+            ran: list[_Write] = []
             try:
-                self._commit(mine)
+                ran = self._commit(mine)
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+            self._make_durable(ran)
         if mine.error is not None:
             raise mine.error
         return mine.result  # type: ignore[no-any-return]
+
+    def _make_durable(self, ran: list[_Write]) -> None:
+        """Answer the writes of a committed transaction once it is durable."""
+        if not ran:
+            return
+        try:
+            if any(w.error is None for w in ran):
+                self.db.make_commits_durable()
+        except Exception as exc:
+            for write in ran:
+                if write.error is None:
+                    write.error = exc
+                    write.result = None
+        finally:
+            with self._cond:
+                for write in ran:
+                    write.done = True
+                self._cond.notify_all()
 
     def _take(self) -> list[_Write]:
         with self._cond:
@@ -287,14 +332,18 @@ class _GroupCommit:
             self._cond.notify_all()
         return [w for w in batch if not w.done]
 
-    def _commit(self, mine: _Write) -> None:
+    def _commit(self, mine: _Write) -> list[_Write]:
+        """Run and commit the queued writes: those that ran in the committed transaction
+        (answered by ``_make_durable``). Writes of a failed transaction are answered
+        here, with its error."""
         ran: list[_Write] = []
         batch: list[_Write] = self._take()
+        committed = False
         try:
             batch = self._settled(batch)
             if not batch:
-                return
-            with self.db.write_conn() as conn:
+                return []
+            with self.db.write_conn(grouped=True) as conn:
                 while batch:
                     while batch:
                         write = batch.pop(0)
@@ -314,6 +363,11 @@ class _GroupCommit:
                             savepoint.commit()
                     # Writes queued meanwhile join this transaction.
                     batch = self._settled(self._take())
+            committed = True
+            with self._cond:
+                for write in ran:
+                    write.ran = True
+            return ran
         except BaseException as exc:
             # The transaction failed: none of the writes it ran holds; those it had not
             # run yet go back to the queue for the next transaction. If it failed before
@@ -329,9 +383,13 @@ class _GroupCommit:
                     write.result = None
             if not isinstance(exc, Exception):
                 raise
+            return []
         finally:
-            for write in ran:
-                write.done = True
+            if not committed:
+                with self._cond:
+                    for write in ran:
+                        write.done = True
+                    self._cond.notify_all()
 
 
 class Database:
@@ -357,6 +415,15 @@ class Database:
         self._stream = sessionmaker(self.engine, expire_on_commit=False)
         self._write_engine = self.engine.execution_options(sqlite_write=True)
         self._write = sessionmaker(self._write_engine, expire_on_commit=False)
+        # Grouped writes on a SQLite file: connections whose commits leave the fsync of
+        # the write-ahead log to ``make_commits_durable``, called outside the write lock.
+        self._wal: Path | None = None
+        self._grouped_engine = self._write_engine
+        if self._writer_lock is not None:
+            self._wal = Path(database + "-wal")
+            self._grouped_engine = make_engine(
+                url, pool=pool, sqlite_synchronous="NORMAL"
+            ).execution_options(sqlite_write=True)
         self._group = _GroupCommit(self)
 
     @contextmanager
@@ -387,10 +454,39 @@ class Database:
             yield conn
 
     @contextmanager
-    def write_conn(self) -> Iterator[Connection]:
-        """A Core connection in a write transaction, committed on success."""
-        with self._writer(), self._write_engine.begin() as conn:
+    def write_conn(self, *, grouped: bool = False) -> Iterator[Connection]:
+        """A Core connection in a write transaction, committed (durably) on success.
+        ``grouped`` (``_GroupCommit`` only): on SQLite the commit is durable only once
+        ``make_commits_durable`` has returned."""
+        engine = self._grouped_engine if grouped else self._write_engine
+        with self._writer(), engine.begin() as conn:
             yield conn
+
+    def make_commits_durable(self) -> None:
+        """Make every transaction committed so far through ``write_conn(grouped=True)``
+        durable: on a SQLite file, fsync its write-ahead log (which holds them in
+        order, so one fsync covers all committed before it); nothing elsewhere.
+
+        Called after the write lock is released. No log file means none is needed:
+        SQLite removes it only after copying it into the database and syncing that
+        (a checkpoint), as it syncs the log before each checkpoint and when it starts
+        reusing it, so committed transactions are never only in an unsynced log that
+        is gone. Raises IndexUnavailable if the fsync fails.
+        """
+        if self._wal is None:
+            return
+        try:
+            fd = os.open(self._wal, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise IndexUnavailable(f"index log not durable: {exc.strerror}") from exc
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise IndexUnavailable(f"index log not durable: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
 
     def analyze(self) -> bool:
         """Refresh PostgreSQL's planner statistics and visibility map of the index
@@ -425,6 +521,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._grouped_engine.engine is not self.engine:
+            self._grouped_engine.engine.dispose()
         if self._writer_lock is not None:
             self._writer_lock.close()
 

@@ -516,9 +516,9 @@ class Ingestor:
         flush = None if placed.durable else Prerequisite(self.store.sync, placed)
         try:
             # Committed together with the instances other receiving threads of this
-            # process index at the same moment: one round of blob flushes, then one
-            # commit, for all of them. A failed flush fails every instance of its
-            # round (StorageUnavailable: retryable) and indexes none of them.
+            # process index at the same moment: rounds of blob flushes, then one
+            # commit, for all of them (db._GroupCommit). A failed flush fails every
+            # instance of its round (StorageUnavailable: retryable) and indexes none.
             place = self.db.write_grouped(index, before=flush)
         except _FiledElsewhere as race:
             # Another receiver filed this study or series a moment ago, differently.

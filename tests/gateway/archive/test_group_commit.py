@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, insert, select
+from sqlalchemy import event, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
 from gateway.archive import Archive
-from gateway.archive.db import Prerequisite
+from gateway.archive.db import Database, Prerequisite, migrate
+from gateway.archive.errors import IndexUnavailable
 from gateway.archive.models import IngestEvent
 
 pytestmark = pytest.mark.production
@@ -33,7 +38,8 @@ def test_writes_queued_during_a_transaction_share_its_commit_and_keep_their_own_
     db = archive.db
     db.write_grouped(_write(1, "seed"))
     commits: list[int] = []
-    event.listen(db.engine, "commit", lambda _conn: commits.append(1))
+    # (Grouped writes on SQLite have an engine of their own: see test_grouped_commit_*.)
+    event.listen(db._grouped_engine.engine, "commit", lambda _conn: commits.append(1))
     started, release = threading.Event(), threading.Event()
 
     def first(conn: Any) -> int:
@@ -129,17 +135,17 @@ def test_writes_queued_behind_a_failing_write_are_committed_without_it(archive: 
 
 
 @pytest.mark.fast
-def test_prerequisites_queued_together_are_settled_in_one_call_and_a_failure_fails_them_all(
+def test_prerequisites_of_writes_arriving_during_a_transaction_are_settled_while_it_runs(
     archive: Archive,
 ) -> None:
     db = archive.db
     started, release = threading.Event(), threading.Event()
-    settled: list[list[int]] = []
-    fail = {"on": False}
+    settled: list[int] = []
+    fail: set[int] = set()
 
     def settle(items: list[int]) -> None:
-        settled.append(sorted(items))
-        if fail["on"]:
+        settled.extend(items)
+        if fail & set(items):
             raise RuntimeError("flush failed")
 
     firsts = iter([30, 37])
@@ -157,9 +163,10 @@ def test_prerequisites_queued_together_are_settled_in_one_call_and_a_failure_fai
         except Exception as exc:
             results[name] = exc
 
-    def queue_behind_a_running_write(idents: list[int]) -> list[threading.Thread]:
+    def behind_a_running_write(idents: list[int]) -> list[threading.Thread]:
         started.clear()
         release.clear()
+        settled.clear()
         threads = [threading.Thread(target=call, args=("first", first))]
         threads[0].start()
         assert started.wait(10)
@@ -168,30 +175,112 @@ def test_prerequisites_queued_together_are_settled_in_one_call_and_a_failure_fai
             threads.append(threading.Thread(target=call, args=(f"w{i}", _write(i, "q"), before)))
             threads[-1].start()
         deadline = time.monotonic() + 10
-        while len(db._group._queue) < len(idents) and time.monotonic() < deadline:
+        while len(settled) < len(idents) and time.monotonic() < deadline:
             time.sleep(0.01)
+        # Settled (each by its own thread) before the running transaction ended.
+        assert sorted(settled) == idents
+        assert not release.is_set()
+        release.set()
+        for thread in threads:
+            thread.join(10)
         return threads
 
-    threads = queue_behind_a_running_write([31, 32, 33])
-    release.set()
-    for thread in threads:
-        thread.join(10)
-    # One round for the three, before their rows were written; all committed.
-    assert settled == [[31, 32, 33]]
+    behind_a_running_write([31, 32, 33])
     assert [results[f"w{i}"] for i in (31, 32, 33)] == [31, 32, 33]
 
-    db.write_grouped(_write(39, "reset"))  # a fresh transaction for the next round
-    settled.clear()
-    fail["on"] = True
-    threads = queue_behind_a_running_write([34, 35, 36])
-    release.set()
-    for thread in threads:
-        thread.join(10)
-    assert settled == [[34, 35, 36]]
-    # The flush failed: each write of that round fails with its error, none is written;
-    # the write without a prerequisite in the same transaction commits.
-    assert all(isinstance(results[f"w{i}"], RuntimeError) for i in (34, 35, 36))
-    assert results["first"] == 37
+    fail.add(35)
+    behind_a_running_write([34, 35, 36])
+    # The failed flush fails its own write, which is not written; the others commit.
+    assert isinstance(results["w35"], RuntimeError)
+    assert (results["w34"], results["w36"], results["first"]) == (34, 36, 37)
     with db.read_conn() as conn:
         ids = sorted(conn.execute(select(EVENTS.c.id)).scalars())
-    assert ids == [30, 31, 32, 33, 37, 39]
+    assert ids == [30, 31, 32, 33, 34, 36, 37]
+
+
+def _sqlite_db(tmp_path: Path) -> Database:
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    migrate(url)
+    return Database(url)
+
+
+@pytest.mark.fast
+def test_grouped_commits_on_sqlite_are_answered_after_the_log_is_fsynced_outside_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = _sqlite_db(tmp_path)
+    wal = tmp_path / "index.db-wal"
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy_fsync(fd: int) -> None:
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    seen: dict[str, Any] = {}
+    real_durable = db.make_commits_durable
+
+    def durable() -> None:
+        # The write lock is free again (another process could write meanwhile) ...
+        probe = os.open(tmp_path / "index.db.writelock", os.O_RDWR)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(probe, fcntl.LOCK_UN)
+            seen["lock free"] = True
+        finally:
+            os.close(probe)
+        # ... the transaction is committed, but not yet fsynced by SQLite itself.
+        with db.read_conn() as conn:
+            seen["visible"] = conn.execute(select(EVENTS.c.id)).scalars().all()
+        seen["fsynced before"] = list(fsynced)
+        real_durable()
+
+    monkeypatch.setattr(db, "make_commits_durable", durable)
+    try:
+        assert db.write_grouped(_write(1, "grouped")) == 1
+        assert seen == {"lock free": True, "visible": [1], "fsynced before": []}
+        assert fsynced == [str(wal)]
+        # Grouped connections leave the fsync to the caller; every other writer's
+        # commit is fsynced by SQLite (synchronous: 1 = NORMAL, 2 = FULL).
+        with db.write_conn(grouped=True) as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1
+        with db.write_conn() as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+        with db.writing() as session:
+            assert session.execute(text("PRAGMA synchronous")).scalar() == 2
+    finally:
+        db.dispose()
+
+
+@pytest.mark.fast
+def test_a_failed_log_fsync_fails_the_grouped_writes_with_a_retryable_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = _sqlite_db(tmp_path)
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("-wal"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    try:
+        with pytest.raises(IndexUnavailable, match="Input/output error") as info:
+            db.write_grouped(_write(1, "not durable"))
+        assert info.value.retryable
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        assert db.write_grouped(_write(2, "durable")) == 2
+    finally:
+        db.dispose()
+
+
+@pytest.mark.fast
+def test_no_log_file_means_nothing_to_fsync(tmp_path: Path) -> None:
+    db = _sqlite_db(tmp_path)
+    try:
+        assert not (tmp_path / "index.db-wal").exists()
+        db.make_commits_durable()  # SQLite folded the log into the file and removed it
+    finally:
+        db.dispose()
