@@ -97,6 +97,7 @@ from _common import (
     MB,
     Processes,
     RssWatch,
+    drop_page_cache,
     free_bytes,
     free_port,
     log_tail,
@@ -993,6 +994,10 @@ def _measure(args: argparse.Namespace, work: Path, backend: ProductionBackend | 
     os.sync()
     keep_runs = args.keep or room_for_every_run(args, targets, files, large, work)
     wait_out_deletions()
+    if drop_page_cache():
+        warm_page_cache(files)
+    else:
+        print("cannot drop the page cache (not root): see bench/_common.py", flush=True)
 
     runs: list[Run] = []
     large_runs: list[LargeRun] = []
@@ -1006,14 +1011,14 @@ def _measure(args: argparse.Namespace, work: Path, backend: ProductionBackend | 
                         )
                         run_dir = work / f"{target.name}-x{assoc}-r{rep}"
                         runs.append(throughput_run(procs, target, files, assoc, run_dir))
-                        drop_data(run_dir, keep_runs)
+                        drop_data(run_dir, keep_runs, files)
             if large is not None:
                 warm_page_cache([large])
                 for target in targets:
                     print(f"large instance: {target.name} ...", flush=True)
                     run_dir = work / f"{target.name}-large"
                     large_runs.append(large_run(procs, target, large, run_dir))
-                    drop_data(run_dir, keep_runs)
+                    drop_data(run_dir, keep_runs, [large])
     finally:
         if args.keep:
             print(f"\nkept {work}")
@@ -1076,15 +1081,17 @@ def room_for_every_run(
     return False
 
 
-def drop_data(run_dir: Path, keep: bool) -> None:
+def drop_data(run_dir: Path, keep: bool, warm: list[Path]) -> None:
     """Write back what the run left dirty, so no run pays for another's writeback
-    (``sync``). Without ``keep``, free the disk first (logs stay until the temp dir
-    goes) and wait out the deletion."""
+    (``sync``), and give back the memory caching its files (``drop_page_cache``; then
+    ``warm`` is read again: the next run sends it). Without ``keep``, free the disk
+    first (logs stay until the temp dir goes) and wait out the deletion."""
     if not keep:
         for name in ("data", "storage", "index"):
             remove_tree(run_dir / name)
         wait_out_deletions()
-    os.sync()
+    if drop_page_cache():
+        warm_page_cache(warm)
 
 
 def write_json(path: Path, meta: dict, runs, summary, ratio_values, large_runs) -> None:

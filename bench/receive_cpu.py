@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     LOOPBACK,
     Processes,
+    drop_page_cache,
     free_port,
     remove_tree,
     wait_for_line,
@@ -257,6 +258,8 @@ def main() -> int:
                 flush=True,
             )
             failed += stored != len(files)
+            if drop_page_cache():  # the next run in memory a run freed (_common.py)
+                warm_page_cache(files)
     if args.profile:
         print(f"profile of the last run's association threads: {args.profile}")
     return 1 if failed else 0
