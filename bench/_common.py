@@ -328,10 +328,11 @@ def drop_page_cache() -> bool:
     only): False when not allowed.
 
     The runs' files stay on disk (see above), but the memory caching them is given
-    back for the next run. On this VM a run that fills memory pages never used
-    before wrote more slowly than one reusing pages a previous run had freed (the
-    host maps a guest page on its first touch): the fsyncing targets (studybridge,
-    Orthanc) ran 30-40% slower in every repetition after the first.
+    back for the next run. On this VM, with the cache kept, the fsyncing targets
+    (studybridge, Orthanc) ran 30-40% slower in every repetition after the first;
+    dropped, the repetitions agree within a few percent. The likely cause (not
+    proven): a run filling memory pages never used before, which the host maps on
+    first touch, writes more slowly than one reusing pages a previous run freed.
     """
     os.sync()
     try:

@@ -477,16 +477,14 @@ class Database:
             return
         try:
             fd = os.open(self._wal, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise IndexUnavailable(f"index log not durable: {exc.strerror}") from exc
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            raise IndexUnavailable(f"index log not durable: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
 
     def analyze(self) -> bool:
         """Refresh PostgreSQL's planner statistics and visibility map of the index
